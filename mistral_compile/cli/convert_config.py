@@ -1,0 +1,44 @@
+"""`mistral-compile convert-config`: arguments for config.convert_config."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistral_compile.config import convert_config
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    parser = commands.add_parser(
+        "convert-config",
+        help="normalize a Hugging Face config.json or Mistral params.json",
+        description="Read SOURCE (a directory with config.json or params.json, one of those "
+                    "files, or a Hugging Face repo id already in the local cache) and write "
+                    "OUT_DIR/mistral-config.json with every derived value settled.")
+    parser.add_argument("source", metavar="SOURCE")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    parser.add_argument("--context-window-size", type=int, metavar="N",
+                        help="longest sequence; -1 = unbounded (needs a window on every layer)")
+    parser.add_argument("--sliding-window-size", type=int, metavar="N",
+                        help="window for windowed layers (all layers if none has one); "
+                             "-1 disables windows")
+    parser.add_argument("--attention-sink-size", type=int, metavar="N",
+                        help="tokens always kept at the start when the window slides")
+    parser.add_argument("--prefill-chunk-size", type=int, metavar="N")
+    parser.add_argument("--max-batch-size", type=int, metavar="N")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and print a summary of the derived values."""
+    overrides = {
+        "context_window_size": args.context_window_size,
+        "sliding_window_size": args.sliding_window_size,
+        "attention_sink_size": args.attention_sink_size,
+        "prefill_chunk_size": args.prefill_chunk_size,
+        "max_batch_size": args.max_batch_size,
+    }
+    config, path = convert_config(args.source, args.output, overrides)
+    print(f"wrote {path}")
+    print(config.summary())
+    return 0
