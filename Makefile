@@ -14,7 +14,7 @@ test: lint
 	$(BIN)/pytest
 
 lint:
-	$(BIN)/ruff check mistral_compile tests examples
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -143,3 +143,17 @@ def test_repo_id_resolved_from_local_cache_only(run_cli, tmp_path):
                    timeout=60)
     assert_one_line_error(proc, "someorg/not-cached", "not in the local Hugging Face cache")
     assert not (tmp_path / "out2").exists()
+
+
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "convert_config.py"),
+                           str(CONFIGS / "mistral-7b-v0.1.json"), str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "attention sinks   0" in proc.stdout
+    assert (tmp_path / "o" / "mistral-config.json").exists()
