@@ -1,0 +1,213 @@
+"""The Mistral decoder in tvm.relax.frontend.nn with a paged KV cache; names mirror HF."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from mistral_compile.config import MistralConfig
+from mistral_compile.model.window import exact_window_kernels
+
+
+class MistralAttention(nn.Module):
+    """GQA self-attention with fused q/k/v projection; RoPE and the cache live in the KV cache."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = hidden.shape
+        qkv = op.reshape(self.qkv_proj(hidden),
+                         (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads,
+                                             sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+
+
+class MistralMLP(nn.Module):
+    """SiLU-gated MLP with fused gate/up projection."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class MistralDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        eps = config.rms_norm_eps
+        self.self_attn = MistralAttention(config)
+        self.mlp = MistralMLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+
+    def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cache, layer_id)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class MistralModel(nn.Module):
+    """Embedding, decoder stack and final norm."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MistralDecoderLayer(config)
+                                     for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
+
+    def forward(self, hidden: Tensor, cache: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            hidden = layer(hidden, cache, layer_id)
+        return self.norm(hidden)
+
+
+def attention_kinds(config: MistralConfig) -> tuple[list[str], int]:
+    """Per-layer attention kinds for TVM's cache and the window its kernels mask with.
+
+    Every layer windowed: all "mha" with the cache's per-sequence sliding window (which evicts
+    pages, bounding memory). Mixed full/windowed layers: "mha_sliding" on windowed layers, which
+    masks with absolute positions but keeps every page (the full layers bound the context anyway).
+    TVM supports one window size for all windowed layers.
+    """
+    windows = config.layer_sliding_window_sizes
+    sliding = sorted({w for w in windows if w > 0})
+    if not sliding:
+        return ["mha"] * len(windows), 1  # the cache requires a positive value even if unused
+    if len(sliding) > 1:
+        from mistral_compile.errors import ConfigError
+
+        raise ConfigError("layer_sliding_window_sizes", f"layers use several window sizes "
+                          f"{sliding}; only one window size is supported")
+    if min(windows) > 0:
+        return ["mha"] * len(windows), sliding[0]
+    return ["mha_sliding" if w > 0 else "mha" for w in windows], sliding[0]
+
+
+class MistralForCausalLM(nn.Module):
+    """The exported model: embed, prefill, decode, batch_* and create_paged_kv_cache."""
+
+    def __init__(self, config: MistralConfig, dtype: str = "float32") -> None:
+        self.config = config
+        self.dtype = dtype
+        self.model = MistralModel(config)
+        self.tie_word_embeddings = config.tie_word_embeddings
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
+        super().to(dtype=dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    def get_logits(self, hidden: Tensor) -> Tensor:
+        if self.tie_word_embeddings:
+            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.get_logits(_take_last(self.model(input_embed, cache))), cache
+
+    def decode(self, input_embed: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.get_logits(self.model(input_embed, cache)), cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor,
+                      cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        hidden = self.model(input_embeds, cache)
+        hidden = op.take(hidden, logit_positions, axis=1)
+        return self.get_logits(hidden), cache
+
+    def batch_decode(self, input_embeds: Tensor,
+                     cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.get_logits(self.model(input_embeds, cache)), cache
+
+    def batch_verify(self, input_embeds: Tensor,
+                     cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.get_logits(self.model(input_embeds, cache)), cache
+
+    def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                              prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                              support_sliding_window: tirx.Var) -> PagedKVCache:
+        cfg = self.config
+        kinds, window = attention_kinds(cfg)
+        with exact_window_kernels():
+            return self._cache(kinds, window, max_batch_size, max_total_seq_len,
+                               prefill_chunk_size, page_size, support_sliding_window)
+
+    def _cache(self, kinds: list[str], window: int, max_batch_size: tirx.Var,
+               max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+               support_sliding_window: tirx.Var) -> PagedKVCache:
+        cfg = self.config
+        return TIRPagedKVCache(
+            attn_kind=kinds, max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=cfg.position_embedding_base,
+            rope_scaling={}, rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim,
+            enable_disaggregation=False, dtype=self.dtype, target=Target.current(),
+            layer_sliding_window_size=window)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        hidden = self.config.hidden_size
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        mod_spec: dict[str, Any] = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+                      "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                        "cache": cache,
+                        "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, hidden], self.dtype),
+                       "cache": cache,
+                       "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                              "cache": cache,
+                              "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden],
+                                                            self.dtype),
+                             "cache": cache,
+                             "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                             "cache": cache,
+                             "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "create_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+        return nn.spec.ModuleSpec.from_raw(mod_spec, self)
+
+
+def _take_last(hidden: Tensor) -> Tensor:
+    """hidden[:, -1:, :] for a symbolic sequence length."""
+    def last(x: te.Tensor) -> te.Tensor:
+        b, s, h = x.shape
+        return te.compute((b, 1, h), lambda i, _, k: x[i, s - 1, k], name="take_last")
+
+    return op.tensor_expr_op(last, "take_last", [hidden])
