@@ -1,0 +1,161 @@
+"""Engine: loads a compiled library with converted weights and runs prefill/decode on one sequence."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from mistral_compile.compiler.pipeline import read_metadata
+from mistral_compile.config import read_config
+from mistral_compile.errors import MistralCompileError
+from mistral_compile.io import read_json_object
+from mistral_compile.weights.convert import MANIFEST_NAME
+from mistral_compile.weights.safetensors_io import SafetensorsFile
+
+logger = logging.getLogger("mistral_compile.runtime")
+
+PAGE_SIZE = 16  # TVM 0.27's CPU attention kernels are generated for 16-token pages
+SEQ_ID = 0
+
+
+def _builtin(name: str):  # noqa: ANN202
+    return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+def _shape(*values: int) -> tvm.runtime.ShapeTuple:
+    return tvm.runtime.ShapeTuple(list(values))
+
+
+class Engine:
+    """One sequence, greedy or driven token by token; logits come back as float32 numpy.
+
+    With a sliding window W, TVM's cache keeps the last W-1 tokens of the sequence (evicting
+    pages), and the attention kernels mask keys by absolute distance (query i sees key j iff
+    0 <= i - j < W), so results equal Hugging Face's at any length; see docs/attention.md.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
+                 device: str = "cpu", attention_sink_size: int | None = None) -> None:
+        model_dir, lib = Path(model_dir), Path(lib)
+        self.config = read_config(model_dir)
+        manifest = read_json_object(model_dir / MANIFEST_NAME)
+        if manifest.get("config_fingerprint") != self.config.fingerprint():
+            raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: weights were converted "
+                                      "for a different config than mistral-config.json")
+        if not lib.is_file():
+            raise MistralCompileError(f"{lib}: library not found")
+        if device != "cpu":
+            raise MistralCompileError(f"device {device!r} is not supported yet (cpu only)")
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        try:
+            meta = read_metadata(self.vm)
+        except (AttributeError, ValueError, KeyError) as err:
+            raise MistralCompileError(f"{lib}: not a mistral-compile library ({err})") from None
+        if meta["config_fingerprint"] != self.config.fingerprint():
+            raise MistralCompileError(f"{lib}: library was compiled for a different config "
+                                      f"than {model_dir / 'mistral-config.json'}")
+        if meta["dtype"] != manifest["dtype"]:
+            raise MistralCompileError(f"{lib}: library is {meta['dtype']}, weights are "
+                                      f"{manifest['dtype']}")
+        self.params = self._load_params(model_dir, manifest, meta["params"])
+        sink = self.config.attention_sink_size if attention_sink_size is None \
+            else attention_sink_size
+        self.window = self.config.sliding_window_size
+        self.per_sequence_window = min(self.config.layer_sliding_window_sizes) > 0
+        if self.window > 0 and sink:
+            raise MistralCompileError(f"attention_sink_size={sink}: StreamingLLM sinks are not "
+                                      "supported yet; use attention_sink_size=0")
+        self.attention_sink_size = sink
+        chunk = self.config.prefill_chunk_size
+        # A chunk of W tokens leaves its last row with no visible cached key, which TVM's
+        # state merge turns into NaN; W-1 keeps every row's cached view non-empty.
+        self.chunk_size = min(chunk, self.window - 1) if self.window > 1 else chunk
+        self.cache = None
+        self.length = 0
+        self.reset()
+
+    def _load_params(self, model_dir: Path, manifest: dict, names: list[str]) -> list:
+        entries = {p["name"]: p for p in manifest["params"]}
+        missing = [n for n in names if n not in entries]
+        if missing:
+            raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: parameter '{missing[0]}' "
+                                      "required by the library is not in the weights")
+        files: dict[str, SafetensorsFile] = {}
+        params = []
+        for name in names:
+            fname = entries[name]["file"]
+            if fname not in files:
+                if not (model_dir / fname).is_file():
+                    raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
+                files[fname] = SafetensorsFile(model_dir / fname)
+            params.append(tvm.runtime.tensor(np.array(files[fname].get(name)), self.device))
+        return params
+
+    def reset(self) -> None:
+        """Forget the sequence: a fresh KV cache."""
+        cfg = self.config
+        if self.per_sequence_window:
+            capacity = self.window + self.chunk_size + 2 * PAGE_SIZE
+        else:
+            capacity = cfg.context_window_size
+        capacity = -(-capacity // PAGE_SIZE) * PAGE_SIZE
+        self.cache = self.vm["create_paged_kv_cache"](
+            _shape(1), _shape(capacity), _shape(self.chunk_size), _shape(PAGE_SIZE),
+            _shape(1 if self.per_sequence_window else 0))
+        _builtin("kv_state_add_sequence")(self.cache, SEQ_ID)
+        if self.per_sequence_window:
+            _builtin("attention_kv_cache_enable_sliding_window_for_seq")(
+                self.cache, SEQ_ID, self.window - 1, self.attention_sink_size)
+        self.length = 0
+
+    def _check_tokens(self, token_ids: list[int]) -> None:
+        vocab = self.config.vocab_size
+        for t in token_ids:
+            if not 0 <= int(t) < vocab:
+                raise MistralCompileError(f"token id {t} is outside the vocabulary [0, {vocab})")
+        limit = self.config.context_window_size
+        if limit > 0 and self.length + len(token_ids) > limit:
+            raise MistralCompileError(f"sequence of {self.length + len(token_ids)} tokens exceeds "
+                                      f"the context window ({limit})")
+
+    def _forward(self, token_ids: list[int], func: str) -> np.ndarray:
+        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
+        embed = self.vm["embed"](ids, self.params)
+        embed = embed.numpy()[None]
+        _builtin("kv_state_begin_forward")(self.cache, _shape(SEQ_ID), _shape(len(token_ids)))
+        out = self.vm[func](tvm.runtime.tensor(embed, self.device), self.cache, self.params)
+        _builtin("kv_state_end_forward")(self.cache)
+        self.length += len(token_ids)
+        return out[0].numpy().reshape(-1)
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Append a prompt (split into chunks); logits of its last token."""
+        if not token_ids:
+            raise MistralCompileError("prefill needs at least one token")
+        self._check_tokens(token_ids)
+        logits = None
+        for start in range(0, len(token_ids), self.chunk_size):
+            logits = self._forward(list(token_ids[start:start + self.chunk_size]), "prefill")
+        return logits
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token; its logits."""
+        self._check_tokens([token_id])
+        return self._forward([int(token_id)], "decode")
+
+    def generate(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of a prompt (the cache is reset first)."""
+        self.reset()
+        logits = self.prefill(token_ids)
+        out = []
+        for _ in range(max_new_tokens):
+            out.append(int(np.argmax(logits)))
+            if len(out) < max_new_tokens:
+                logits = self.decode(out[-1])
+        return out

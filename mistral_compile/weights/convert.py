@@ -1,0 +1,227 @@
+"""convert-weight: checkpoint (HF or Mistral-native) -> fused, validated safetensors shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mistral_compile.config import NORMALIZED_NAME, MistralConfig, load_source_config
+from mistral_compile.config.readers import write_config
+from mistral_compile.errors import MistralCompileError
+from mistral_compile.io import read_json_object
+from mistral_compile.weights.mapping import (
+    HF,
+    IGNORED_SOURCE_SUFFIXES,
+    NATIVE,
+    ParamSource,
+    build_name_map,
+)
+from mistral_compile.weights.safetensors_io import SafetensorsFile
+
+logger = logging.getLogger("mistral_compile.weights")
+
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16"}
+MANIFEST_NAME = "mistral-weights.json"
+MANIFEST_FORMAT = "mistral-compile-weights"
+MANIFEST_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2",
+                   "tokenizer.model.v3", "tokenizer.model.v7", "tekken.json", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SHARD_BYTES = 2 << 30
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class Checkpoint:
+    """Where a checkpoint's config and tensors live."""
+
+    config_path: Path
+    source_format: str
+    files: list[SafetensorsFile]
+
+
+def find_checkpoint(source: Path, allow_pickle: bool = False) -> Checkpoint:
+    """Locate config and weight files in a checkpoint directory."""
+    if not source.is_dir():
+        raise MistralCompileError(f"{source}: not a directory")
+    index = source / "model.safetensors.index.json"
+    hf_config, params = source / "config.json", source / "params.json"
+    if hf_config.is_file() and (index.is_file() or (source / "model.safetensors").is_file()):
+        if index.is_file():
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise MistralCompileError(f"{index}: field 'weight_map': missing or not an "
+                                          "object")
+            names = sorted(set(weight_map.values()))
+        else:
+            names = ["model.safetensors"]
+        return Checkpoint(hf_config, HF, [_open(source / n) for n in names])
+    if params.is_file() and (source / "consolidated.safetensors").is_file():
+        return Checkpoint(params, NATIVE, [_open(source / "consolidated.safetensors")])
+    pickles = sorted(p.name for p in source.iterdir()
+                     if p.suffix in (".bin", ".pth", ".pt"))
+    if pickles and not allow_pickle:
+        raise MistralCompileError(f"{source}: only pickle checkpoints found ({pickles[0]}); "
+                                  "pickle files can run code when loaded: convert them to "
+                                  "safetensors, or pass --allow-pickle if you trust them")
+    if pickles:
+        raise MistralCompileError(f"{source}: --allow-pickle given, but reading pickle "
+                                  "checkpoints is not implemented yet; convert to safetensors")
+    raise MistralCompileError(f"{source}: no weights found (expected model.safetensors[.index"
+                              ".json] with config.json, or consolidated.safetensors with "
+                              "params.json)")
+
+
+def _open(path: Path) -> SafetensorsFile:
+    if not path.is_file():
+        raise MistralCompileError(f"{path}: file not found (listed by the checkpoint)")
+    return SafetensorsFile(path)
+
+
+def expected_params(config: MistralConfig, dtype: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, straight from the model definition."""
+    from mistral_compile.model import MistralForCausalLM
+
+    model = MistralForCausalLM(config)
+    model.to(dtype)
+    return {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+
+
+def _locate(files: list[SafetensorsFile]) -> dict[str, SafetensorsFile]:
+    where: dict[str, SafetensorsFile] = {}
+    for f in files:
+        for key in f.keys():
+            if key in where:
+                raise MistralCompileError(f"tensor '{key}' appears twice: in {where[key].path} "
+                                          f"and {f.path}")
+            where[key] = f
+    return where
+
+
+def _rope_to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
+    """Interleaved (complex-pair) RoPE rows -> rotate-half rows, per head."""
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
+                 where: dict[str, SafetensorsFile], dtype: str) -> np.ndarray:
+    parts = []
+    for i, src in enumerate(spec.sources):
+        f = where.get(src)
+        if f is None:
+            raise MistralCompileError(f"tensor '{src}' is missing from the checkpoint "
+                                      f"(needed for {name})")
+        want = shape if spec.rows is None else (spec.rows[i], *shape[1:])
+        if f.shape(src) != want:
+            raise MistralCompileError(f"{f.path}: tensor '{src}' has shape {list(f.shape(src))}"
+                                      f", the config implies {list(want)}")
+        if f.dtype_name(src) not in _FLOAT_DTYPES:
+            raise MistralCompileError(f"{f.path}: tensor '{src}' has dtype "
+                                      f"{f.dtype_name(src)}, expected a float type")
+        w = f.get(src)
+        if spec.rope_heads[i]:
+            w = _rope_to_rotate_half(w, spec.rope_heads[i])
+        parts.append(w)
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    return np.ascontiguousarray(out.astype(dtype))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
+                   quantization: str = "q0f16", allow_pickle: bool = False,
+                   progress: bool = True) -> Path:
+    """Convert a checkpoint directory into OUT_DIR (config, weight shards, tokenizer, manifest).
+
+    Everything is written to a temporary sibling directory that is renamed to OUT_DIR at the
+    end, so an interrupted run never leaves a directory that looks complete.
+    """
+    from safetensors.numpy import save_file
+
+    if quantization not in QUANTIZATIONS:
+        raise MistralCompileError(f"--quantization {quantization!r} is not supported (choose "
+                                  f"from {', '.join(QUANTIZATIONS)})")
+    dtype = QUANTIZATIONS[quantization]
+    source, out = Path(source), Path(out_dir)
+    ckpt = find_checkpoint(source, allow_pickle)
+    config = load_source_config(ckpt.config_path)
+    shapes = expected_params(config, dtype)
+    name_map = build_name_map(config, ckpt.source_format)
+    if set(name_map) != set(shapes):  # the map and the model must describe the same tensors
+        raise RuntimeError(f"name map and model disagree: {set(name_map) ^ set(shapes)}")
+    where = _locate(ckpt.files)
+    used = {src for spec in name_map.values() for src in spec.sources}
+    leftover = sorted(k for k in where if k not in used
+                      and not k.endswith(IGNORED_SOURCE_SUFFIXES))
+    if leftover:
+        raise MistralCompileError(f"{where[leftover[0]].path}: unexpected tensor "
+                                  f"'{leftover[0]}' (not used by a {config.num_hidden_layers}-"
+                                  f"layer Mistral; {len(leftover)} such tensors)")
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise MistralCompileError(f"{out}: exists and is not a converted model; choose "
+                                      "another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
+                              save_file, progress)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, ParamSource],
+               shapes: dict[str, tuple[int, ...]], where: dict[str, SafetensorsFile],
+               dtype: str, quantization: str, tmp: Path, save_file, progress: bool) -> dict:  # noqa: ANN001
+    params_meta, shard, shard_bytes, shard_files = [], {}, 0, []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            fname = f"params_shard_{len(shard_files)}.safetensors"
+            save_file(shard, str(tmp / fname))
+            shard_files.append(fname)
+            shard, shard_bytes = {}, 0
+
+    for name in tqdm(list(shapes), desc="converting", unit="tensor", disable=not progress):
+        array = _build_param(name, name_map[name], shapes[name], where, dtype)
+        if shard and shard_bytes + array.nbytes > SHARD_BYTES:
+            flush()
+        shard[name] = array
+        shard_bytes += array.nbytes
+        params_meta.append({"name": name, "shape": list(array.shape), "dtype": dtype,
+                            "file": f"params_shard_{len(shard_files)}.safetensors"})
+    flush()
+    write_config(config, tmp / NORMALIZED_NAME)
+    copied = []
+    for fname in TOKENIZER_FILES:
+        if (ckpt.config_path.parent / fname).is_file():
+            shutil.copy2(ckpt.config_path.parent / fname, tmp / fname)
+            copied.append(fname)
+    files = {f: _sha256(tmp / f) for f in [*shard_files, NORMALIZED_NAME, *copied]}
+    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+            "quantization": quantization, "dtype": dtype,
+            "config_fingerprint": config.fingerprint(), "source_format": ckpt.source_format,
+            "params": params_meta, "files": files}

@@ -1,0 +1,75 @@
+"""Weight name maps as plain data: each model parameter and the source tensors that make it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mistral_compile.config import MistralConfig
+
+HF = "hf"
+NATIVE = "mistral"
+# Source tensors that carry no weights (buffers some exporters save); skipped silently.
+IGNORED_SOURCE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """How one model parameter is built: concatenate ``sources`` on axis 0.
+
+    ``rope_heads[i]`` is nonzero when source i is a Mistral-native wq/wk whose rows are in
+    interleaved RoPE order and must be permuted into the rotate-half order our kernels use.
+    """
+
+    sources: tuple[str, ...]
+    rope_heads: tuple[int, ...]
+    rows: tuple[int, ...] | None = None  # rows taken from each source (None: one source)
+
+
+def _native_names(i: int) -> dict[str, str]:
+    return {"q": f"layers.{i}.attention.wq.weight", "k": f"layers.{i}.attention.wk.weight",
+            "v": f"layers.{i}.attention.wv.weight", "o": f"layers.{i}.attention.wo.weight",
+            "gate": f"layers.{i}.feed_forward.w1.weight",
+            "up": f"layers.{i}.feed_forward.w3.weight",
+            "down": f"layers.{i}.feed_forward.w2.weight",
+            "in_norm": f"layers.{i}.attention_norm.weight",
+            "post_norm": f"layers.{i}.ffn_norm.weight"}
+
+
+def _hf_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}"
+    return {"q": f"{p}.self_attn.q_proj.weight", "k": f"{p}.self_attn.k_proj.weight",
+            "v": f"{p}.self_attn.v_proj.weight", "o": f"{p}.self_attn.o_proj.weight",
+            "gate": f"{p}.mlp.gate_proj.weight", "up": f"{p}.mlp.up_proj.weight",
+            "down": f"{p}.mlp.down_proj.weight", "in_norm": f"{p}.input_layernorm.weight",
+            "post_norm": f"{p}.post_attention_layernorm.weight"}
+
+
+def build_name_map(config: MistralConfig, source_format: str) -> dict[str, ParamSource]:
+    """Model parameter name -> its sources, for an ``hf`` or ``mistral`` (native) checkpoint."""
+    if source_format not in (HF, NATIVE):
+        raise ValueError(f"unknown source format {source_format!r}")
+    native = source_format == NATIVE
+    one = lambda name: ParamSource((name,), (0,))  # noqa: E731
+    top = ({"embed": "tok_embeddings.weight", "norm": "norm.weight", "head": "output.weight"}
+           if native else {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
+                           "head": "lm_head.weight"})
+    mapping = {"model.embed_tokens.weight": one(top["embed"]),
+               "model.norm.weight": one(top["norm"])}
+    if not config.tie_word_embeddings:
+        mapping["lm_head.weight"] = one(top["head"])
+    q_heads = config.num_attention_heads if native else 0
+    k_heads = config.num_key_value_heads if native else 0
+    for i in range(config.num_hidden_layers):
+        src = _native_names(i) if native else _hf_names(i)
+        p = f"model.layers.{i}"
+        qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * \
+            config.head_dim
+        mapping[f"{p}.self_attn.qkv_proj.weight"] = ParamSource(
+            (src["q"], src["k"], src["v"]), (q_heads, k_heads, 0), (qd, kd, kd))
+        mapping[f"{p}.self_attn.o_proj.weight"] = one(src["o"])
+        mapping[f"{p}.mlp.gate_up_proj.weight"] = ParamSource(
+            (src["gate"], src["up"]), (0, 0), (config.intermediate_size,) * 2)
+        mapping[f"{p}.mlp.down_proj.weight"] = one(src["down"])
+        mapping[f"{p}.input_layernorm.weight"] = one(src["in_norm"])
+        mapping[f"{p}.post_attention_layernorm.weight"] = one(src["post_norm"])
+    return mapping
