@@ -1,4 +1,4 @@
-"""Engine: loads a compiled library with converted weights and runs prefill/decode on one sequence."""
+"""Engine: runs a compiled library with converted weights, prefill and decode on one sequence."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class Engine:
     """
 
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
-                 device: str = "cpu", attention_sink_size: int | None = None) -> None:
+                 device: str = "cpu", attention_sink_size: int | None = None,
+                 prefill_chunk_size: int | None = None) -> None:
         model_dir, lib = Path(model_dir), Path(lib)
         self.config = read_config(model_dir)
         manifest = read_json_object(model_dir / MANIFEST_NAME)
@@ -72,7 +73,7 @@ class Engine:
             raise MistralCompileError(f"attention_sink_size={sink}: StreamingLLM sinks are not "
                                       "supported yet; use attention_sink_size=0")
         self.attention_sink_size = sink
-        chunk = self.config.prefill_chunk_size
+        chunk = prefill_chunk_size or self.config.prefill_chunk_size
         # A chunk of W tokens leaves its last row with no visible cached key, which TVM's
         # state merge turns into NaN; W-1 keeps every row's cached view non-empty.
         self.chunk_size = min(chunk, self.window - 1) if self.window > 1 else chunk

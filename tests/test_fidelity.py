@@ -1,0 +1,177 @@
+"""Engine vs Hugging Face MistralForCausalLM (eager, float32) on tiny random checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mistral_compile.compiler import compile_model  # noqa: E402
+from mistral_compile.errors import MistralCompileError  # noqa: E402
+from mistral_compile.runtime import Engine  # noqa: E402
+from mistral_compile.weights import convert_weight  # noqa: E402
+
+W = 16
+TOL = 1e-4
+DECODE_STEPS = 32
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256, max_position_embeddings=512, rope_theta=10000.0)
+
+
+def build(tmp_path_factory, name, cls, **cfg):
+    torch.manual_seed(0)
+    hf_cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(
+        **SHAPE, **cfg, attn_implementation="eager")
+    ref = getattr(transformers, cls)(hf_cfg).eval()
+    root = tmp_path_factory.mktemp(name)
+    ref.save_pretrained(root / "hf")
+    convert_weight(root / "hf", root / "model", "q0f32", progress=False)
+    compile_model(root / "model", root / "lib.so")
+    return ref, root
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return build(tmp_path_factory, "windowed", "MistralForCausalLM", num_hidden_layers=2,
+                 sliding_window=W)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return build(tmp_path_factory, "full", "MistralForCausalLM", num_hidden_layers=2,
+                 sliding_window=None)
+
+
+@pytest.fixture(scope="module")
+def per_layer(tmp_path_factory):
+    # head_dim given: transformers 5.23 Ministral itself crashes on head_dim=None
+    return build(tmp_path_factory, "per_layer", "MinistralForCausalLM", num_hidden_layers=3,
+                 head_dim=16,
+                 sliding_window=W,
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
+def compare(ref, engine, prompt_len, seed=0):
+    """Prefill, then greedy decode; max |Δlogit| over every compared position."""
+    ids = np.random.default_rng(seed + prompt_len).integers(3, 256, prompt_len).tolist()
+    engine.reset()
+    got = [engine.prefill(ids)]
+    seq = list(ids)
+    for _ in range(DECODE_STEPS):
+        seq.append(int(np.argmax(got[-1])))
+        got.append(engine.decode(seq[-1]))
+    with torch.no_grad():
+        want = ref(torch.tensor([seq])).logits[0].numpy()[prompt_len - 1:]
+    assert [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
+    return max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+
+
+LENGTHS = [1, W - 1, W, W + 1, 3 * W + 5]
+
+
+@pytest.mark.parametrize("chunk", [W // 2 - 1, W, 2 * W], ids=["below", "equal", "above"])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_sliding_window_matches_hf(windowed, n, chunk):
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0,
+                    prefill_chunk_size=chunk)
+    assert compare(ref, engine, n) <= TOL
+
+
+def test_window_really_limits_attention(windowed, full):
+    # same prompt through a windowed and an unwindowed model with identical weights differ
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    ids = np.random.default_rng(5).integers(3, 256, 3 * W).tolist()
+    no_window = transformers.MistralForCausalLM(
+        transformers.MistralConfig(**{**ref.config.to_dict(), "sliding_window": None})).eval()
+    no_window.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        unwindowed = no_window(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(engine.prefill(ids) - unwindowed).max() > 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 40, 3 * W + 5])
+def test_no_window_matches_hf(full, n):
+    ref, root = full
+    assert compare(ref, Engine(root / "model", root / "lib.so"), n) <= TOL
+
+
+@pytest.mark.parametrize("n", [W - 1, W + 1, 3 * W + 5])
+def test_per_layer_windows_match_hf(per_layer, n):
+    ref, root = per_layer
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    assert compare(ref, engine, n) <= TOL
+
+
+def test_memory_bounded_by_window(windowed):
+    # the cache holds W + chunk + 2 pages of token slots; 5W tokens must still run
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    capacity = engine.window + engine.chunk_size + 32
+    assert capacity < 5 * W
+    assert compare(ref, engine, 5 * W - DECODE_STEPS) <= TOL
+
+
+def test_native_checkpoint_with_interleaved_rope_layout(windowed, tmp_path):
+    """params.json + consolidated.safetensors, wq/wk in Mistral's own (interleaved) order."""
+    from safetensors.numpy import save_file
+
+    ref, _ = windowed
+    cfg = ref.config
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+
+    def interleave(w, heads):  # inverse of HF's permute for RoPE
+        rows, cols = w.shape
+        return w.reshape(heads, 2, rows // heads // 2, cols).transpose(0, 2, 1, 3).reshape(
+            rows, cols)
+
+    native = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
+              "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        native.update({
+            f"layers.{i}.attention.wq.weight": interleave(sd[f"{p}.self_attn.q_proj.weight"],
+                                                          cfg.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": interleave(sd[f"{p}.self_attn.k_proj.weight"],
+                                                          cfg.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": sd[f"{p}.self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[f"{p}.self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[f"{p}.mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[f"{p}.mlp.up_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[f"{p}.mlp.down_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[f"{p}.input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[f"{p}.post_attention_layernorm.weight"]})
+    src = tmp_path / "native"
+    src.mkdir()
+    save_file(native, str(src / "consolidated.safetensors"))
+    (src / "params.json").write_text(json.dumps({
+        "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
+        "n_kv_heads": 2, "norm_eps": cfg.rms_norm_eps, "vocab_size": 256,
+        "rope_theta": 10000.0, "sliding_window": W}))
+    convert_weight(src, tmp_path / "model", "q0f32", progress=False)
+    compile_model(tmp_path / "model", tmp_path / "lib.so")
+    engine = Engine(tmp_path / "model", tmp_path / "lib.so", attention_sink_size=0)
+    assert compare(ref, engine, W + 1) <= TOL
+
+
+def test_library_for_another_config_is_refused(windowed, full):
+    _, root_w = windowed
+    _, root_f = full
+    with pytest.raises(MistralCompileError, match="compiled for a different config"):
+        Engine(root_w / "model", root_f / "lib.so")
+
+
+def test_bad_tokens_and_context_overflow(windowed, full):
+    _, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    with pytest.raises(MistralCompileError, match="token id 256 is outside"):
+        engine.prefill([1, 256])
+    with pytest.raises(MistralCompileError, match="StreamingLLM sinks are not supported"):
+        Engine(root / "model", root / "lib.so", attention_sink_size=4)
+    _, root = full
+    engine = Engine(root / "model", root / "lib.so")
+    with pytest.raises(MistralCompileError, match="exceeds the context window"):
+        engine.prefill([5] * 513)
