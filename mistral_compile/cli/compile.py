@@ -1,0 +1,29 @@
+"""`mistral-compile compile`: arguments for compiler.compile_model."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistral_compile.compiler import compile_model
+from mistral_compile.compiler.pipeline import DEVICES
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    parser = commands.add_parser(
+        "compile", help="compile a converted model into a TVM library",
+        description="Lower MODEL_DIR (a convert-weight output) to a shared library that embeds "
+                    "the fingerprint of the config it was compiled for.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR")
+    parser.add_argument("-o", "--output", required=True, metavar="LIB.so")
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile and print per-phase timings."""
+    timings = compile_model(args.model_dir, args.output, args.device)
+    for phase, seconds in timings.items():
+        print(f"{phase:<40} {seconds:6.2f} s")
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,30 @@
+"""`mistral-compile convert-weight`: arguments for weights.convert_weight."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistral_compile.weights import QUANTIZATIONS, convert_weight
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    parser = commands.add_parser(
+        "convert-weight", help="convert a checkpoint into fused, validated parameters",
+        description="Read a Hugging Face (config.json + model.safetensors[.index.json]) or "
+                    "Mistral-native (params.json + consolidated.safetensors) checkpoint "
+                    "directory and write OUT_DIR with weight shards, mistral-config.json, "
+                    "tokenizer files and a manifest of sha256 sums.")
+    parser.add_argument("source", metavar="SOURCE")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    parser.add_argument("--quantization", default="q0f16", choices=sorted(QUANTIZATIONS))
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept .bin/.pth pickle checkpoints (they can run code)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and say where the result is."""
+    out = convert_weight(args.source, args.output, args.quantization, args.allow_pickle)
+    print(f"wrote {out}")
+    return 0
