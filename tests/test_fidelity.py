@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mistral_compile.compiler import compile_model  # noqa: E402
+from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
 from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime import Engine  # noqa: E402
 from mistral_compile.weights import convert_weight  # noqa: E402

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_compile.compiler import compile_model
-from mistral_compile.compiler.pipeline import DEVICES
+from mistral_compile.compiler.devices import DEVICES
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -22,6 +21,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compile and print per-phase timings."""
+    from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
+
     timings = compile_model(args.model_dir, args.output, args.device)
     for phase, seconds in timings.items():
         print(f"{phase:<40} {seconds:6.2f} s")

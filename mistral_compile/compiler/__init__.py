@@ -1,5 +1,1 @@
-"""Compiler stage: lowering a converted model to a TVM library."""
-
-from mistral_compile.compiler.pipeline import PHASES, compile_model
-
-__all__ = ["PHASES", "compile_model"]
+"""Compiler stage: lowering a converted model to a TVM library (see pipeline.py)."""

@@ -15,6 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from mistral_compile.compiler.devices import DEVICES
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
@@ -23,7 +24,6 @@ logger = logging.getLogger("mistral_compile.compiler")
 
 METADATA_FUNC = "_metadata"
 LIBRARY_FORMAT_VERSION = 1
-DEVICES = ("cpu",)
 
 
 @dataclass
