@@ -65,7 +65,9 @@ def compare(ref, engine, prompt_len, seed=0):
     with torch.no_grad():
         want = ref(torch.tensor([seq])).logits[0].numpy()[prompt_len - 1:]
     assert [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
-    return max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    print(f"prompt {prompt_len:3d}, chunk {engine.chunk_size:3d}: max|dlogit| {delta:.2e}")
+    return delta
 
 
 LENGTHS = [1, W - 1, W, W + 1, 3 * W + 5]

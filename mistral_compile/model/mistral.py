@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
+from mistral_compile.errors import ConfigError
 from mistral_compile.model.window import exact_window_kernels
 
 
@@ -92,8 +93,6 @@ def attention_kinds(config: MistralConfig) -> tuple[list[str], int]:
     if not sliding:
         return ["mha"] * len(windows), 1  # the cache requires a positive value even if unused
     if len(sliding) > 1:
-        from mistral_compile.errors import ConfigError
-
         raise ConfigError("layer_sliding_window_sizes", f"layers use several window sizes "
                           f"{sliding}; only one window size is supported")
     if min(windows) > 0:
@@ -176,26 +175,27 @@ class MistralForCausalLM(nn.Module):
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         hidden = self.config.hidden_size
         cache = nn.spec.Object(object_type=PagedKVCache)
+        packed = {"param_mode": "packed", "effect_mode": "none"}
         mod_spec: dict[str, Any] = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"),
-                      "$": {"param_mode": "packed", "effect_mode": "none"}},
+                      "$": packed},
             "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
                         "cache": cache,
-                        "$": {"param_mode": "packed", "effect_mode": "none"}},
+                        "$": packed},
             "decode": {"input_embed": nn.spec.Tensor([1, 1, hidden], self.dtype),
                        "cache": cache,
-                       "$": {"param_mode": "packed", "effect_mode": "none"}},
+                       "$": packed},
             "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
                               "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
                               "cache": cache,
-                              "$": {"param_mode": "packed", "effect_mode": "none"}},
+                              "$": packed},
             "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden],
                                                             self.dtype),
                              "cache": cache,
-                             "$": {"param_mode": "packed", "effect_mode": "none"}},
+                             "$": packed},
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
                              "cache": cache,
-                             "$": {"param_mode": "packed", "effect_mode": "none"}},
+                             "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int,

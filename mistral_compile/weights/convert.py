@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from mistral_compile.config import NORMALIZED_NAME, MistralConfig, load_source_config
@@ -152,8 +153,6 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
     Everything is written to a temporary sibling directory that is renamed to OUT_DIR at the
     end, so an interrupted run never leaves a directory that looks complete.
     """
-    from safetensors.numpy import save_file
-
     if quantization not in QUANTIZATIONS:
         raise MistralCompileError(f"--quantization {quantization!r} is not supported (choose "
                                   f"from {', '.join(QUANTIZATIONS)})")
@@ -181,7 +180,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
-                              save_file, progress)
+                              progress)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -194,7 +193,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
 
 def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, ParamSource],
                shapes: dict[str, tuple[int, ...]], where: dict[str, SafetensorsFile],
-               dtype: str, quantization: str, tmp: Path, save_file, progress: bool) -> dict:  # noqa: ANN001
+               dtype: str, quantization: str, tmp: Path, progress: bool) -> dict:
     params_meta, shard, shard_bytes, shard_files = [], {}, 0, []
 
     def flush() -> None:
