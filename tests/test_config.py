@@ -116,10 +116,15 @@ def test_params_per_layer_window_list():
     assert cfg.sliding_window_size == 32
     assert cfg.context_window_size == 1000
     assert cfg.prefill_chunk_size == 32
-    # the sink must fit in the smallest window
-    with pytest.raises(ConfigError, match="attention_sink_size.*smaller than.*8"):
-        from_mistral_params(params(sliding_window=[8, None, 32, None], max_seq_len=1000),
-                            {"attention_sink_size": 8})
+    # sinks need every layer windowed: dropped (and logged) for a mixed model
+    cfg = from_mistral_params(params(sliding_window=[8, None, 32, None], max_seq_len=1000),
+                              {"attention_sink_size": 3})
+    assert cfg.attention_sink_size == 0
+    # the sinks and at least one recent token must fit in the smallest window
+    with pytest.raises(ConfigError, match="attention_sink_size.*smaller than.*minus one .7."):
+        from_mistral_params(params(sliding_window=[8, 32]), {"attention_sink_size": 7})
+    assert from_mistral_params(params(sliding_window=[8, 32]),
+                               {"attention_sink_size": 6}).attention_sink_size == 6
 
 
 def test_params_window_pattern_repeats_over_layers(caplog):

@@ -17,8 +17,8 @@ EXPECTED = {
     "codestral-22b-v0.1.json": (-1, 32768, 8192, 128, 56, 8, 1e6, 0, [FULL] * 56),
     "params-mistral-7b-v0.1.json": (4096, -1, 4096, 128, 32, 8, 1e4, 4, [4096] * 32),
     "params-ministral-8b-instruct-2410.json":
-        (32768, 32768, 8192, 128, 36, 8, 1e8, 4, [FULL, 32768, 32768, 32768] * 9),
-    "params-per-layer-window.json": (32, 1024, 32, 16, 4, 2, 1e6, 4, [32, 32, 32, FULL]),
+        (32768, 32768, 8192, 128, 36, 8, 1e8, 0, [FULL, 32768, 32768, 32768] * 9),
+    "params-per-layer-window.json": (32, 1024, 32, 16, 4, 2, 1e6, 0, [32, 32, 32, FULL]),
     "tiny-mistral.json": (16, -1, 16, 16, 2, 2, 1e4, 4, [16, 16]),
 }
 

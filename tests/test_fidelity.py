@@ -12,6 +12,7 @@ from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
 from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime import Engine  # noqa: E402
 from mistral_compile.weights import convert_weight  # noqa: E402
+from reference import streaming_logits  # noqa: E402
 
 W = 16
 TOL = 1e-4
@@ -159,6 +160,65 @@ def test_native_checkpoint_with_interleaved_rope_layout(windowed, tmp_path):
     assert compare(ref, engine, W + 1) <= TOL
 
 
+def stream_compare(ref, engine, prompt_len, sink, seed=0):
+    """Engine vs the float64 reference of our sink semantics, same chunking; max |Δlogit|."""
+    ids = np.random.default_rng(seed + prompt_len).integers(3, 256, prompt_len).tolist()
+    engine.reset()
+    chunks = engine.prefill_chunks(prompt_len) + [1] * DECODE_STEPS
+    got = [engine.prefill(ids)]
+    seq = list(ids)
+    for _ in range(DECODE_STEPS):
+        seq.append(int(np.argmax(got[-1])))
+        got.append(engine.decode(seq[-1]))
+    c = engine.chunk_size
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    want = streaming_logits(state, ref.config.to_dict(), seq, chunks, W, sink)[prompt_len - 1:]
+    assert [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    print(f"sink {sink}, prompt {prompt_len:3d}, chunk {c:3d}: max|dlogit| {delta:.2e}")
+    return delta
+
+
+def test_reference_without_sinks_is_hugging_face(windowed):
+    # the float64 reference used for sinks, checked against transformers with sink 0
+    ref, _ = windowed
+    ids = np.random.default_rng(1).integers(3, 256, 3 * W + 5).tolist()
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    got = streaming_logits(state, ref.config.to_dict(), ids, [7] * 7 + [4], W, 0)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("chunk", [W // 2 - 1, W, 2 * W], ids=["below", "equal", "above"])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_attention_sinks_match_reference(windowed, n, chunk):
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=4,
+                    prefill_chunk_size=chunk)
+    assert stream_compare(ref, engine, n, 4) <= TOL
+
+
+def test_sinks_change_the_result_past_the_window(windowed):
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=4, prefill_chunk_size=7)
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    ids = np.random.default_rng(2).integers(3, 256, 3 * W).tolist()
+    chunks = engine.prefill_chunks(len(ids))
+    with_sinks = streaming_logits(state, ref.config.to_dict(), ids, chunks, W, 4)[-1]
+    without = streaming_logits(state, ref.config.to_dict(), ids, chunks, W, 0)[-1]
+    assert np.abs(with_sinks - without).max() > 1e-2
+    assert np.abs(engine.prefill(ids) - with_sinks).max() <= TOL
+
+
+def test_memory_bounded_with_sinks(windowed):
+    # W - 1 slots (4 sinks + the latest W - 5) + a chunk + 2 pages; 5W tokens must run
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=4)
+    assert engine.window + engine.chunk_size + 32 < 5 * W
+    assert stream_compare(ref, engine, 5 * W - DECODE_STEPS, 4) <= TOL
+
+
 def test_library_for_another_config_is_refused(windowed, full):
     _, root_w = windowed
     _, root_f = full
@@ -171,8 +231,8 @@ def test_bad_tokens_and_context_overflow(windowed, full):
     engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
     with pytest.raises(MistralCompileError, match="token id 256 is outside"):
         engine.prefill([1, 256])
-    with pytest.raises(MistralCompileError, match="StreamingLLM sinks are not supported"):
-        Engine(root / "model", root / "lib.so", attention_sink_size=4)
+    with pytest.raises(MistralCompileError, match="attention_sink_size=15: must be"):
+        Engine(root / "model", root / "lib.so", attention_sink_size=15)
     _, root = full
     engine = Engine(root / "model", root / "lib.so")
     with pytest.raises(MistralCompileError, match="exceeds the context window"):

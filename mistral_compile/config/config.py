@@ -265,10 +265,16 @@ class MistralConfig:
                             "window)", sink)
             self.attention_sink_size = 0
             return
-        smallest = min(w for w in self.layer_sliding_window_sizes if w > 0)
-        if sink >= smallest:
+        if min(self.layer_sliding_window_sizes) == FULL_ATTENTION:
+            if sink:
+                logger.info("attention_sink_size = 0 (was %d: sinks only apply when every layer "
+                            "has a sliding window)", sink)
+            self.attention_sink_size = 0
+            return
+        smallest = min(self.layer_sliding_window_sizes)
+        if sink >= smallest - 1:  # the cache keeps the sinks and the W - 1 - sink latest tokens
             raise ConfigError("attention_sink_size", f"is {sink} but must be smaller than the "
-                              f"sliding window ({smallest})")
+                              f"sliding window minus one ({smallest - 1})")
 
     def _settle_prefill_chunk(self) -> None:
         if self.prefill_chunk_size != 0:

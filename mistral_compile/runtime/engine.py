@@ -34,9 +34,10 @@ def _shape(*values: int) -> tvm.runtime.ShapeTuple:
 class Engine:
     """One sequence, greedy or driven token by token; logits come back as float32 numpy.
 
-    With a sliding window W, TVM's cache keeps the last W-1 tokens of the sequence (evicting
-    pages), and the attention kernels mask keys by absolute distance (query i sees key j iff
-    0 <= i - j < W), so results equal Hugging Face's at any length; see docs/attention.md.
+    With a sliding window W and no sinks, TVM's cache keeps the last W-1 tokens of the sequence
+    (evicting pages), and the attention kernels mask keys by absolute distance (query i sees key j
+    iff 0 <= i - j < W), so results equal Hugging Face's at any length. With s sinks the cache
+    keeps the first s tokens and the last W-1-s (StreamingLLM); see docs/attention.md.
     """
 
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
@@ -69,14 +70,20 @@ class Engine:
             else attention_sink_size
         self.window = self.config.sliding_window_size
         self.per_sequence_window = min(self.config.layer_sliding_window_sizes) > 0
-        if self.window > 0 and sink:
-            raise MistralCompileError(f"attention_sink_size={sink}: StreamingLLM sinks are not "
-                                      "supported yet; use attention_sink_size=0")
-        self.attention_sink_size = sink
+        if self.window > 0 and not 0 <= sink < self.window - 1:
+            raise MistralCompileError(f"attention_sink_size={sink}: must be >= 0 and smaller "
+                                      f"than the sliding window minus one ({self.window - 1})")
+        if sink and not self.per_sequence_window:
+            raise MistralCompileError(f"attention_sink_size={sink}: sinks need every layer "
+                                      "windowed; use attention_sink_size=0 for this model")
+        self.attention_sink_size = sink if self.window > 0 else 0
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
-        # A chunk of W tokens leaves its last row with no visible cached key, which TVM's
-        # state merge turns into NaN; W-1 keeps every row's cached view non-empty.
-        self.chunk_size = min(chunk, self.window - 1) if self.window > 1 else chunk
+        # Inside a chunk only the causal mask applies, so a chunk must fit the recent window
+        # (W - sink keys); and a chunk of W - sink tokens leaves its last row with no visible
+        # cached key, which TVM's state merge turns into NaN. W - 1 - sink avoids both.
+        if self.window > 1:
+            chunk = min(chunk, self.window - 1 - self.attention_sink_size)
+        self.chunk_size = chunk
         self.cache = None
         self.length = 0
         self.reset()
@@ -140,10 +147,25 @@ class Engine:
         if not token_ids:
             raise MistralCompileError("prefill needs at least one token")
         self._check_tokens(token_ids)
-        logits = None
-        for start in range(0, len(token_ids), self.chunk_size):
-            logits = self._forward(list(token_ids[start:start + self.chunk_size]), "prefill")
+        logits, start = None, 0
+        for size in self.prefill_chunks(len(token_ids)):
+            logits = self._forward(list(token_ids[start:start + size]), "prefill")
+            start += size
         return logits
+
+    def prefill_chunks(self, n: int) -> list[int]:
+        """Chunk sizes in which ``prefill`` would feed ``n`` more tokens at this point."""
+        sizes, length = [], self.length
+        while n > 0:
+            size = min(self.chunk_size, n)
+            if self.attention_sink_size and length < self.window:
+                # The first forward that evicts still sees the cache without its sinks marked
+                # (TVM slides after building the attention views), so no chunk may cross the
+                # window's first W tokens: then every row's view is the one the mask expects.
+                size = min(size, self.window - length)
+            sizes.append(size)
+            length, n = length + size, n - size
+        return sizes
 
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token; its logits."""
