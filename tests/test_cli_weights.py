@@ -74,3 +74,37 @@ def test_pickle_refused_without_flag(run_cli, tmp_path):
     (src / "pytorch_model.bin").write_bytes(b"x")
     proc = run_cli("convert-weight", src, "-o", tmp_path / "out")
     assert proc.returncode == 1 and "--allow-pickle" in proc.stderr
+
+
+def test_pickle_read_with_flag_equals_safetensors(run_cli, hf_dir, tmp_path):
+    # the same (bf16) tensors as pytorch_model.bin and as model.safetensors convert identically
+    from mistral_compile.weights.safetensors_io import SafetensorsFile
+
+    f = SafetensorsFile(hf_dir / "model.safetensors")
+    state = {k: torch.from_numpy(np.array(f.get(k))).to(torch.bfloat16) for k in f.keys()}
+    pk, st = tmp_path / "pk", tmp_path / "st"
+    for d in (pk, st):
+        d.mkdir()
+        (d / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save(state, pk / "pytorch_model.bin")
+    from safetensors.torch import save_file as save_torch
+
+    save_torch(state, str(st / "model.safetensors"))
+    assert run_cli("convert-weight", pk, "-o", tmp_path / "a", "--allow-pickle").returncode == 0
+    assert run_cli("convert-weight", st, "-o", tmp_path / "b").returncode == 0
+    a = json.loads((tmp_path / "a" / "mistral-weights.json").read_text())
+    b = json.loads((tmp_path / "b" / "mistral-weights.json").read_text())
+    shards = [n for n in a["files"] if n.startswith("params_shard")]
+    assert shards and all(a["files"][n] == b["files"][n] for n in shards)
+
+
+def test_config_flag_and_overrides(run_cli, hf_dir, tmp_path):
+    # overrides given to convert-weight reach the converted config; --config excludes them
+    proc = run_cli("convert-weight", hf_dir, "-o", tmp_path / "m", "--attention-sink-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((tmp_path / "m" / "mistral-config.json").read_text())
+    assert cfg["config"]["attention_sink_size"] == 2
+    proc = run_cli("convert-weight", hf_dir, "-o", tmp_path / "n", "--config", tmp_path / "m",
+                   "--attention-sink-size", "0")
+    assert proc.returncode == 1 and "cannot be combined" in proc.stderr
+    assert not (tmp_path / "n").exists()

@@ -8,11 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from reference import streaming_logits  # noqa: E402
+
 from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
 from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime import Engine  # noqa: E402
 from mistral_compile.weights import convert_weight  # noqa: E402
-from reference import streaming_logits  # noqa: E402
 
 W = 16
 TOL = 1e-4

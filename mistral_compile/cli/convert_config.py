@@ -17,28 +17,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "OUT_DIR/mistral-config.json with every derived value settled.")
     parser.add_argument("source", metavar="SOURCE")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
-    parser.add_argument("--context-window-size", type=int, metavar="N",
-                        help="longest sequence; -1 = unbounded (needs a window on every layer)")
-    parser.add_argument("--sliding-window-size", type=int, metavar="N",
-                        help="window for windowed layers (all layers if none has one); "
-                             "-1 disables windows")
-    parser.add_argument("--attention-sink-size", type=int, metavar="N",
-                        help="tokens always kept at the start when the window slides")
-    parser.add_argument("--prefill-chunk-size", type=int, metavar="N")
-    parser.add_argument("--max-batch-size", type=int, metavar="N")
+    add_override_arguments(parser)
     parser.set_defaults(run=run)
+
+
+_OVERRIDES = ("context_window_size", "sliding_window_size", "attention_sink_size",
+              "prefill_chunk_size", "max_batch_size")
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config fields a user may set on the command line (they take part in derivation)."""
+    group = parser.add_argument_group("config overrides")
+    group.add_argument("--context-window-size", type=int, metavar="N",
+                       help="longest sequence; -1 = unbounded (needs a window on every layer)")
+    group.add_argument("--sliding-window-size", type=int, metavar="N",
+                       help="window for windowed layers (all layers if none has one); "
+                            "-1 disables windows")
+    group.add_argument("--attention-sink-size", type=int, metavar="N",
+                       help="tokens always kept at the start when the window slides")
+    group.add_argument("--prefill-chunk-size", type=int, metavar="N")
+    group.add_argument("--max-batch-size", type=int, metavar="N")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, int | None]:
+    """The override flags as MistralConfig field names (None = not given)."""
+    return {name: getattr(args, name) for name in _OVERRIDES}
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and print a summary of the derived values."""
-    overrides = {
-        "context_window_size": args.context_window_size,
-        "sliding_window_size": args.sliding_window_size,
-        "attention_sink_size": args.attention_sink_size,
-        "prefill_chunk_size": args.prefill_chunk_size,
-        "max_batch_size": args.max_batch_size,
-    }
-    config, path = convert_config(args.source, args.output, overrides)
+    config, path = convert_config(args.source, args.output, overrides_from(args))
     print(f"wrote {path}")
     print(config.summary())
     return 0

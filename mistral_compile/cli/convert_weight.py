@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mistral_compile.cli.convert_config import add_override_arguments, overrides_from
 from mistral_compile.weights import QUANTIZATIONS, convert_weight
 
 
@@ -20,11 +21,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quantization", default="q0f16", choices=sorted(QUANTIZATIONS))
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept .bin/.pth pickle checkpoints (they can run code)")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="use this mistral-config.json (or a directory holding one, as "
+                             "written by convert-config) instead of the checkpoint's config")
+    add_override_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and say where the result is."""
-    out = convert_weight(args.source, args.output, args.quantization, args.allow_pickle)
+    out = convert_weight(args.source, args.output, args.quantization, args.allow_pickle,
+                         config=args.config, overrides=overrides_from(args))
     print(f"wrote {out}")
     return 0

@@ -10,12 +10,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from mistral_compile.config import NORMALIZED_NAME, MistralConfig, load_source_config
+from mistral_compile.config import (
+    NORMALIZED_NAME,
+    MistralConfig,
+    load_source_config,
+    read_config,
+)
 from mistral_compile.config.readers import write_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
@@ -75,17 +81,50 @@ def find_checkpoint(source: Path, allow_pickle: bool = False) -> Checkpoint:
                                   "pickle files can run code when loaded: convert them to "
                                   "safetensors, or pass --allow-pickle if you trust them")
     if pickles:
-        raise MistralCompileError(f"{source}: --allow-pickle given, but reading pickle "
-                                  "checkpoints is not implemented yet; convert to safetensors")
+        return _pickle_checkpoint(source, pickles)
     raise MistralCompileError(f"{source}: no weights found (expected model.safetensors[.index"
                               ".json] with config.json, or consolidated.safetensors with "
                               "params.json)")
 
 
-def _open(path: Path) -> SafetensorsFile:
+def _pickle_checkpoint(source: Path, pickles: list[str]) -> Checkpoint:
+    """HF pytorch_model*.bin (+ index) with config.json, or consolidated.00.pth + params.json."""
+    from mistral_compile.weights.pickle_io import PickleFile
+
+    index = source / "pytorch_model.bin.index.json"
+    if (source / "config.json").is_file():
+        if index.is_file():
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise MistralCompileError(f"{index}: field 'weight_map': missing or not an "
+                                          "object")
+            names = sorted(set(weight_map.values()))
+        else:
+            names = [n for n in pickles if n.startswith("pytorch_model") and n.endswith(".bin")]
+        if names:
+            return Checkpoint(source / "config.json", HF,
+                              [PickleFile(_existing(source / n)) for n in names])
+    if (source / "params.json").is_file():
+        native = [n for n in pickles if n.startswith("consolidated")]
+        if len(native) > 1:
+            raise MistralCompileError(f"{source}: {len(native)} consolidated.*.pth files: "
+                                      "tensor-parallel shards are not supported, merge them")
+        if native:
+            return Checkpoint(source / "params.json", NATIVE,
+                              [PickleFile(source / native[0])])
+    raise MistralCompileError(f"{source}: pickle files found ({', '.join(pickles)}) but no "
+                              "config.json with pytorch_model*.bin, nor params.json with "
+                              "consolidated.00.pth")
+
+
+def _existing(path: Path) -> Path:
     if not path.is_file():
         raise MistralCompileError(f"{path}: file not found (listed by the checkpoint)")
-    return SafetensorsFile(path)
+    return path
+
+
+def _open(path: Path) -> SafetensorsFile:
+    return SafetensorsFile(_existing(path))
 
 
 def expected_params(config: MistralConfig, dtype: str) -> dict[str, tuple[int, ...]]:
@@ -147,8 +186,12 @@ def _sha256(path: Path) -> str:
 
 def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
                    quantization: str = "q0f16", allow_pickle: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, config: str | os.PathLike | None = None,
+                   overrides: dict[str, Any] | None = None) -> Path:
     """Convert a checkpoint directory into OUT_DIR (config, weight shards, tokenizer, manifest).
+
+    The model's config is the checkpoint's own (with ``overrides`` applied), or ``config``: a
+    ``mistral-config.json`` written by convert-config (overrides cannot be combined with it).
 
     Everything is written to a temporary sibling directory that is renamed to OUT_DIR at the
     end, so an interrupted run never leaves a directory that looks complete.
@@ -159,7 +202,15 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
     dtype = QUANTIZATIONS[quantization]
     source, out = Path(source), Path(out_dir)
     ckpt = find_checkpoint(source, allow_pickle)
-    config = load_source_config(ckpt.config_path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config is not None:
+        if given:
+            raise MistralCompileError(f"--config {config}: config overrides "
+                                      f"({', '.join(sorted(given))}) cannot be combined with it; "
+                                      "apply them with convert-config")
+        config = read_config(config)
+    else:
+        config = load_source_config(ckpt.config_path, given)
     shapes = expected_params(config, dtype)
     name_map = build_name_map(config, ckpt.source_format)
     if set(name_map) != set(shapes):  # the map and the model must describe the same tensors
