@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_compile.compiler.devices import DEVICES
+from mistral_compile.compiler.devices import CUDA_ARCHS, DEFAULT_CUDA_ARCH, DEVICES
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -15,7 +15,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "the fingerprint of the config it was compiled for.")
     parser.add_argument("model_dir", metavar="MODEL_DIR")
     parser.add_argument("-o", "--output", required=True, metavar="LIB.so")
-    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
+                        help="cpu (llvm) or cuda (needs nvcc; no GPU or driver needed)")
+    parser.add_argument("--arch", choices=CUDA_ARCHS, default=None,
+                        help=f"CUDA architecture for --device cuda (default {DEFAULT_CUDA_ARCH})")
     parser.set_defaults(run=run)
 
 
@@ -23,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Compile and print per-phase timings."""
     from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
 
-    timings = compile_model(args.model_dir, args.output, args.device)
+    timings = compile_model(args.model_dir, args.output, args.device, args.arch)
     for phase, seconds in timings.items():
-        print(f"{phase:<40} {seconds:6.2f} s")
+        print(f"{phase:<44} {seconds:6.2f} s")
     print(f"wrote {args.output}")
     return 0

@@ -19,11 +19,10 @@ from mistral_compile.compiler.devices import DEVICES
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
+from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
 logger = logging.getLogger("mistral_compile.compiler")
 
-METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -33,6 +32,7 @@ class CompileState:
     config: MistralConfig
     dtype: str
     target: tvm.target.Target
+    output: Path
     mod: Any = None
     param_names: list[str] = field(default_factory=list)
     executable: Any = None
@@ -52,7 +52,9 @@ def _export(state: CompileState) -> None:
 def _attach_metadata(state: CompileState) -> None:
     meta = {"format_version": LIBRARY_FORMAT_VERSION,
             "config_fingerprint": state.config.fingerprint(), "dtype": state.dtype,
-            "target": str(state.target.kind.name), "params": state.param_names}
+            "target": "cuda" if state.target.kind.name == "cuda" else "cpu",
+            "arch": state.target.arch if state.target.kind.name == "cuda" else None,
+            "params": state.param_names}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     bb = relax.BlockBuilder()
     with bb.function(METADATA_FUNC, []):
@@ -60,47 +62,122 @@ def _attach_metadata(state: CompileState) -> None:
     state.mod[METADATA_FUNC] = bb.get()[METADATA_FUNC]
 
 
+def _mark_no_tensorize(state: CompileState) -> None:
+    # TVM 0.27's dlight gpu.Matmul crashes (segfault in Tensorize, wmma f16 intrinsics) on fp16
+    # matmuls with a dynamic dimension over 64, i.e. every prefill matmul; the attribute keeps it
+    # on the SIMT schedule (correct, slower: tensor cores are the performance issue's job).
+    if state.target.kind.name != "cuda":
+        return
+    for gvar, func in list(state.mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            state.mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
+
+
+def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    if target.kind.name != "cuda":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="MistralCompileCUDA")
+    def run(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        fuse = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                relax.transform.FuseTIR()]
+        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + fuse)(mod)
+        state = CompileState(config=None, dtype="", target=target, output=Path(), mod=mod)
+        _mark_no_tensorize(state)
+        schedule = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+        return tvm.transform.Sequential([schedule] + cuda.dataflow_lower_passes(target)
+                                        + cuda.finalize_passes(target))(state.mod)
+
+    return run
+
+
 def _build(state: CompileState) -> None:
-    state.executable = relax.build(state.mod, target=state.target)
+    if state.target.kind.name == "cuda":
+        from mistral_compile.compiler import cuda
+
+        cuda.load_cuda_runtime()
+        cuda.register_nvcc_callback(state.target.arch)
+    state.executable = relax.build(state.mod, target=state.target,
+                                   relax_pipeline=_pipeline(state.target))
+
+
+def _export_library(state: CompileState) -> None:
+    state.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.output.with_name(f".{state.output.name}.partial")
+    try:
+        state.executable.export_library(str(tmp))
+        if state.target.kind.name == "cuda":
+            _check_machine_code(tmp, state.target.arch)
+        os.replace(tmp, state.output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_machine_code(lib: Path, arch: str) -> None:
+    """The library must hold a fatbin with ``arch`` machine code, and no CUDA source or PTX."""
+    from mistral_compile.compiler.cuda import fatbin_archs
+
+    blob = lib.read_bytes()
+    entries = fatbin_archs(blob)
+    want = int(arch.removeprefix("sm_").rstrip("a"))
+    if not entries or b'extern "C" __global__' in blob:
+        raise MistralCompileError(f"{lib.name}: the build embedded CUDA source instead of a "
+                                  "fatbin (TVM's CUDA runtime was not active): refusing it")
+    wrong = [e for e in entries if e != ("elf", want)]
+    if wrong:
+        raise MistralCompileError(f"{lib.name}: fatbin holds {wrong}, expected only {arch} "
+                                  "machine code")
 
 
 PHASES: list[tuple[str, Callable[[CompileState], None]]] = [
     ("export Relax model", _export),
     ("attach metadata", _attach_metadata),
-    ("build (legalize, fuse, lower, codegen)", _build),
+    ("build (legalize, fuse, schedule, codegen)", _build),
+    ("export library (+ machine-code check)", _export_library),
 ]
 
 
-def read_metadata(vm: relax.VirtualMachine) -> dict[str, Any]:
-    """The metadata a library was compiled with (config fingerprint, dtype, parameter order)."""
-    return json.loads(vm[METADATA_FUNC]().numpy().tobytes().decode())
-
-
-def make_target(device: str) -> tvm.target.Target:
-    """The TVM target for a --device value."""
+def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
+    """The TVM target for a --device value (and --arch for cuda)."""
+    host = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}
     if device == "cpu":
-        return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
-    raise MistralCompileError(f"--device {device!r} is not supported yet (choose from "
+        if arch is not None:
+            raise MistralCompileError("--arch applies to --device cuda only")
+        return tvm.target.Target(host)
+    if device == "cuda":
+        from mistral_compile.compiler.devices import CUDA_ARCHS, DEFAULT_CUDA_ARCH
+
+        arch = arch or DEFAULT_CUDA_ARCH
+        if arch not in CUDA_ARCHS:
+            raise MistralCompileError(f"--arch {arch!r} is not supported (choose from "
+                                      f"{', '.join(CUDA_ARCHS)})")
+        return tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024,
+                                  "thread_warp_size": 32}, host=host)
+    raise MistralCompileError(f"--device {device!r} is not supported (choose from "
                               f"{', '.join(DEVICES)})")
 
 
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
-                  device: str = "cpu") -> dict[str, float]:
-    """Compile MODEL_DIR (a convert-weight output) into the library OUTPUT; returns timings."""
+                  device: str = "cpu", arch: str | None = None) -> dict[str, float]:
+    """Compile MODEL_DIR (a convert-weight output) into the library OUTPUT; returns timings.
+
+    ``device`` is "cpu" (llvm) or "cuda" (``arch`` default sm_90; needs nvcc, not a GPU).
+    """
     from mistral_compile.weights.convert import MANIFEST_NAME
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
     manifest = read_json_object(model_dir / MANIFEST_NAME)
-    state = CompileState(config=config, dtype=manifest["dtype"], target=make_target(device))
+    state = CompileState(config=config, dtype=manifest["dtype"],
+                         target=make_target(device, arch), output=output)
     with state.target:
         for name, phase in PHASES:
             start = time.perf_counter()
             phase(state)
             state.timings[name] = time.perf_counter() - start
-            logger.info("%-40s %6.2f s", name, state.timings[name])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    state.executable.export_library(str(tmp))
-    os.replace(tmp, output)
+            logger.debug("%-44s %6.2f s", name, state.timings[name])
     return state.timings

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
 
-from mistral_compile.compiler.pipeline import read_metadata
 from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
+from mistral_compile.runtime.library import (
+    LIBRARY_FORMAT_VERSION,
+    load_vm,
+    parse_device,
+    read_metadata,
+    tvm_device,
+)
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
@@ -42,30 +49,48 @@ class Engine:
 
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
                  device: str = "cpu", attention_sink_size: int | None = None,
-                 prefill_chunk_size: int | None = None) -> None:
+                 prefill_chunk_size: int | None = None,
+                 params: Mapping[str, Any] | None = None) -> None:
+        """Load ``lib`` with the weights in ``model_dir`` on ``device`` (cpu, cuda, cuda:N).
+
+        ``params`` (name -> array on the device, anything with DLPack, or numpy) replaces the
+        weight files: then ``model_dir`` needs only ``mistral-config.json`` (used by benchmarks
+        and GPU checks with random weights made on the device).
+        """
         model_dir, lib = Path(model_dir), Path(lib)
         self.config = read_config(model_dir)
-        manifest = read_json_object(model_dir / MANIFEST_NAME)
-        if manifest.get("config_fingerprint") != self.config.fingerprint():
-            raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: weights were converted "
-                                      "for a different config than mistral-config.json")
+        manifest = None
+        if params is None:
+            manifest = read_json_object(model_dir / MANIFEST_NAME)
+            if manifest.get("config_fingerprint") != self.config.fingerprint():
+                raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: weights were converted "
+                                          "for a different config than mistral-config.json")
         if not lib.is_file():
             raise MistralCompileError(f"{lib}: library not found")
-        if device != "cpu":
-            raise MistralCompileError(f"device {device!r} is not supported yet (cpu only)")
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        kind, index = parse_device(device)
+        self.device = tvm_device(kind, index)
+        self.vm = load_vm(lib, self.device, kind)
         try:
             meta = read_metadata(self.vm)
         except (AttributeError, ValueError, KeyError) as err:
             raise MistralCompileError(f"{lib}: not a mistral-compile library ({err})") from None
+        if meta.get("format_version") != LIBRARY_FORMAT_VERSION:
+            raise MistralCompileError(f"{lib}: library format {meta.get('format_version')}, "
+                                      f"this version reads {LIBRARY_FORMAT_VERSION}: recompile")
         if meta["config_fingerprint"] != self.config.fingerprint():
             raise MistralCompileError(f"{lib}: library was compiled for a different config "
                                       f"than {model_dir / 'mistral-config.json'}")
-        if meta["dtype"] != manifest["dtype"]:
-            raise MistralCompileError(f"{lib}: library is {meta['dtype']}, weights are "
-                                      f"{manifest['dtype']}")
-        self.params = self._load_params(model_dir, manifest, meta["params"])
+        if meta["target"] != kind:
+            raise MistralCompileError(f"{lib}: library was compiled for {meta['target']}, "
+                                      f"not {kind}")
+        self.dtype = meta["dtype"]
+        if manifest is not None:
+            if manifest["dtype"] != self.dtype:
+                raise MistralCompileError(f"{lib}: library is {self.dtype}, weights are "
+                                          f"{manifest['dtype']}")
+            self.params = self._load_params(model_dir, manifest, meta["params"])
+        else:
+            self.params = self._given_params(params, meta["params"])
         sink = self.config.attention_sink_size if attention_sink_size is None \
             else attention_sink_size
         self.window = self.config.sliding_window_size
@@ -105,6 +130,24 @@ class Engine:
             params.append(tvm.runtime.tensor(np.array(files[fname].get(name)), self.device))
         return params
 
+    def _given_params(self, given: Mapping[str, Any], names: list[str]) -> list:
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise MistralCompileError(f"params: '{missing[0]}' required by the library is "
+                                      f"missing ({len(missing)} missing)")
+        out = []
+        for name in names:
+            value = given[name]
+            if isinstance(value, np.ndarray):
+                value = tvm.runtime.tensor(value, self.device)
+            elif not isinstance(value, tvm.runtime.Tensor):
+                value = tvm.runtime.from_dlpack(value)
+            if str(value.dtype) != self.dtype:
+                raise MistralCompileError(f"params: '{name}' is {value.dtype}, the library "
+                                          f"expects {self.dtype}")
+            out.append(value)
+        return out
+
     def reset(self) -> None:
         """Forget the sequence: a fresh KV cache."""
         cfg = self.config
@@ -133,13 +176,14 @@ class Engine:
                                       f"the context window ({limit})")
 
     def _forward(self, token_ids: list[int], func: str) -> np.ndarray:
+        n = len(token_ids)
         ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
-        embed = self.vm["embed"](ids, self.params)
-        embed = embed.numpy()[None]
-        _builtin("kv_state_begin_forward")(self.cache, _shape(SEQ_ID), _shape(len(token_ids)))
-        out = self.vm[func](tvm.runtime.tensor(embed, self.device), self.cache, self.params)
+        embed = self.vm["embed"](ids, self.params)  # [n, hidden], stays on the device
+        embed = embed._create_view((1, n, int(embed.shape[-1])))
+        _builtin("kv_state_begin_forward")(self.cache, _shape(SEQ_ID), _shape(n))
+        out = self.vm[func](embed, self.cache, self.params)
         _builtin("kv_state_end_forward")(self.cache)
-        self.length += len(token_ids)
+        self.length += n
         return out[0].numpy().reshape(-1)
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:

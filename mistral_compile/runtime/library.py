@@ -1,0 +1,97 @@
+"""Loading a compiled library with TVM's runtime alone (no compiler), on CPU or CUDA devices."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from mistral_compile.errors import MistralCompileError
+
+METADATA_FUNC = "_metadata"
+LIBRARY_FORMAT_VERSION = 2  # 2: "target" is cpu/cuda, "arch" added
+_loaded: set[str] = set()
+
+
+def _load(path: str) -> None:
+    if path not in _loaded:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _loaded.add(path)
+
+
+def _load_cudart() -> None:
+    """libcudart.so.13: the loader's path, else the nvidia-cuda-runtime wheel (torch's)."""
+    try:
+        _load("libcudart.so.13")
+        return
+    except OSError:
+        pass
+    for base in sys.path:
+        for hit in glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so.13")):
+            _load(hit)
+            return
+    raise MistralCompileError("libcudart.so.13 not found: install the CUDA 13 runtime "
+                              "(e.g. pip install nvidia-cuda-runtime) or add it to "
+                              "LD_LIBRARY_PATH")
+
+
+def prepare_runtime(kind: str) -> None:
+    """Make TVM able to run ``kind`` ("cpu"/"cuda") libraries, also when only its runtime is here.
+
+    A runtime-only TVM (no libtvm_compiler.so) does not autoload its sidecar libraries: the
+    CUDA device API and module loader (libtvm_runtime_cuda.so) and the VM extras
+    (libtvm_runtime_extra.so, which holds the paged KV cache). We load them explicitly.
+    """
+    libdir = Path(tvm.__file__).parent / "lib"
+    if kind == "cuda" and not tvm.get_global_func("device_api.cuda", allow_missing=True):
+        _load_cudart()
+        try:
+            _load(str(libdir / "libtvm_runtime_cuda.so"))
+        except OSError as err:
+            raise MistralCompileError(f"TVM's CUDA runtime cannot load here: {err}") from None
+    if (not tvm.get_global_func("vm.builtin.paged_attention_kv_cache_create", allow_missing=True)
+            and (libdir / "libtvm_runtime_extra.so").is_file()):
+        _load(str(libdir / "libtvm_runtime_extra.so"))
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise MistralCompileError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return kind, int(index or 0)
+
+
+def tvm_device(kind: str, index: int) -> tvm.runtime.Device:
+    """The TVM device, checked to exist."""
+    if kind == "cpu":
+        return tvm.cpu(index)
+    prepare_runtime("cuda")
+    dev = tvm.cuda(index)
+    if not dev.exist:
+        raise MistralCompileError(f"device cuda:{index} not found (no NVIDIA GPU or driver)")
+    return dev
+
+
+def load_vm(lib: Path, device: tvm.runtime.Device, kind: str) -> Any:
+    """A VirtualMachine over ``lib`` on ``device``, with the runtime pieces it needs loaded."""
+    from tvm.runtime.vm import VirtualMachine
+
+    prepare_runtime(kind)
+    try:
+        module = tvm.runtime.load_module(str(lib))
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+        raise MistralCompileError(f"{lib}: cannot load ({str(err).strip().splitlines()[-1]})") \
+            from None
+    return VirtualMachine(module, device)
+
+
+def read_metadata(vm: Any) -> dict[str, Any]:
+    """The metadata a library was compiled with (config fingerprint, dtype, target, params)."""
+    return json.loads(vm[METADATA_FUNC]().numpy().tobytes().decode())
