@@ -238,3 +238,22 @@ def test_bad_tokens_and_context_overflow(windowed, full):
     engine = Engine(root / "model", root / "lib.so")
     with pytest.raises(MistralCompileError, match="exceeds the context window"):
         engine.prefill([5] * 513)
+
+
+def test_params_given_in_memory_equal_weight_files(windowed):
+    # Engine(params=...) (used with random weights on the GPU) matches the converted files
+    from mistral_compile.weights.mapping import HF, build_name_map
+
+    ref, root = windowed
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    params = {name: np.concatenate([state[s] for s in spec.sources])
+              for name, spec in build_name_map(Engine(root / "model", root / "lib.so").config,
+                                               HF).items()}
+    ids = np.random.default_rng(3).integers(3, 256, 20).tolist()
+    from_files = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    in_memory = Engine(root / "model", root / "lib.so", attention_sink_size=0, params=params)
+    assert np.array_equal(from_files.prefill(ids), in_memory.prefill(ids))
+    with pytest.raises(MistralCompileError, match="params: 'model.norm.weight' is float64"):
+        Engine(root / "model", root / "lib.so",
+               params={**params,
+                       "model.norm.weight": params["model.norm.weight"].astype("float64")})

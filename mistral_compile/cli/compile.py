@@ -11,14 +11,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     parser = commands.add_parser(
         "compile", help="compile a converted model into a TVM library",
-        description="Lower MODEL_DIR (a convert-weight output) to a shared library that embeds "
-                    "the fingerprint of the config it was compiled for.")
+        description="Lower MODEL_DIR (a convert-weight output, or a convert-config output with "
+                    "--quantization) to a shared library that embeds the fingerprint of the "
+                    "config it was compiled for. --device cuda needs nvcc but no GPU.")
     parser.add_argument("model_dir", metavar="MODEL_DIR")
     parser.add_argument("-o", "--output", required=True, metavar="LIB.so")
     parser.add_argument("--device", default="cpu", choices=DEVICES,
                         help="cpu (llvm) or cuda (needs nvcc; no GPU or driver needed)")
     parser.add_argument("--arch", choices=CUDA_ARCHS, default=None,
                         help=f"CUDA architecture for --device cuda (default {DEFAULT_CUDA_ARCH})")
+    parser.add_argument("--quantization", default=None,
+                        help="weight format (q0f32, q0f16); needed when MODEL_DIR holds only "
+                             "mistral-config.json, else taken from its weights")
     parser.set_defaults(run=run)
 
 
@@ -26,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     """Compile and print per-phase timings."""
     from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
 
-    timings = compile_model(args.model_dir, args.output, args.device, args.arch)
+    timings = compile_model(args.model_dir, args.output, args.device, args.arch,
+                            args.quantization)
     for phase, seconds in timings.items():
         print(f"{phase:<44} {seconds:6.2f} s")
     print(f"wrote {args.output}")

@@ -162,18 +162,34 @@ def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
 
 
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
-                  device: str = "cpu", arch: str | None = None) -> dict[str, float]:
-    """Compile MODEL_DIR (a convert-weight output) into the library OUTPUT; returns timings.
+                  device: str = "cpu", arch: str | None = None,
+                  quantization: str | None = None) -> dict[str, float]:
+    """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
-    ``device`` is "cpu" (llvm) or "cuda" (``arch`` default sm_90; needs nvcc, not a GPU).
+    MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
+    ``mistral-config.json`` (convert-config's output) plus ``quantization``: libraries hold no
+    weights. ``device`` is "cpu" (llvm) or "cuda" (``arch`` default sm_90; needs nvcc only).
     """
-    from mistral_compile.weights.convert import MANIFEST_NAME
+    from mistral_compile.weights.convert import MANIFEST_NAME, QUANTIZATIONS
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
-    manifest = read_json_object(model_dir / MANIFEST_NAME)
-    state = CompileState(config=config, dtype=manifest["dtype"],
-                         target=make_target(device, arch), output=output)
+    dtype = None
+    if (model_dir / MANIFEST_NAME).is_file():
+        dtype = read_json_object(model_dir / MANIFEST_NAME)["dtype"]
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise MistralCompileError(f"--quantization {quantization!r} is not supported "
+                                      f"(choose from {', '.join(QUANTIZATIONS)})")
+        if dtype is not None and dtype != QUANTIZATIONS[quantization]:
+            raise MistralCompileError(f"--quantization {quantization}: the weights in "
+                                      f"{model_dir} are {dtype}")
+        dtype = QUANTIZATIONS[quantization]
+    if dtype is None:
+        raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: not found; compiling from a "
+                                  "config alone needs --quantization")
+    state = CompileState(config=config, dtype=dtype, target=make_target(device, arch),
+                         output=output)
     with state.target:
         for name, phase in PHASES:
             start = time.perf_counter()

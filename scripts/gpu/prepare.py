@@ -1,0 +1,144 @@
+"""Prepare dist-gpu/: everything the GPU checks need on a machine with TVM's runtime only.
+
+Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 64 MiB):
+  wheels/     runtime-only apache-tvm (compiler library, 3rdparty and web removed; RECORD
+              fixed), apache-tvm-ffi and ml_dtypes, for CPython 3.12 / manylinux x86-64
+  tiny/       tiny random checkpoints written by transformers (W = 16 windowed, no window,
+              per-layer windows), converted to q0f32 and q0f16, compiled for CUDA
+  7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
+              libraries (weights are made at random on the GPU)
+Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+TVM_VERSION = "0.27.0.post1"
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64"]
+DROP = ("tvm/lib/libtvm_compiler.so", "tvm/3rdparty/", "tvm/web/")
+W = 16
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256, max_position_embeddings=512, rope_theta=10000.0)
+TINY = {  # name: (transformers class, extra config)
+    "windowed": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=W)),
+    "full": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=None)),
+    "per_layer": ("MinistralForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=W,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"apache-tvm-ffi": version("apache-tvm-ffi"), "ml_dtypes": version("ml_dtypes")}
+
+
+def download_wheels(out: Path) -> None:
+    """The cp312 wheels, TVM stripped to its runtime."""
+    out.mkdir(parents=True, exist_ok=True)
+    pins = [f"apache-tvm=={TVM_VERSION}"] + [f"{k}=={v}" for k, v in _versions().items()]
+    for pin in pins:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", "--implementation", "cp", "-d", str(out)]
+        for p in PLATFORMS:
+            cmd += ["--platform", p]
+        subprocess.run(cmd + [pin], check=True)
+    for wheel in out.glob("apache_tvm-*.whl"):
+        if "runtime" not in wheel.name:
+            strip_compiler(wheel)
+
+
+def strip_compiler(wheel: Path) -> None:
+    """Rewrite the TVM wheel without the compiler (RECORD updated), in place."""
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        record_name = next(n for n in src.namelist() if n.endswith(".dist-info/RECORD"))
+        kept = [i for i in src.infolist()
+                if not i.filename.startswith(DROP) and i.filename != record_name]
+        lines = []
+        for info in kept:
+            data = src.read(info)
+            dst.writestr(info, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            lines.append(f"{info.filename},sha256={digest.decode()},{len(data)}")
+        lines.append(f"{record_name},,")
+        dst.writestr(record_name, "\n".join(lines) + "\n")
+    tmp.replace(wheel)
+    print(f"  {wheel.name}: {wheel.stat().st_size / 1e6:.1f} MB after removing the compiler")
+
+
+def tiny_models(out: Path, arch: str) -> None:
+    """Tiny random HF checkpoints, converted (fp32, fp16) and compiled for CUDA."""
+    import torch
+    import transformers
+
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    for name, (cls, extra) in TINY.items():
+        root = out / name
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**SHAPE, **extra)
+        getattr(transformers, cls)(cfg).save_pretrained(root / "hf")
+        for quant in ("q0f32", "q0f16"):
+            convert_weight(root / "hf", root / quant, quant, progress=False)
+            t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
+            print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
+
+
+def big_models(out: Path, arch: str) -> None:
+    """Mistral-7B-shaped configs and fp16 CUDA libraries (window 4096, and full attention)."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    src = REPO / "configs" / "mistral-7b-v0.1.json"
+    variants = {"7b-window": {"attention_sink_size": 0},
+                "7b-full": {"sliding_window_size": -1, "context_window_size": 8192}}
+    for name, overrides in variants.items():
+        convert_config(src, out / name, overrides)
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, "q0f16")
+        phases = ", ".join(f"{k.split()[0]} {v:.1f} s" for k, v in t.items())
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s ({phases})")
+
+
+def main() -> None:
+    """Build dist-gpu/ from scratch."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "dist-gpu"))
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--skip-7b", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    print("wheels (runtime-only TVM for Python 3.12)")
+    download_wheels(out / "wheels")
+    print("tiny checkpoints and CUDA libraries")
+    tiny_models(out / "tiny", args.arch)
+    if not args.skip_7b:
+        print("Mistral-7B-shaped CUDA libraries")
+        big_models(out, args.arch)
+    (out / "prepared.json").write_text(json.dumps(
+        {"arch": args.arch, "tvm": TVM_VERSION, "tiny_window": W, **_versions()}, indent=1))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

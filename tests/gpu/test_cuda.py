@@ -1,0 +1,163 @@
+"""GPU checks of CUDA libraries built by scripts/gpu/prepare.py (run: scripts/gpu/run.sh).
+
+Fidelity of the tiny models against Hugging Face on the same GPU, attention sinks against the
+float64 reference, and the Mistral-7B-shaped window receipt. Skipped without a GPU or without
+the prepared folder (MISTRAL_COMPILE_GPU_DIR, default dist-gpu/).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_DIR = Path(os.environ.get("MISTRAL_COMPILE_GPU_DIR", REPO / "dist-gpu"))
+W = 16
+DECODE_STEPS = 32
+LENGTHS = [1, W - 1, W, W + 1, 3 * W + 5]
+CHUNKS = {"below": W // 2 - 1, "equal": W, "above": 2 * W}
+TOL = {"q0f32": 1e-3, "q0f16": 5e-2}
+
+if not torch.cuda.is_available() or not (GPU_DIR / "prepared.json").is_file():
+    pytest.skip("needs an NVIDIA GPU and the prepared dist-gpu/ folder", allow_module_level=True)
+
+from reference import streaming_logits  # noqa: E402
+
+from mistral_compile.runtime import Engine  # noqa: E402
+from mistral_compile.weights.mapping import HF, build_name_map  # noqa: E402
+
+_hf_cache: dict = {}
+
+
+def hf_model(name, quant):
+    key = (name, quant)
+    if key not in _hf_cache:
+        dtype = torch.float32 if quant == "q0f32" else torch.float16
+        _hf_cache[key] = transformers.AutoModelForCausalLM.from_pretrained(
+            GPU_DIR / "tiny" / name / "hf", dtype=dtype, attn_implementation="eager").cuda().eval()
+    return _hf_cache[key]
+
+
+def engine(name, quant, **kw):
+    root = GPU_DIR / "tiny" / name / quant
+    return Engine(root, root / "lib.so", device="cuda", **kw)
+
+
+def run_engine(eng, ids):
+    eng.reset()
+    got = [eng.prefill(ids)]
+    seq = list(ids)
+    for _ in range(DECODE_STEPS):
+        seq.append(int(np.argmax(got[-1])))
+        got.append(eng.decode(seq[-1]))
+    return got, seq
+
+
+def report(label, delta, same):
+    print(f"RESULT {label}: max|dlogit| {delta:.2e}, greedy tokens identical: {same}")
+
+
+def compare_hf(name, quant, n, chunk, sink=0):
+    eng = engine(name, quant, attention_sink_size=sink, prefill_chunk_size=chunk)
+    ids = np.random.default_rng(n).integers(3, 256, n).tolist()
+    got, seq = run_engine(eng, ids)
+    with torch.no_grad():
+        want = hf_model(name, quant)(torch.tensor([seq], device="cuda")).logits[0]
+    want = want.float().cpu().numpy()[n - 1:]
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    same = [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
+    report(f"{name} {quant} prompt {n:3d} chunk {eng.chunk_size:3d}", delta, same)
+    return delta, same
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKS.values()), ids=list(CHUNKS))
+@pytest.mark.parametrize("n", LENGTHS)
+def test_windowed_fp32_matches_hf(n, chunk):
+    delta, same = compare_hf("windowed", "q0f32", n, chunk)
+    assert delta <= TOL["q0f32"] and same
+
+
+@pytest.mark.parametrize("n", [1, W - 1, W])
+def test_windowed_fp16_inside_window(n):
+    delta, same = compare_hf("windowed", "q0f16", n, W)
+    assert delta <= TOL["q0f16"] and same
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+@pytest.mark.parametrize("name, n", [("full", 1), ("full", 40), ("full", 3 * W + 5),
+                                     ("per_layer", W - 1), ("per_layer", W + 1),
+                                     ("per_layer", 3 * W + 5)])
+def test_other_models_match_hf(name, n, quant):
+    delta, same = compare_hf(name, quant, n, W)
+    if quant == "q0f32" or n <= W:
+        assert delta <= TOL[quant] and same
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKS.values()), ids=list(CHUNKS))
+@pytest.mark.parametrize("n", LENGTHS)
+def test_sinks_fp32_match_reference(n, chunk):
+    eng = engine("windowed", "q0f32", attention_sink_size=4, prefill_chunk_size=chunk)
+    ids = np.random.default_rng(n).integers(3, 256, n).tolist()
+    eng.reset()
+    chunks = eng.prefill_chunks(n) + [1] * DECODE_STEPS
+    got, seq = run_engine(eng, ids)
+    ref = hf_model("windowed", "q0f32")
+    state = {k: v.float().cpu().numpy() for k, v in ref.state_dict().items()}
+    want = streaming_logits(state, ref.config.to_dict(), seq, chunks, W, 4)[n - 1:]
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    same = [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
+    report(f"sinks 4 q0f32 prompt {n:3d} chunk {eng.chunk_size:3d} vs float64", delta, same)
+    assert delta <= TOL["q0f32"] and same
+
+
+def test_mistral_7b_window_receipt():
+    """7B shape, fp16, random weights on the GPU, window 4096, prompt of 6144 tokens."""
+    import json
+
+    cfg = json.loads((REPO / "configs" / "mistral-7b-v0.1.json").read_text())
+    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.items()
+                                           if k not in ("architectures", "torch_dtype")},
+                                        attn_implementation="eager")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.float16)
+        try:
+            ref = transformers.MistralForCausalLM(hf_cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    state = ref.state_dict()
+    window = Engine(GPU_DIR / "7b-window", GPU_DIR / "7b-window" / "lib.so", device="cuda",
+                    params=_fused(window_cfg := GPU_DIR / "7b-window", state))
+    full = Engine(GPU_DIR / "7b-full", GPU_DIR / "7b-full" / "lib.so", device="cuda",
+                  params=_fused(GPU_DIR / "7b-full", state))
+    assert window_cfg.is_dir() and window.window == 4096 and full.window == -1
+    ids = np.random.default_rng(7).integers(3, 32000, 6144).tolist()
+    torch.cuda.synchronize()
+    got_window, got_full = window.prefill(ids), full.prefill(ids)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids], device="cuda"), logits_to_keep=1).logits[0, -1]
+    want = want.float().cpu().numpy()
+    d_hf = float(np.abs(got_window - want).max())
+    d_full = float(np.abs(got_window - got_full).max())
+    top = (int(np.argmax(got_window)), int(np.argmax(want)), int(np.argmax(got_full)))
+    print(f"RESULT 7B fp16 window 4096 prompt 6144: engine vs HF max|d| {d_hf:.3f}, top-1 "
+          f"engine/HF/full-attention {top}; windowed vs full-attention engine max|d| "
+          f"{d_full:.3f}; logit std {float(want.std()):.3f}")
+    assert d_hf <= 0.25 and top[0] == top[1]
+    assert d_full > 4 * max(d_hf, 0.05)
+
+
+def _fused(model_dir, state):
+    """Our parameter names built from the HF state dict through the conversion name map."""
+    from mistral_compile.config import read_config
+
+    params = {}
+    for name, spec in build_name_map(read_config(model_dir), HF).items():
+        parts = [state[s] for s in spec.sources]
+        params[name] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return params
