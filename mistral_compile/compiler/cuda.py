@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import tvm
@@ -116,7 +117,10 @@ def register_nvcc_callback(arch: str) -> None:
             src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
             src.write_text(code)
             cmd = [str(nvcc), "--fatbin", "-O3", *gencode_flags(arch), "-o", str(out), str(src)]
+            start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            logger.debug("nvcc %s: %d bytes of CUDA C in %.1f s", arch, len(code),
+                         time.perf_counter() - start)
             if proc.returncode != 0:
                 raise MistralCompileError(f"nvcc failed for {arch}: "
                                           f"{(proc.stderr or proc.stdout).strip()[:2000]}")

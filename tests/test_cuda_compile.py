@@ -1,0 +1,82 @@
+"""CUDA libraries built here, where there is nvcc and no GPU: machine code for the asked arch."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mistral_compile.compiler.cuda import fatbin_archs  # noqa: E402
+from mistral_compile.errors import MistralCompileError  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    import torch
+
+    from mistral_compile.weights import convert_weight
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
+                                     max_position_embeddings=512, sliding_window=16)
+    root = tmp_path_factory.mktemp("cuda")
+    transformers.MistralForCausalLM(cfg).save_pretrained(root / "hf")
+    for quant in ("q0f16", "q0f32"):
+        convert_weight(root / "hf", root / quant, quant, progress=False)
+    return root
+
+
+def test_fp16_library_holds_sm90_machine_code(run_cli, converted, tmp_path):
+    # fp16 prefill matmuls crash TVM 0.27's tensor-core schedule: this build must survive it;
+    # the driver stand-in is built fresh into an empty cache
+    proc = run_cli("compile", converted / "q0f16", "--device", "cuda", "-o", tmp_path / "l.so",
+                   env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "export library" in proc.stdout and "wrote" in proc.stdout
+    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", 90)]
+    assert list((tmp_path / "cache").rglob("libcuda.so.1"))
+
+
+def test_arch_flag_selects_the_machine_code(run_cli, converted, tmp_path):
+    proc = run_cli("compile", converted / "q0f32", "--device", "cuda", "--arch", "sm_80",
+                   "-o", tmp_path / "l.so")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", 80)]
+
+
+def test_library_with_cuda_source_is_refused(tmp_path):
+    from mistral_compile.compiler.pipeline import _check_machine_code
+
+    lib = tmp_path / "src.so"
+    lib.write_bytes(b"\x7fELF...extern \"C\" __global__ void k(float* a) {}")
+    with pytest.raises(MistralCompileError, match="embedded CUDA source instead of a fatbin"):
+        _check_machine_code(lib, "sm_90")
+    ptx_only = np.frombuffer(b"\x50\xed\x55\xba\x01\x00\x10\x00", np.uint8).tobytes()
+    entry = (1).to_bytes(2, "little") + b"\0\0" + (64).to_bytes(4, "little") + \
+        (0).to_bytes(8, "little") + b"\0" * 12 + (90).to_bytes(4, "little") + b"\0" * 32
+    lib.write_bytes(ptx_only + len(entry).to_bytes(8, "little") + entry)
+    with pytest.raises(MistralCompileError, match=r"holds \[\('ptx', 90\)\]"):
+        _check_machine_code(lib, "sm_90")
+
+
+def test_missing_nvcc_is_one_clear_line(run_cli, converted, tmp_path):
+    proc = run_cli("compile", converted / "q0f32", "--device", "cuda", "-o", tmp_path / "l.so",
+                   env={"PATH": "/usr/bin:/bin", "CUDA_HOME": "", "CUDA_PATH": ""})
+    assert proc.returncode == 1 and "needs nvcc" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "l.so").exists()
+
+
+def test_engine_on_a_machine_without_gpu_says_so(converted, tmp_path):
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.runtime import Engine
+
+    compile_model(converted / "q0f32", tmp_path / "l.so", "cuda")
+    with pytest.raises(MistralCompileError, match="cuda"):
+        Engine(converted / "q0f32", tmp_path / "l.so", device="cuda:0")
+    with pytest.raises(MistralCompileError, match="compiled for cuda, not cpu"):
+        Engine(converted / "q0f32", tmp_path / "l.so", device="cpu")
