@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mistral_compile.cli.convert_config import add_override_arguments, overrides_from
+from mistral_compile.runtime.tokenizer import BUNDLED_VERSIONS
 from mistral_compile.weights import QUANTIZATIONS, convert_weight
 
 
@@ -24,6 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", metavar="CONFIG",
                         help="use this mistral-config.json (or a directory holding one, as "
                              "written by convert-config) instead of the checkpoint's config")
+    parser.add_argument("--tokenizer-version", choices=BUNDLED_VERSIONS,
+                        help="record which of mistral-common's tokenizers the model uses, for "
+                             "checkpoints without tekken.json / tokenizer.model*")
     add_override_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -31,6 +35,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert and say where the result is."""
     out = convert_weight(args.source, args.output, args.quantization, args.allow_pickle,
-                         config=args.config, overrides=overrides_from(args))
+                         config=args.config, overrides=overrides_from(args),
+                         tokenizer_version=args.tokenizer_version)
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,20 @@
-"""Runtime stage: the Engine that runs a compiled library with converted weights."""
+"""Runtime stage: the Engine that runs a compiled library with converted weights, and chat."""
 
-from mistral_compile.runtime.engine import Engine
+from __future__ import annotations
 
-__all__ = ["Engine"]
+from typing import Any
+
+__all__ = ["Engine", "SamplingParams"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: importing the runtime's light modules (tokenizer, sampling) must not import TVM
+    if name == "Engine":
+        from mistral_compile.runtime.engine import Engine
+
+        return Engine
+    if name == "SamplingParams":
+        from mistral_compile.runtime.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,8 @@ from mistral_compile.runtime.library import (
     read_metadata,
     tvm_device,
 )
+from mistral_compile.runtime.sampling import SamplingParams
+from mistral_compile.runtime.textgen import Interrupt, TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
@@ -50,7 +52,7 @@ class Engine:
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
                  device: str = "cpu", attention_sink_size: int | None = None,
                  prefill_chunk_size: int | None = None,
-                 params: Mapping[str, Any] | None = None) -> None:
+                 params: Mapping[str, Any] | None = None, progress: bool = False) -> None:
         """Load ``lib`` with the weights in ``model_dir`` on ``device`` (cpu, cuda, cuda:N).
 
         ``params`` (name -> array on the device, anything with DLPack, or numpy) replaces the
@@ -58,8 +60,14 @@ class Engine:
         and GPU checks with random weights made on the device).
         """
         model_dir, lib = Path(model_dir), Path(lib)
+        self.model_dir = model_dir
+        self.progress = progress
         self.config = read_config(model_dir)
         manifest = None
+        self._tokenizer = None
+        self._last_turn: Turn | None = None
+        self.interrupted = Interrupt()
+        self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
         if params is None:
             manifest = read_json_object(model_dir / MANIFEST_NAME)
             if manifest.get("config_fingerprint") != self.config.fingerprint():
@@ -89,8 +97,10 @@ class Engine:
                 raise MistralCompileError(f"{lib}: library is {self.dtype}, weights are "
                                           f"{manifest['dtype']}")
             self.params = self._load_params(model_dir, manifest, meta["params"])
+            self.tokenizer_version = (manifest.get("tokenizer") or {}).get("version")
         else:
             self.params = self._given_params(params, meta["params"])
+            self.tokenizer_version = None
         sink = self.config.attention_sink_size if attention_sink_size is None \
             else attention_sink_size
         self.window = self.config.sliding_window_size
@@ -119,9 +129,12 @@ class Engine:
         if missing:
             raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: parameter '{missing[0]}' "
                                       "required by the library is not in the weights")
+        from tqdm import tqdm
+
         files: dict[str, SafetensorsFile] = {}
         params = []
-        for name in names:
+        for name in tqdm(names, desc="loading weights", unit="tensor", disable=not self.progress,
+                         leave=False):
             fname = entries[name]["file"]
             if fname not in files:
                 if not (model_dir / fname).is_file():
@@ -149,7 +162,11 @@ class Engine:
         return out
 
     def reset(self) -> None:
-        """Forget the sequence: a fresh KV cache."""
+        """Forget the sequence and the last chat turn: a fresh KV cache."""
+        self._new_cache()
+        self._last_turn = None
+
+    def _new_cache(self) -> None:
         cfg = self.config
         if self.per_sequence_window:
             capacity = self.window + self.chunk_size + 2 * PAGE_SIZE
@@ -164,6 +181,7 @@ class Engine:
             _builtin("attention_kv_cache_enable_sliding_window_for_seq")(
                 self.cache, SEQ_ID, self.window - 1, self.attention_sink_size)
         self.length = 0
+        self.tokens = []
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         vocab = self.config.vocab_size
@@ -184,6 +202,7 @@ class Engine:
         out = self.vm[func](embed, self.cache, self.params)
         _builtin("kv_state_end_forward")(self.cache)
         self.length += n
+        self.tokens.extend(int(t) for t in token_ids)
         return out[0].numpy().reshape(-1)
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
@@ -216,13 +235,92 @@ class Engine:
         self._check_tokens([token_id])
         return self._forward([int(token_id)], "decode")
 
-    def generate(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of a prompt (the cache is reset first)."""
+    @property
+    def capacity(self) -> int:
+        """Token slots one sequence may hold in the cache (its memory bound)."""
+        if self.per_sequence_window:
+            return self.window - 1 + self.chunk_size
+        return self.config.context_window_size
+
+    def context_full(self) -> bool:
+        """True when a model without a window cannot take another token."""
+        limit = self.config.context_window_size
+        return not self.per_sequence_window and limit > 0 and self.length >= limit
+
+    def rollback(self, n: int) -> bool:
+        """Drop the last ``n`` tokens from the cache if it still holds them all (no eviction)."""
+        if n == 0:
+            return True
+        if self.per_sequence_window and self.length > self.window - 1:
+            return False  # the window has slid: TVM cannot pop across evicted pages
+        _builtin("kv_state_popn")(self.cache, SEQ_ID, n)
+        self.length -= n
+        del self.tokens[-n:]
+        return True
+
+    def reuse_prefix(self, prompt: list[int]) -> list[int]:
+        """Keep the cached tokens ``prompt`` starts with (rolling back the rest); the new ones.
+
+        When the cache cannot roll back (its window slid) the sequence starts over.
+        """
+        common = 0
+        for a, b in zip(self.tokens, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(prompt):  # something must be prefilled to get logits
+            common -= 1
+        if not self.rollback(len(self.tokens) - common):
+            self._new_cache()
+            common = 0
+        return list(prompt[common:])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's mistral-common tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from mistral_compile.runtime.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir, self.tokenizer_version,
+                                             self.config.vocab_size)
+        return self._tokenizer
+
+    def chat(self, messages: list[Any], **options: Any) -> TextStream:
+        """Stream the assistant's answer to a conversation (dicts with role/content).
+
+        Options are SamplingParams fields (temperature, top_p, top_k, repetition_penalty,
+        max_tokens, seed, stop). The KV cache keeps what the conversation shares with the previous
+        call, so a follow-up turn prefills only its new tokens. ``stream.usage`` after the end.
+        """
+        params = SamplingParams(**options)
+        prompt = chat_prompt(self.tokenizer, messages, self._last_turn)
+        stream = TextStream(self, prompt, params)
+        self._last_turn = Turn(message_pairs(messages), prompt, stream)
+        return stream
+
+    def generate(self, prompt: list[int] | str, max_new_tokens: int | None = None,
+                 **options: Any) -> list[int] | TextStream:
+        """Continue a prompt from an empty cache.
+
+        Token ids in (``list[int]``): the generated ids come back as a list (greedy unless
+        sampling options are given; no EOS handling). Text in (``str``, no chat template): a
+        TextStream of text pieces that ends at EOS, a stop string or ``max_new_tokens``.
+        """
+        params = SamplingParams(max_tokens=max_new_tokens, **options)
         self.reset()
-        logits = self.prefill(token_ids)
-        out = []
+        if isinstance(prompt, str):
+            raw = self.tokenizer.instruct_tokenizer.tokenizer
+            return TextStream(self, raw.encode(prompt, bos=True, eos=False), params)
+        if max_new_tokens is None:
+            raise MistralCompileError("generate(token_ids, max_new_tokens): max_new_tokens "
+                                      "is required with token ids")
+        from mistral_compile.runtime.sampling import sample
+
+        rng = np.random.default_rng(params.seed)
+        logits = self.prefill(list(prompt))
+        out: list[int] = []
         for _ in range(max_new_tokens):
-            out.append(int(np.argmax(logits)))
+            out.append(sample(logits, params, rng, list(prompt) + out))
             if len(out) < max_new_tokens:
                 logits = self.decode(out[-1])
         return out

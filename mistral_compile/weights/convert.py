@@ -187,7 +187,8 @@ def _sha256(path: Path) -> str:
 def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
                    quantization: str = "q0f16", allow_pickle: bool = False,
                    progress: bool = True, config: str | os.PathLike | None = None,
-                   overrides: dict[str, Any] | None = None) -> Path:
+                   overrides: dict[str, Any] | None = None,
+                   tokenizer_version: str | None = None) -> Path:
     """Convert a checkpoint directory into OUT_DIR (config, weight shards, tokenizer, manifest).
 
     The model's config is the checkpoint's own (with ``overrides`` applied), or ``config``: a
@@ -231,7 +232,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
-                              progress)
+                              progress, tokenizer_version)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -244,7 +245,8 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
 
 def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, ParamSource],
                shapes: dict[str, tuple[int, ...]], where: dict[str, SafetensorsFile],
-               dtype: str, quantization: str, tmp: Path, progress: bool) -> dict:
+               dtype: str, quantization: str, tmp: Path, progress: bool,
+               tokenizer_version: str | None) -> dict:
     params_meta, shard, shard_bytes, shard_files = [], {}, 0, []
 
     def flush() -> None:
@@ -274,4 +276,33 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "quantization": quantization, "dtype": dtype,
             "config_fingerprint": config.fingerprint(), "source_format": ckpt.source_format,
+            "tokenizer": _tokenizer_record(tmp, tokenizer_version, config.vocab_size),
             "params": params_meta, "files": files}
+
+
+def _tokenizer_record(out: Path, given: str | None, vocab_size: int) -> dict:
+    """Which Mistral tokenizer the model uses: the copied file's version, or the one given."""
+    from mistral_compile.runtime.tokenizer import (
+        BUNDLED_VERSIONS,
+        find_tokenizer_file,
+        tokenizer_version,
+    )
+
+    path = find_tokenizer_file(out)
+    if path is not None:
+        found = tokenizer_version(path)
+        if given and given != found:
+            raise MistralCompileError(f"--tokenizer-version {given}: the checkpoint's "
+                                      f"{path.name} is {found}")
+        return {"file": path.name, "version": found}
+    if given is None:
+        logger.warning("no Mistral tokenizer file (tekken.json, tokenizer.model*) in the "
+                       "checkpoint: chat will need one, or convert with --tokenizer-version")
+        return {"file": None, "version": None}
+    if given not in BUNDLED_VERSIONS:
+        raise MistralCompileError(f"--tokenizer-version {given!r}: choose from "
+                                  f"{', '.join(BUNDLED_VERSIONS)}")
+    from mistral_compile.runtime.tokenizer import load_tokenizer
+
+    load_tokenizer(out, given, vocab_size)  # fails now if its vocabulary does not fit the model
+    return {"file": None, "version": given}

@@ -2,9 +2,11 @@
 
 Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 64 MiB):
   wheels/     runtime-only apache-tvm (compiler library, 3rdparty and web removed; RECORD
-              fixed), apache-tvm-ffi and ml_dtypes, for CPython 3.12 / manylinux x86-64
+              fixed), apache-tvm-ffi, ml_dtypes, and mistral-common with the dependencies the
+              GPU image lacks, for CPython 3.12 / manylinux x86-64
   tiny/       tiny random checkpoints written by transformers (W = 16 windowed, no window,
               per-layer windows), converted to q0f32 and q0f16, compiled for CUDA
+  chat/       a tiny model with a real Mistral tokenizer (v3), CUDA and CPU libraries
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
               libraries (weights are made at random on the GPU)
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b]
@@ -42,10 +44,17 @@ TINY = {  # name: (transformers class, extra config)
 }
 
 
+# Not on the GPU machine's image: TVM's own needs, and mistral-common (chat) with its needs.
+CARRIED = ("apache-tvm-ffi", "ml_dtypes", "mistral_common", "pydantic", "pydantic-core",
+           "annotated-types", "typing-inspection", "pydantic-extra-types", "jsonschema",
+           "referencing", "rpds-py", "jsonschema-specifications")
+
+
 def _versions() -> dict[str, str]:
+    """The versions installed here, so the GPU side runs what the tests here ran."""
     from importlib.metadata import version
 
-    return {"apache-tvm-ffi": version("apache-tvm-ffi"), "ml_dtypes": version("ml_dtypes")}
+    return {name: version(name) for name in CARRIED}
 
 
 def download_wheels(out: Path) -> None:
@@ -101,6 +110,22 @@ def tiny_models(out: Path, arch: str) -> None:
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
 
 
+def chat_model(out: Path, arch: str) -> None:
+    """A tiny random model with mistral-common's v3 tokenizer (vocab 32768), W = 32, for chat."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_tiny_checkpoint.py"),
+                    str(out / "hf"), "--tokenizer", "v3", "--config",
+                    str(REPO / "configs" / "tiny-mistral-chat.json")], check=True)
+    for quant in ("q0f32", "q0f16"):
+        convert_weight(out / "hf", out / quant, quant, progress=False)
+        compile_model(out / quant, out / quant / "lib.so", "cuda", arch)
+    compile_model(out / "q0f32", out / "q0f32" / "lib-cpu.so", "cpu")
+    shutil.rmtree(out / "hf")  # not needed there; the call may carry 64 MiB
+    print("  chat model: q0f32 + q0f16 CUDA libraries, q0f32 CPU library")
+
+
 def big_models(out: Path, arch: str) -> None:
     """Mistral-7B-shaped configs and fp16 CUDA libraries (window 4096, and full attention)."""
     from mistral_compile.compiler.pipeline import compile_model
@@ -131,6 +156,7 @@ def main() -> None:
     download_wheels(out / "wheels")
     print("tiny checkpoints and CUDA libraries")
     tiny_models(out / "tiny", args.arch)
+    chat_model(out / "chat", args.arch)
     if not args.skip_7b:
         print("Mistral-7B-shaped CUDA libraries")
         big_models(out, args.arch)

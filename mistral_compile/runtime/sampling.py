@@ -1,0 +1,78 @@
+"""Next-token sampling on host logits: repetition penalty, temperature, top-k, top-p (numpy)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mistral_compile.errors import MistralCompileError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; a seed makes sampling reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    max_tokens: int | None = None  # None = until EOS, the context or a stop string
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        checks = (("temperature", self.temperature >= 0, ">= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+                  ("max_tokens", self.max_tokens is None or self.max_tokens > 0, "> 0"))
+        for name, ok, rule in checks:
+            if not ok:
+                raise MistralCompileError(f"{name}={getattr(self, name)}: must be {rule}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise MistralCompileError("stop strings must not be empty")
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int],
+                             penalty: float) -> np.ndarray:
+    """CTRL-style penalty: a seen token's logit is divided by it if positive, else multiplied."""
+    if penalty == 1.0 or not len(history):
+        return logits
+    out = logits.copy()
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def token_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution sampled from (temperature > 0): softmax, then top-k, then top-p."""
+    z = logits.astype(np.float64) / params.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if params.top_k and params.top_k < probs.size:
+        kth = np.partition(probs, -params.top_k)[-params.top_k]
+        probs = np.where(probs >= kth, probs, 0.0)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        keep = int(np.searchsorted(cumulative, params.top_p * cumulative[-1])) + 1
+        mask = np.zeros_like(probs)
+        mask[order[:keep]] = 1.0
+        probs = probs * mask
+    return probs / probs.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           history: Sequence[int] = ()) -> int:
+    """One token id from float logits [vocab]."""
+    logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    probs = token_probabilities(logits, params)
+    return int(rng.choice(probs.size, p=probs))
