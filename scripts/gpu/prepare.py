@@ -47,7 +47,7 @@ TINY = {  # name: (transformers class, extra config)
 # Not on the GPU machine's image: TVM's own needs, and mistral-common (chat) with its needs.
 CARRIED = ("apache-tvm-ffi", "ml_dtypes", "mistral_common", "pydantic", "pydantic-core",
            "annotated-types", "typing-inspection", "pydantic-extra-types", "jsonschema",
-           "referencing", "rpds-py", "jsonschema-specifications")
+           "referencing", "rpds-py", "jsonschema-specifications", "pycountry")
 
 
 def _versions() -> dict[str, str]:
