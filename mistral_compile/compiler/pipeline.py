@@ -35,6 +35,7 @@ class CompileState:
     output: Path
     mod: Any = None
     param_names: list[str] = field(default_factory=list)
+    param_shapes: list[list[int]] = field(default_factory=list)
     executable: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -46,6 +47,7 @@ def _export(state: CompileState) -> None:
     model.to(state.dtype)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     state.param_names = [name for name, _ in params]
+    state.param_shapes = [[int(d) for d in p.shape] for _, p in params]
     state.mod = mod
 
 
@@ -54,7 +56,7 @@ def _attach_metadata(state: CompileState) -> None:
             "config_fingerprint": state.config.fingerprint(), "dtype": state.dtype,
             "target": "cuda" if state.target.kind.name == "cuda" else "cpu",
             "arch": state.target.arch if state.target.kind.name == "cuda" else None,
-            "params": state.param_names}
+            "params": state.param_names, "param_shapes": state.param_shapes}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     bb = relax.BlockBuilder()
     with bb.function(METADATA_FUNC, []):

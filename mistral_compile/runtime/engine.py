@@ -91,6 +91,7 @@ class Engine:
         if meta["target"] != kind:
             raise MistralCompileError(f"{lib}: library was compiled for {meta['target']}, "
                                       f"not {kind}")
+        self.meta = meta
         self.dtype = meta["dtype"]
         if manifest is not None:
             if manifest["dtype"] != self.dtype:

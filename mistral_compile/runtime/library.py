@@ -15,7 +15,7 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 
 METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 2  # 2: "target" is cpu/cuda, "arch" added
+LIBRARY_FORMAT_VERSION = 3  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes"
 _loaded: set[str] = set()
 
 

@@ -133,7 +133,7 @@ def big_models(out: Path, arch: str) -> None:
 
     src = REPO / "configs" / "mistral-7b-v0.1.json"
     variants = {"7b-window": {"attention_sink_size": 0},
-                "7b-full": {"sliding_window_size": -1, "context_window_size": 8192}}
+                "7b-full": {"sliding_window_size": -1, "context_window_size": 32768}}
     for name, overrides in variants.items():
         convert_config(src, out / name, overrides)
         t = compile_model(out / name, out / name / "lib.so", "cuda", arch, "q0f16")

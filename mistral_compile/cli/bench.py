@@ -1,0 +1,46 @@
+"""`mistral-compile bench`: arguments for runtime.bench.run_bench."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    parser = commands.add_parser(
+        "bench", help="measure prefill and decode speed of a compiled library",
+        description="Prefill tokens/s per chunk size, batch-1 decode latency at several "
+                    "contexts, achieved weight bandwidth against the device's copy bandwidth, "
+                    "prefill FLOP utilisation, KV-cache bytes; JSON with --json.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="a convert-weight output, or a convert-config output with "
+                             "--random-weights")
+    parser.add_argument("--lib", required=True, metavar="LIB.so")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="make random weights on the device (no checkpoint needed)")
+    parser.add_argument("--prefill-chunks", type=_ints, default=[512, 2048, 4096])
+    parser.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print."""
+    from mistral_compile.runtime.bench import run_bench, write_json
+
+    result = run_bench(args.model_dir, args.lib, args.device, args.random_weights,
+                       args.prefill_chunks, args.contexts, args.decode_steps)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0

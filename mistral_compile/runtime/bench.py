@@ -1,0 +1,196 @@
+"""`mistral-compile bench`: prefill and decode speed, bandwidth and FLOP utilisation, as JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mistral_compile.errors import MistralCompileError
+from mistral_compile.runtime.library import load_vm, parse_device, read_metadata, tvm_device
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int,
+                   sync: Callable[[], None]) -> float:
+    """Median wall time of ``fn`` (device synchronised around each run) after warm-ups."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
+    """Random weights (std 0.02, norms 1) made on the device, by torch when it is there."""
+    import tvm
+
+    kind, index = parse_device(device)
+    meta = read_metadata(load_vm(lib, tvm_device(kind, index), kind))
+    shapes = dict(zip(meta["params"], meta["param_shapes"], strict=True))
+    dtype = meta["dtype"]
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(seed)
+    if torch is not None:
+        gen = torch.Generator(device="cuda" if kind == "cuda" else "cpu").manual_seed(seed)
+        tdev = f"cuda:{index}" if kind == "cuda" else "cpu"
+    for name, shape in shapes.items():
+        norm = name.endswith("norm.weight")
+        if torch is not None:
+            t = torch.ones(shape, dtype=getattr(torch, dtype), device=tdev) if norm else \
+                torch.randn(shape, generator=gen, dtype=getattr(torch, dtype), device=tdev) * 0.02
+            out[name] = t
+        else:
+            a = np.ones(shape, dtype) if norm else (rng.standard_normal(shape) * 0.02).astype(dtype)
+            out[name] = tvm.runtime.tensor(a, tvm_device(kind, index))
+    return out
+
+
+def copy_bandwidth(device: Any, nbytes: int, warmup: int = 3, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    import tvm
+
+    n = nbytes // 2
+    a = tvm.runtime.empty((n,), "float16", device)
+    b = tvm.runtime.empty((n,), "float16", device)
+    a.copyfrom(np.random.default_rng(0).standard_normal(n).astype("float16"))
+    t = median_seconds(lambda: a.copyto(b), warmup, repeats, device.sync)
+    return 2 * nbytes / t / 1e9
+
+
+def matmul_tflops(device_kind: str, index: int) -> float | None:
+    """fp16 dense matrix throughput measured with torch (cuBLAS) on the GPU, if torch is there."""
+    if device_kind != "cuda":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=f"cuda:{index}", dtype=torch.float16)
+    b = torch.randn(n, n, device=f"cuda:{index}", dtype=torch.float16)
+    t = median_seconds(lambda: a @ b, 3, 10, torch.cuda.synchronize)
+    return 2 * n**3 / t / 1e12
+
+
+def prefill_flops(config: Any, n: int) -> float:
+    """Forward FLOPs of prefilling ``n`` tokens into an empty cache.
+
+    The matmuls, plus causal attention where a windowed layer's query sees
+    min(position + 1, window) keys.
+    """
+    h, hd = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads, config.num_key_value_heads
+    matmul = 2 * h * (q + 2 * kv) * hd + 2 * q * hd * h + 3 * 2 * h * config.intermediate_size
+    flops = n * (config.num_hidden_layers * matmul + 2 * h * config.vocab_size)
+    for w in config.layer_sliding_window_sizes:
+        w = n if w <= 0 else min(w, n)
+        keys = w * (w + 1) // 2 + (n - w) * w  # sum over queries of visible keys
+        flops += 2 * 2 * q * hd * keys  # q.k and p.v
+    return float(flops)
+
+
+def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
+              random_weights: bool = False, prefill_chunks: Sequence[int] = (512, 2048, 4096),
+              contexts: Sequence[int] = (1024, 4096, 16384, 32768), decode_steps: int = 32,
+              warmup: int = 3, repeats: int = 5, copy_bytes: int = 1 << 30,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure and return a dict of figures (see docs/benchmarks.md for what each means)."""
+    from mistral_compile.runtime.engine import Engine
+
+    model_dir, lib = Path(model_dir), Path(lib)
+    kind, index = parse_device(device)
+    params = random_params(lib, device) if random_weights else None
+    engine = Engine(model_dir, lib, device=device, attention_sink_size=0,
+                    prefill_chunk_size=max(prefill_chunks), params=params, progress=True)
+    cfg, dev = engine.config, engine.device
+    weight_bytes = sum(int(np.prod(s)) for s in engine.meta["param_shapes"]) * \
+        _BYTES[engine.dtype]
+    kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+                * _BYTES[engine.dtype])
+    result: dict[str, Any] = {
+        "device": str(dev), "dtype": engine.dtype, "weights": "random" if random_weights else
+        str(model_dir), "weight_bytes": weight_bytes, "window": engine.window,
+        "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
+        "kv_cache_bytes_per_token": kv_bytes,
+        "kv_cache_bytes_per_sequence": kv_bytes * engine.capacity
+        if engine.capacity > 0 else None,
+        "batch_decode": "not used by the engine (batch 1 only)"}
+    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.dtype}), window {engine.window}, "
+        f"chunk {engine.chunk_size}")
+    result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
+    result["matmul_TFLOPs"] = matmul_tflops(kind, index)
+    log(f"device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); "
+        f"fp16 matmul {result['matmul_TFLOPs'] or float('nan'):.0f} TFLOP/s (torch)")
+    rng = np.random.default_rng(0)
+
+    def tokens(n: int) -> list[int]:
+        return rng.integers(3, cfg.vocab_size, n).tolist()
+
+    prefill = []
+    for chunk in prefill_chunks:
+        n = min(chunk, engine.chunk_size)
+        ids = tokens(n)
+
+        def one(ids: list[int] = ids) -> None:
+            engine.reset()
+            engine.prefill(ids)
+        t = median_seconds(one, 1, max(2, repeats // 2), dev.sync)
+        flops = prefill_flops(cfg, n)
+        row = {"tokens": n, "seconds": t, "tokens_per_s": n / t, "TFLOPs": flops / t / 1e12}
+        if result["matmul_TFLOPs"]:
+            row["MFU"] = row["TFLOPs"] / result["matmul_TFLOPs"]
+        prefill.append(row)
+        log(f"prefill {n:5d} tokens: {t * 1e3:8.1f} ms, {n / t:8.0f} tok/s, "
+            f"{row['TFLOPs']:.1f} TFLOP/s" + (f", MFU {row['MFU']:.1%}" if "MFU" in row else ""))
+    result["prefill"] = prefill
+
+    decode = []
+    for context in contexts:
+        if 0 < cfg.context_window_size < context + decode_steps + warmup:
+            log(f"decode at {context}: skipped (context window {cfg.context_window_size})")
+            continue
+        engine.reset()
+        engine.prefill(tokens(context))
+        steps = iter(tokens(warmup + decode_steps * repeats + 8))
+        for _ in range(warmup):
+            engine.decode(next(steps))
+        dev.sync()
+        times = []
+        for _ in range(decode_steps):
+            start = time.perf_counter()
+            engine.decode(next(steps))  # returns host logits: synchronised
+            times.append(time.perf_counter() - start)
+        t = statistics.median(times)
+        row = {"context": context, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t,
+               "weight_GBps": weight_bytes / t / 1e9,
+               "MBU": weight_bytes / t / 1e9 / result["copy_bandwidth_GBps"],
+               "cache_tokens_held": min(engine.length, engine.capacity)
+               if engine.capacity > 0 else engine.length}
+        decode.append(row)
+        log(f"decode at {context:6d}: {t * 1e3:7.2f} ms/token, {1 / t:7.1f} tok/s, weights "
+            f"{row['weight_GBps']:.0f} GB/s = {row['MBU']:.1%} of copy bandwidth")
+    result["decode"] = decode
+    return result
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Save the figures."""
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    if not Path(path).is_file():
+        raise MistralCompileError(f"{path}: could not write")
