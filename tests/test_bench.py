@@ -32,10 +32,10 @@ def test_prefill_flops_formula(window, n):
 
 def test_bench_runs_on_cpu_with_random_weights(run_cli, tmp_path):
     pytest.importorskip("torch")
+    from conftest import CONFIGS
+
     from mistral_compile.compiler.pipeline import compile_model
     from mistral_compile.config import convert_config
-
-    from conftest import CONFIGS
 
     convert_config(CONFIGS / "tiny-mistral.json", tmp_path / "m", {"attention_sink_size": 0})
     compile_model(tmp_path / "m", tmp_path / "lib.so", "cpu", quantization="q0f32")
