@@ -83,7 +83,9 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="MistralCompileCUDA")
     def run(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-        fuse = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        # x @ permute_dims(W) as one "NT_matmul": the form dlight's GEMV rule schedules for decode
+        fuse = [relax.transform.FuseTransposeMatmul(),
+                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(), relax.transform.FuseOps(),
                 relax.transform.FuseTIR()]
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + fuse)(mod)

@@ -162,9 +162,12 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
 
     decode = []
     for context in contexts:
-        if 0 < cfg.context_window_size < context + decode_steps + warmup:
-            log(f"decode at {context}: skipped (context window {cfg.context_window_size})")
-            continue
+        limit = cfg.context_window_size
+        if 0 < limit < context + decode_steps + warmup:
+            if context > limit:
+                log(f"decode at {context}: skipped (context window {limit})")
+                continue
+            context = limit - decode_steps - warmup  # the last steps end at the limit
         engine.reset()
         engine.prefill(tokens(context))
         steps = iter(tokens(warmup + decode_steps * repeats + 8))
