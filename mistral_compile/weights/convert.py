@@ -63,14 +63,7 @@ def find_checkpoint(source: Path, allow_pickle: bool = False) -> Checkpoint:
     index = source / "model.safetensors.index.json"
     hf_config, params = source / "config.json", source / "params.json"
     if hf_config.is_file() and (index.is_file() or (source / "model.safetensors").is_file()):
-        if index.is_file():
-            weight_map = read_json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise MistralCompileError(f"{index}: field 'weight_map': missing or not an "
-                                          "object")
-            names = sorted(set(weight_map.values()))
-        else:
-            names = ["model.safetensors"]
+        names = _indexed_files(index) if index.is_file() else ["model.safetensors"]
         return Checkpoint(hf_config, HF, [_open(source / n) for n in names])
     if params.is_file() and (source / "consolidated.safetensors").is_file():
         return Checkpoint(params, NATIVE, [_open(source / "consolidated.safetensors")])
@@ -93,14 +86,8 @@ def _pickle_checkpoint(source: Path, pickles: list[str]) -> Checkpoint:
 
     index = source / "pytorch_model.bin.index.json"
     if (source / "config.json").is_file():
-        if index.is_file():
-            weight_map = read_json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise MistralCompileError(f"{index}: field 'weight_map': missing or not an "
-                                          "object")
-            names = sorted(set(weight_map.values()))
-        else:
-            names = [n for n in pickles if n.startswith("pytorch_model") and n.endswith(".bin")]
+        names = _indexed_files(index) if index.is_file() else \
+            [n for n in pickles if n.startswith("pytorch_model") and n.endswith(".bin")]
         if names:
             return Checkpoint(source / "config.json", HF,
                               [PickleFile(_existing(source / n)) for n in names])
@@ -115,6 +102,14 @@ def _pickle_checkpoint(source: Path, pickles: list[str]) -> Checkpoint:
     raise MistralCompileError(f"{source}: pickle files found ({', '.join(pickles)}) but no "
                               "config.json with pytorch_model*.bin, nor params.json with "
                               "consolidated.00.pth")
+
+
+def _indexed_files(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's ``*.index.json`` names in its weight_map."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise MistralCompileError(f"{index}: field 'weight_map': missing or not an object")
+    return sorted(set(weight_map.values()))
 
 
 def _existing(path: Path) -> Path:

@@ -3,11 +3,7 @@
 # window (4096) and with full attention, then the decode-latency plot. Results in $OUT.
 #   scripts/gpu/bench.sh [extra bench args...]
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site dist-gpu/wheels/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
+source scripts/gpu/setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu-bench.txt"
 for variant in 7b-window 7b-full; do
     echo "== $variant"

@@ -4,33 +4,23 @@ Run on the GPU machine after scripts/gpu/run.sh installed the wheels:
   PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu/diag_precision.py
 """
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from gpu.test_cuda import GPU_DIR, _fused  # noqa: E402
+from gpu.test_cuda import GPU_DIR, _fused, random_7b_reference  # noqa: E402
 
 from mistral_compile.runtime import Engine  # noqa: E402
 
 
 def main() -> None:
     """Print the error table."""
-    cfg = json.loads((REPO / "configs" / "mistral-7b-v0.1.json").read_text())
-    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.items()
-                                           if k not in ("architectures", "torch_dtype")},
-                                        attn_implementation="eager")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.float16)
-        ref = transformers.MistralForCausalLM(hf_cfg).eval()
-        torch.set_default_dtype(torch.float32)
+    ref = random_7b_reference()
     lib = sys.argv[1] if len(sys.argv) > 1 else "7b-window"
     eng = Engine(GPU_DIR / lib, GPU_DIR / lib / "lib.so", device="cuda",
                  params=_fused(GPU_DIR / lib, ref.state_dict()))

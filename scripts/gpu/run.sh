@@ -3,11 +3,7 @@
 #   scripts/gpu/run.sh [pytest args...]
 # Needs dist-gpu/ from scripts/gpu/prepare.py (carried with the call). Log in $OUT/gpu-tests.log.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site dist-gpu/wheels/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
+source scripts/gpu/setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import tvm, os; print('tvm', tvm.__version__, 'compiler present:',
 os.path.exists(os.path.join(os.path.dirname(tvm.__file__), 'lib', 'libtvm_compiler.so')))" \

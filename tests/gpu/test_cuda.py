@@ -118,19 +118,7 @@ def test_sinks_fp32_match_reference(n, chunk):
 
 def test_mistral_7b_window_receipt():
     """7B shape, fp16, random weights on the GPU, window 4096, prompt of 6144 tokens."""
-    import json
-
-    cfg = json.loads((REPO / "configs" / "mistral-7b-v0.1.json").read_text())
-    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.items()
-                                           if k not in ("architectures", "torch_dtype")},
-                                        attn_implementation="eager")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.float16)
-        try:
-            ref = transformers.MistralForCausalLM(hf_cfg).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+    ref = random_7b_reference()
     state = ref.state_dict()
     window = Engine(GPU_DIR / "7b-window", GPU_DIR / "7b-window" / "lib.so", device="cuda",
                     params=_fused(window_cfg := GPU_DIR / "7b-window", state))
@@ -151,6 +139,23 @@ def test_mistral_7b_window_receipt():
           f"{d_full:.3f}; logit std {float(want.std()):.3f}")
     assert d_hf <= 0.25 and top[0] == top[1]
     assert d_full > 4 * max(d_hf, 0.05)
+
+
+def random_7b_reference():
+    """HF MistralForCausalLM, Mistral-7B config (window 4096), random fp16, on the GPU."""
+    import json
+
+    cfg = json.loads((REPO / "configs" / "mistral-7b-v0.1.json").read_text())
+    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.items()
+                                           if k not in ("architectures", "torch_dtype")},
+                                        attn_implementation="eager")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.float16)
+        try:
+            return transformers.MistralForCausalLM(hf_cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
 
 
 def _fused(model_dir, state):
