@@ -1,5 +1,6 @@
 """CUDA libraries built here, where there is nvcc and no GPU: machine code for the asked arch."""
 
+import json
 import shutil
 
 import numpy as np
@@ -26,16 +27,22 @@ def converted(tmp_path_factory):
                                      max_position_embeddings=512, sliding_window=16)
     root = tmp_path_factory.mktemp("cuda")
     transformers.MistralForCausalLM(cfg).save_pretrained(root / "hf")
-    for quant in ("q0f16", "q0f32"):
-        convert_weight(root / "hf", root / quant, quant, progress=False)
+    convert_weight(root / "hf", root / "q0f32", "q0f32", progress=False)
     return root
 
 
-def test_fp16_library_holds_sm90_machine_code(run_cli, converted, tmp_path):
-    # fp16 prefill matmuls crash TVM 0.27's tensor-core schedule: this build must survive it;
-    # the driver stand-in is built fresh into an empty cache
-    proc = run_cli("compile", converted / "q0f16", "--device", "cuda", "-o", tmp_path / "l.so",
-                   env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+def test_fp16_library_holds_sm90_machine_code(run_cli, tmp_path):
+    # TVM 0.27's tensor-core matmul schedule segfaults on these fp16 shapes (hidden 256, MLP 512;
+    # the 64-wide tiny model does not trigger it): this build must survive through the
+    # no-tensorize workaround. The driver stand-in is built fresh into an empty cache.
+    from conftest import CONFIGS
+
+    cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
+    proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q0f16",
+                   "-o", tmp_path / "l.so", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "export library" in proc.stdout and "wrote" in proc.stdout
     assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", 90)]
