@@ -23,6 +23,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quantization", default=None,
                         help="weight format (q0f32, q0f16); needed when MODEL_DIR holds only "
                              "mistral-config.json, else taken from its weights")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture and replay the static kernel runs with CUDA graphs "
+                             "(experimental; see docs/benchmarks.md)")
     parser.set_defaults(run=run)
 
 
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
 
     timings = compile_model(args.model_dir, args.output, args.device, args.arch,
-                            args.quantization)
+                            args.quantization, args.cuda_graph)
     for phase, seconds in timings.items():
         print(f"{phase:<44} {seconds:6.2f} s")
     print(f"wrote {args.output}")

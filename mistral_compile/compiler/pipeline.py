@@ -33,6 +33,7 @@ class CompileState:
     dtype: str
     target: tvm.target.Target
     output: Path
+    cuda_graph: bool = False
     mod: Any = None
     param_names: list[str] = field(default_factory=list)
     param_shapes: list[list[int]] = field(default_factory=list)
@@ -56,6 +57,7 @@ def _attach_metadata(state: CompileState) -> None:
             "config_fingerprint": state.config.fingerprint(), "dtype": state.dtype,
             "target": "cuda" if state.target.kind.name == "cuda" else "cpu",
             "arch": state.target.arch if state.target.kind.name == "cuda" else None,
+            "cuda_graph": state.cuda_graph,
             "params": state.param_names, "param_shapes": state.param_shapes}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     bb = relax.BlockBuilder()
@@ -105,8 +107,13 @@ def _build(state: CompileState) -> None:
 
         cuda.load_cuda_runtime()
         cuda.register_nvcc_callback(state.target.arch)
-    state.executable = relax.build(state.mod, target=state.target,
-                                   relax_pipeline=_pipeline(state.target))
+    # with CUDA graphs, RewriteCUDAGraph captures the static-shape kernel runs of each function
+    # (decode) on first use and replays them, cutting launch overhead
+    config = {"relax.backend.use_cuda_graph": state.cuda_graph}
+    with tvm.transform.PassContext(opt_level=tvm.transform.PassContext.current().opt_level,
+                                   config=config):
+        state.executable = relax.build(state.mod, target=state.target,
+                                       relax_pipeline=_pipeline(state.target))
 
 
 def _export_library(state: CompileState) -> None:
@@ -167,7 +174,7 @@ def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
 
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
                   device: str = "cpu", arch: str | None = None,
-                  quantization: str | None = None) -> dict[str, float]:
+                  quantization: str | None = None, cuda_graph: bool = False) -> dict[str, float]:
     """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
     MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
@@ -192,8 +199,10 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
     if dtype is None:
         raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: not found; compiling from a "
                                   "config alone needs --quantization")
+    if cuda_graph and device != "cuda":
+        raise MistralCompileError("--cuda-graph applies to --device cuda only")
     state = CompileState(config=config, dtype=dtype, target=make_target(device, arch),
-                         output=output)
+                         output=output, cuda_graph=cuda_graph)
     with state.target:
         for name, phase in PHASES:
             start = time.perf_counter()
