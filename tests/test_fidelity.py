@@ -55,15 +55,21 @@ def per_layer(tmp_path_factory):
                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
-def compare(ref, engine, prompt_len, seed=0):
-    """Prefill, then greedy decode; max |Δlogit| over every compared position."""
-    ids = np.random.default_rng(seed + prompt_len).integers(3, 256, prompt_len).tolist()
+def run_greedy(engine, ids):
+    """Prefill ``ids`` into a fresh cache, then DECODE_STEPS greedy steps: (logits, tokens)."""
     engine.reset()
     got = [engine.prefill(ids)]
     seq = list(ids)
     for _ in range(DECODE_STEPS):
         seq.append(int(np.argmax(got[-1])))
         got.append(engine.decode(seq[-1]))
+    return got, seq
+
+
+def compare(ref, engine, prompt_len, seed=0):
+    """Prefill, then greedy decode; max |Δlogit| over every compared position."""
+    ids = np.random.default_rng(seed + prompt_len).integers(3, 256, prompt_len).tolist()
+    got, seq = run_greedy(engine, ids)
     with torch.no_grad():
         want = ref(torch.tensor([seq])).logits[0].numpy()[prompt_len - 1:]
     assert [int(np.argmax(g)) for g in got] == [int(np.argmax(w)) for w in want]
@@ -166,11 +172,7 @@ def stream_compare(ref, engine, prompt_len, sink, seed=0):
     ids = np.random.default_rng(seed + prompt_len).integers(3, 256, prompt_len).tolist()
     engine.reset()
     chunks = engine.prefill_chunks(prompt_len) + [1] * DECODE_STEPS
-    got = [engine.prefill(ids)]
-    seq = list(ids)
-    for _ in range(DECODE_STEPS):
-        seq.append(int(np.argmax(got[-1])))
-        got.append(engine.decode(seq[-1]))
+    got, seq = run_greedy(engine, ids)
     c = engine.chunk_size
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     want = streaming_logits(state, ref.config.to_dict(), seq, chunks, W, sink)[prompt_len - 1:]

@@ -12,10 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import tvm
 import tvm_ffi
 
 from mistral_compile.errors import MistralCompileError
+from mistral_compile.runtime.library import prepare_runtime
 
 logger = logging.getLogger("mistral_compile.compiler")
 
@@ -39,25 +39,6 @@ def find_nvcc() -> Path:
         raise MistralCompileError("--device cuda needs nvcc (the CUDA toolkit): not found on "
                                   "the PATH or under $CUDA_HOME/bin")
     return Path(found).resolve()
-
-
-def _load_cudart(nvcc: Path) -> None:
-    """libcudart.so.13 from the loader's path, else from the toolkit that holds nvcc."""
-    try:
-        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
-        return
-    except OSError:
-        pass
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(nvcc.parent.parent),
-             "/usr/local/cuda"]
-    for home in filter(None, homes):
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            lib = Path(home) / sub / "libcudart.so.13"
-            if lib.is_file():
-                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-                return
-    raise MistralCompileError("libcudart.so.13 not found (TVM 0.27's CUDA runtime is built "
-                              "against CUDA 13): set CUDA_HOME to a CUDA 13 toolkit")
 
 
 def _driver_stub() -> Path:
@@ -93,9 +74,9 @@ def load_cuda_runtime() -> None:
         stub = _driver_stub()
         logger.info("no CUDA driver: loading the build-only stand-in %s", stub)
         ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
-    _load_cudart(nvcc)
-    libdir = Path(tvm.__file__).parent / "lib"
-    ctypes.CDLL(str(libdir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    toolkits = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                str(nvcc.parent.parent), "/usr/local/cuda"]
+    prepare_runtime("cuda", [t for t in toolkits if t])
     if not tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True):
         raise MistralCompileError("TVM's CUDA runtime loaded but registered no CUDA module "
                                   "support; the build would embed CUDA source")

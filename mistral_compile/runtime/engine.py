@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mistral_compile.runtime.library import (
     tvm_device,
 )
 from mistral_compile.runtime.sampling import SamplingParams
-from mistral_compile.runtime.textgen import Interrupt, TextStream, Turn, chat_prompt, message_pairs
+from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
@@ -66,7 +67,7 @@ class Engine:
         manifest = None
         self._tokenizer = None
         self._last_turn: Turn | None = None
-        self.interrupted = Interrupt()
+        self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
         if params is None:
             manifest = read_json_object(model_dir / MANIFEST_NAME)

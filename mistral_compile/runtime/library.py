@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +26,27 @@ def _load(path: str) -> None:
         _loaded.add(path)
 
 
-def _load_cudart() -> None:
-    """libcudart.so.13: the loader's path, else the nvidia-cuda-runtime wheel (torch's)."""
+def load_cudart(toolkit_homes: Sequence[str] = ()) -> None:
+    """Load libcudart.so.13 from the loader's path, a CUDA toolkit, or the CUDA runtime wheel."""
     try:
         _load("libcudart.so.13")
         return
     except OSError:
         pass
+    candidates = [os.path.join(home, sub, "libcudart.so.13") for home in toolkit_homes if home
+                  for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
     for base in sys.path:
-        for hit in glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so.13")):
-            _load(hit)
+        candidates += glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so.13"))
+    for path in candidates:
+        if os.path.isfile(path):
+            _load(path)
             return
-    raise MistralCompileError("libcudart.so.13 not found: install the CUDA 13 runtime "
-                              "(e.g. pip install nvidia-cuda-runtime) or add it to "
-                              "LD_LIBRARY_PATH")
+    raise MistralCompileError("libcudart.so.13 not found (TVM 0.27's CUDA runtime is built "
+                              "against CUDA 13): set CUDA_HOME to a CUDA 13 toolkit, or pip "
+                              "install nvidia-cuda-runtime")
 
 
-def prepare_runtime(kind: str) -> None:
+def prepare_runtime(kind: str, toolkit_homes: Sequence[str] = ()) -> None:
     """Make TVM able to run ``kind`` ("cpu"/"cuda") libraries, also when only its runtime is here.
 
     A runtime-only TVM (no libtvm_compiler.so) does not autoload its sidecar libraries: the
@@ -50,7 +55,7 @@ def prepare_runtime(kind: str) -> None:
     """
     libdir = Path(tvm.__file__).parent / "lib"
     if kind == "cuda" and not tvm.get_global_func("device_api.cuda", allow_missing=True):
-        _load_cudart()
+        load_cudart(toolkit_homes)
         try:
             _load(str(libdir / "libtvm_runtime_cuda.so"))
         except OSError as err:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -213,7 +212,3 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Any], last: Turn | None) -> l
         return full
     tail = full[len(full) - full[::-1].index(eos):]  # after the EOS that closes the answer
     return last.prompt + last.stream.tokens + [eos] + tail
-
-
-class Interrupt(threading.Event):
-    """Set (e.g. from a SIGINT handler) to end the running generation after its current token."""
