@@ -21,6 +21,7 @@ logger = logging.getLogger("mistral_compile.compiler")
 
 FATBIN_MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little-endian
 _STUB_SOURCE = Path(__file__).with_name("csrc") / "libcuda_stub.c"
+_KERNELS_HEADER = Path(__file__).with_name("csrc") / "mc_kernels.cuh"
 _loaded = False
 
 
@@ -94,6 +95,10 @@ def register_nvcc_callback(arch: str) -> None:
     nvcc = find_nvcc()
 
     def compile_cuda(code: str, *_ignored: object) -> bytes:
+        if "mc::" in code:  # our kernels' TIR stubs call into the hand-written device code
+            code = _KERNELS_HEADER.read_text() + "\n" + code
+        if os.environ.get("MISTRAL_COMPILE_DUMP_CUDA"):
+            Path(os.environ["MISTRAL_COMPILE_DUMP_CUDA"]).write_text(code)
         with tempfile.TemporaryDirectory(prefix="mistral-compile-nvcc-") as tmp:
             src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
             src.write_text(code)

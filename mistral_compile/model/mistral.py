@@ -13,16 +13,42 @@ from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
+from mistral_compile.model import kernels
+from mistral_compile.model.kernels import own_decode_attention
 from mistral_compile.model.window import exact_window_kernels
 
 
-def _linear(in_features: int, out_features: int) -> nn.Linear:
-    """A bias-free Linear that accumulates in float32 whatever the weight dtype.
+class MistralLinear(nn.Module):
+    """A bias-free projection ``x @ W.T`` (W is [out, in]) accumulated in float32.
 
     TVM's matmul accumulates in its output dtype, and float16 sums over 4096-14336 products
-    were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32).
+    were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32). On CUDA a
+    batch-1 decode input goes through our GEMV kernel (model/kernels.py), which also
+    accumulates in float32 and writes ``out_dtype`` directly.
     """
-    return nn.Linear(in_features, out_features, bias=False, out_dtype="float32")
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter((out_features, in_features))
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        return project(x, self.weight, out_dtype or x.dtype)
+
+
+def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
+    """``x @ weight.T`` in ``out_dtype``, accumulated in float32 (see MistralLinear)."""
+    if _decode_gemv(x, weight):
+        n, k = weight.shape
+        return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv", args=[x, weight],
+                               out=Tensor.placeholder((1, 1, n), out_dtype))
+    return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
+
+
+def _decode_gemv(x: Tensor, weight: Tensor) -> bool:
+    target = Target.current(allow_none=True)
+    return (target is not None and target.kind.name == "cuda" and x.dtype == weight.dtype
+            and [d if isinstance(d, int) else None for d in x.shape] == [1, 1, weight.shape[1]]
+            and kernels.gemv_supported(weight.shape[1], x.dtype))
 
 
 def _to(x: Tensor, dtype: str) -> Tensor:
@@ -50,17 +76,16 @@ class MistralAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = _linear(config.hidden_size, qkv_out)
-        self.o_proj = _linear(self.num_heads * self.head_dim, config.hidden_size)
+        self.qkv_proj = MistralLinear(config.hidden_size, qkv_out)
+        self.o_proj = MistralLinear(self.num_heads * self.head_dim, config.hidden_size)
 
     def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = hidden.shape
-        qkv = op.reshape(_to(self.qkv_proj(hidden), hidden.dtype),
+        qkv = op.reshape(self.qkv_proj(hidden),
                          (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads,
                                              sm_scale=self.head_dim**-0.5)
-        out = self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
-        return _to(out, hidden.dtype)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
 
 class MistralMLP(nn.Module):
@@ -68,12 +93,12 @@ class MistralMLP(nn.Module):
 
     def __init__(self, config: MistralConfig) -> None:
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = _linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = _linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = MistralLinear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = MistralLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(_to(self.gate_up_proj(x), x.dtype), 2, axis=-1)
-        return _to(self.down_proj(op.silu(gate) * up), x.dtype)
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -135,7 +160,7 @@ class MistralForCausalLM(nn.Module):
         self.model = MistralModel(config)
         self.tie_word_embeddings = config.tie_word_embeddings
         if not config.tie_word_embeddings:
-            self.lm_head = _linear(config.hidden_size, config.vocab_size)
+            self.lm_head = MistralLinear(config.hidden_size, config.vocab_size)
 
     def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
         super().to(dtype=dtype)
@@ -144,11 +169,8 @@ class MistralForCausalLM(nn.Module):
 
     def get_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
-            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight),
-                               out_dtype="float32")
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
+            return project(hidden, self.model.embed_tokens.weight, "float32")
+        return self.lm_head(hidden, out_dtype="float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
@@ -178,7 +200,7 @@ class MistralForCausalLM(nn.Module):
                               support_sliding_window: tirx.Var) -> PagedKVCache:
         cfg = self.config
         kinds, window = attention_kinds(cfg)
-        with exact_window_kernels():
+        with exact_window_kernels(), own_decode_attention():
             return self._cache(kinds, window, max_batch_size, max_total_seq_len,
                                prefill_chunk_size, page_size, support_sliding_window)
 

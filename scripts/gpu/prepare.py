@@ -9,7 +9,8 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
   chat/       a tiny model with a real Mistral tokenizer (v3), CUDA and CPU libraries
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
               libraries (weights are made at random on the GPU)
-Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b]
+Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
+(--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
 
 from __future__ import annotations
@@ -141,14 +142,32 @@ def big_models(out: Path, arch: str) -> None:
         print(f"  {name}: compiled in {sum(t.values()):.1f} s ({phases})")
 
 
+def recompile(out: Path, arch: str, skip_7b: bool) -> None:
+    """Rebuild every library of an existing dist-gpu/ with the current compiler."""
+    from mistral_compile.compiler.pipeline import compile_model
+
+    for lib in sorted(out.rglob("lib*.so")):
+        big = lib.parent.name.startswith("7b-")
+        if big and skip_7b:
+            continue
+        device = "cpu" if lib.name == "lib-cpu.so" else "cuda"
+        t = compile_model(lib.parent, lib, device, None if device == "cpu" else arch,
+                          "q0f16" if big else None, cuda_graph=lib.name == "lib-graph.so")
+        print(f"  {lib.relative_to(out)}: compiled in {sum(t.values()):.1f} s")
+
+
 def main() -> None:
     """Build dist-gpu/ from scratch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "dist-gpu"))
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--libs-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.libs_only:
+        recompile(out, args.arch, args.skip_7b)
+        return
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()

@@ -1,0 +1,291 @@
+// mistral_compile's own CUDA device code, prepended to TVM's generated CUDA C before nvcc.
+//
+// TIR stubs (mistral_compile/model/kernels.py) fix each kernel's launch shape and buffers and
+// call one of these __device__ functions with T.call_extern, so TVM still owns the launches,
+// the arguments and the workspace while the inner loops are written by hand here.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace mc {
+
+template <typename T> struct Vec;               // one 16-byte load of T, widened to float
+template <> struct Vec<half> { static constexpr int N = 8; };
+template <> struct Vec<float> { static constexpr int N = 4; };
+
+__device__ __forceinline__ void widen(uint4 raw, const half*, float* f) {
+  const half2* h = reinterpret_cast<const half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __half22float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ void widen(uint4 raw, const float*, float* f) {
+  f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y);
+  f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
+}
+
+// 16 bytes from global memory through the read-only cache, widened to float
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* f) {
+  widen(__ldg(reinterpret_cast<const uint4*>(p)), p, f);
+}
+
+// 16 bytes from shared memory, widened to float
+template <typename T>
+__device__ __forceinline__ void load16_shared(const T* p, float* f) {
+  widen(*reinterpret_cast<const uint4*>(p), p, f);
+}
+
+__device__ __forceinline__ void store(half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+
+// theta ** ((2d mod D) / D) for the VEC dimensions d0.. a lane holds (TVM's RoPE frequencies)
+template <int VEC, int D>
+__device__ __forceinline__ void rope_powers(float* pw, int d0, float theta) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    pw[e] = powf(theta, static_cast<float>((2 * (d0 + e)) % D) / static_cast<float>(D));
+  }
+}
+
+// RoPE (rotate-half) of the VEC elements a lane holds; `partner` holds elements d +- D/2.
+template <int VEC, int D>
+__device__ __forceinline__ void rope(float* x, const float* partner, const float* pw, int d0,
+                                     int pos, float scale) {
+  const float s_pos = static_cast<float>(pos) * scale;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float s, c;
+    sincosf(s_pos / pw[e], &s, &c);
+    x[e] = d0 + e < D / 2 ? x[e] * c - partner[e] * s : x[e] * c + partner[e] * s;
+  }
+}
+
+// Split-KV decode attention, pass 1. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads one
+// KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the group:
+// L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a time.
+// Writes the unnormalized output and (max, sum) of base-2 scores per (b, head, split).
+// Page layout and length_info follow TVM's paged KV cache (see its _decode_kernels.py).
+template <typename T, int D, int G, int PAGE, bool SW>
+__device__ __forceinline__ void decode_attn_partial(
+    const T* __restrict__ q, const T* __restrict__ pages, const int* __restrict__ page_indptr,
+    const int* __restrict__ page_values, const int* __restrict__ length_info, int batch,
+    const int* __restrict__ k_rope_pos, const int* __restrict__ q_rope_pos,
+    float* __restrict__ ws, int nsplit, int rotary_mode, float rope_scale, float rope_theta,
+    float sm_scale) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int L = D / VEC;
+  constexpr int RPW = 32 / L;
+  constexpr int WARPS = 4;
+  constexpr int GROUPS = WARPS * RPW;
+  constexpr int UNROLL = 4;
+  static_assert(L >= 2 && L <= 32 && 32 % L == 0, "unsupported head_dim for this dtype");
+  __shared__ float sm_o[GROUPS][G][D];
+  __shared__ float sm_m[GROUPS][G];
+  __shared__ float sm_d[GROUPS][G];
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int h_kv = gridDim.y, h_qo = h_kv * G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % L, rg = warp * RPW + lane / L;
+  const int d0 = sub * VEC;
+
+  const int page_begin = page_indptr[b], page_end = page_indptr[b + 1];
+  int kv_len = 0, sink = 0, win_off = 0;
+  if (page_end > page_begin) {
+    kv_len = (page_end - page_begin - 1) * PAGE + length_info[b];
+    if (SW) {
+      win_off = length_info[batch + b];
+      sink = length_info[2 * batch + b];
+      kv_len = kv_len - win_off + sink;
+    }
+  }
+  int chunk = max((kv_len + nsplit - 1) / nsplit, 16);
+  const int row_begin = split * chunk, row_end = min(row_begin + chunk, kv_len);
+
+  const float log2e = 1.4426950408889634f;
+  float pw[VEC];
+  rope_powers<VEC, D>(pw, d0, rope_theta);
+  float qv[G][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const T* qp = q + (static_cast<int64_t>(b) * h_qo + kvh * G + g) * D + d0;
+    load16(qp, qv[g]);
+    if (rotary_mode == 1) {
+      float partner[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) partner[e] = __shfl_xor_sync(0xffffffffu, qv[g][e], L / 2);
+      rope<VEC, D>(qv[g], partner, pw, d0, q_rope_pos[b], rope_scale);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qv[g][e] *= sm_scale * log2e;
+  }
+
+  float m[G], dsum[G], o[G][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    dsum[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[g][e] = 0.f;
+  }
+
+  const int64_t head_stride = static_cast<int64_t>(PAGE) * D;
+  for (int base = row_begin; base < row_end; base += GROUPS * UNROLL) {
+    float kf[UNROLL][VEC], vf[UNROLL][VEC];
+    bool valid[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      int r = base + u * GROUPS + rg;
+      valid[u] = r < row_end;
+      if (valid[u]) {
+        int off = SW ? (r < sink ? r : r - sink + win_off) : r;
+        int64_t page = page_values[page_begin + off / PAGE];
+        const T* kp = pages + ((page * 2) * h_kv + kvh) * head_stride + (off % PAGE) * D + d0;
+        load16(kp, kf[u]);
+        load16(kp + h_kv * head_stride, vf[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (rotary_mode == 1) {
+        float partner[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) partner[e] = __shfl_xor_sync(0xffffffffu, kf[u][e], L / 2);
+        rope<VEC, D>(kf[u], partner, pw, d0, k_rope_pos[b] + base + u * GROUPS + rg, rope_scale);
+      }
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc += qv[g][e] * kf[u][e];
+        s[g] = acc;
+      }
+#pragma unroll
+      for (int step = L / 2; step >= 1; step /= 2) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], step);
+      }
+      if (valid[u]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float m_new = fmaxf(m[g], s[g]);
+          float scale = exp2f(m[g] - m_new), p = exp2f(s[g] - m_new);
+          dsum[g] = dsum[g] * scale + p;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) o[g][e] = o[g][e] * scale + p * vf[u][e];
+          m[g] = m_new;
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sm_o[rg][g][d0 + e] = o[g][e];
+    if (sub == 0) {
+      sm_m[rg][g] = m[g];
+      sm_d[rg][g] = dsum[g];
+    }
+  }
+  __syncthreads();
+  const int64_t n_out = static_cast<int64_t>(batch) * h_qo * nsplit * D;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    int g = i / D, d = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
+    float acc = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int r = 0; r < GROUPS; ++r) {
+        float w = exp2f(sm_m[r][g] - mx);
+        acc += w * sm_o[r][g][d];
+        den += w * sm_d[r][g];
+      }
+    }
+    int64_t slot = (static_cast<int64_t>(b) * h_qo + kvh * G + g) * nsplit + split;
+    ws[slot * D + d] = acc;
+    if (d == 0) {
+      ws[n_out + slot * 2] = mx;
+      ws[n_out + slot * 2 + 1] = den;
+    }
+  }
+}
+
+// Split-KV decode attention, pass 2. Grid (H_qo, B), D threads: merges the splits, writes the
+// normalized output and the base-2 log-sum-exp (TVM's lse convention).
+template <typename T, int D>
+__device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, int batch,
+                                                  int nsplit, T* __restrict__ out,
+                                                  float* __restrict__ lse) {
+  const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, d = threadIdx.x;
+  const int64_t n_out = static_cast<int64_t>(batch) * h_qo * nsplit * D;
+  const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * nsplit;
+  float mx = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, ws[n_out + (slot0 + s) * 2]);
+  float acc = 0.f, den = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < nsplit; ++s) {
+      float w = exp2f(ws[n_out + (slot0 + s) * 2] - mx);
+      acc += w * ws[(slot0 + s) * D + d];
+      den += w * ws[n_out + (slot0 + s) * 2 + 1];
+    }
+  }
+  int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
+  store(out + o, den > 0.f ? acc / den : 0.f);
+  if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
+}
+
+// Batch-1 GEMV, y = W x: W is [n, K] row-major, x has K elements. 256 threads, one warp per
+// output row: x is staged in shared memory once per CTA, each lane streams 16-byte slices of
+// its row (the loop over the compile-time K unrolls so several loads are in flight), products
+// accumulate in float32 and are reduced across the warp.
+template <typename T, typename OutT, int K>
+__device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restrict__ w,
+                                     OutT* __restrict__ y, int n) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int STEP = 32 * VEC;
+  constexpr int WARPS = 8;
+  static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
+  __shared__ __align__(16) T xs[K];
+  for (int i = threadIdx.x * VEC; i < K; i += WARPS * 32 * VEC) {
+    *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * WARPS + warp;
+  if (row >= n) return;
+  const T* wr = w + static_cast<int64_t>(row) * K + lane * VEC;
+  const T* xr = xs + lane * VEC;
+  float acc = 0.f;
+#pragma unroll 8
+  for (int it = 0; it < K / STEP; ++it) {
+    float wf[VEC], xf[VEC];
+    load16(wr + it * STEP, wf);
+    load16_shared(xr + it * STEP, xf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc += wf[e] * xf[e];
+  }
+  if (K % STEP != 0 && (K / STEP) * STEP + lane * VEC < K) {
+    float wf[VEC], xf[VEC];
+    load16(wr + (K / STEP) * STEP, wf);
+    load16_shared(xr + (K / STEP) * STEP, xf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc += wf[e] * xf[e];
+  }
+#pragma unroll
+  for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
+  if (lane == 0) store(y + row, acc);
+}
+
+}  // namespace mc

@@ -1,0 +1,163 @@
+"""TIR launch stubs for our hand-written CUDA kernels (compiler/csrc/mc_kernels.cuh)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from tvm import tirx
+from tvm.relax.frontend.nn.llm import kv_cache
+from tvm.script import tirx as T
+from tvm.target import Target
+
+CTYPES = {"float16": "half", "float32": "float"}
+VEC = {"float16": 8, "float32": 4}  # elements per 16-byte load
+THREADS = 128
+TARGET_CTAS = 256  # enough CTAs to fill an H100's 132 SMs twice at batch 1
+MAX_SPLITS = 64
+
+
+def _splits(batch: tirx.PrimExpr, num_kv_heads: int) -> tirx.PrimExpr:
+    """How many CTAs share one sequence's KV rows for one KV head."""
+    return T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, batch * num_kv_heads)))
+
+
+def decode_attention_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int,
+                               dtype: str) -> bool:
+    """Whether the split-KV decode kernel handles this shape (else TVM's own kernel is used)."""
+    if dtype not in CTYPES or num_qo_heads % num_kv_heads:
+        return False
+    lanes = head_dim // VEC[dtype]
+    if head_dim % VEC[dtype] or lanes < 2 or lanes > 32 or 32 % lanes:
+        return False
+    groups = (THREADS // 32) * (32 // lanes)
+    group = num_qo_heads // num_kv_heads
+    return groups * group * (head_dim + 2) * 4 <= 40 * 1024  # static shared memory
+
+
+def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+                     sliding_window: bool, page_size: int = 16) -> tirx.PrimFunc:
+    """Paged-KV decode attention with the signature of TVM's ``_attention_decode``.
+
+    Two launches: pass 1 splits each sequence's KV rows over ``nsplit`` CTAs per KV head (so a
+    batch-1 decode keeps every SM busy), pass 2 merges the splits. RoPE is applied inline when
+    the cache asks for it (``rotary_mode == 1``, TVM's per-sequence sliding window).
+    """
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    ctype = CTYPES[dtype]
+    partial = (f"mc::decode_attn_partial<{ctype}, {d}, {group}, {page_size}, "
+               f"{'true' if sliding_window else 'false'}>")
+    merge = f"mc::decode_attn_merge<{ctype}, {d}>"
+    symbol = "mc_batch_decode_paged_kv" + ("_sliding_window" if sliding_window else "")
+    info_shape = (3,) if sliding_window else ()
+
+    @T.prim_func(s_tir=True)
+    def decode(q_handle: T.handle, pages_handle: T.handle, indptr_handle: T.handle,
+               values_handle: T.handle, length_info_handle: T.handle, k_rope_handle: T.handle,
+               q_rope_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
+               rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+               sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": symbol})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_pages = T.int32()
+        pages_off = T.int64()
+        indptr_off = T.int32()
+        values_off = T.int32()
+        k_rope_off = T.int32()
+        q_rope_off = T.int32()
+        info_off = T.int32()
+        Q = T.match_buffer(q_handle, (B, h_qo, d), dtype)
+        pages = T.match_buffer(pages_handle, (max_pages, 2, h_kv, page_size, d), dtype,
+                               elem_offset=pages_off)
+        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32", elem_offset=indptr_off)
+        values = T.match_buffer(values_handle, (nnz_pages,), "int32", elem_offset=values_off)
+        length_info = T.match_buffer(length_info_handle, info_shape + (B,), "int32",
+                                     elem_offset=info_off)
+        k_rope = T.match_buffer(k_rope_handle, (B,), "int32", elem_offset=k_rope_off)
+        q_rope = T.match_buffer(q_rope_handle, (B,), "int32", elem_offset=q_rope_off)
+        output = T.match_buffer(output_handle, (B, h_qo, d), dtype)
+        lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
+        ws = T.alloc_buffer((B * h_qo * _splits(B, h_kv) * (d + 2),), "float32")
+        # ws is passed as access_ptr (whole extent): with address_of(ws[0]) TVM's
+        # CompactBufferAllocation shrank it to one element and the kernels wrote past it
+        for _bx in T.thread_binding(_splits(B, h_kv), thread="blockIdx.x"):
+            for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
+                for _bz in T.thread_binding(B, thread="blockIdx.z"):
+                    for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        with T.sblock("partial"):
+                            T.reads()
+                            T.writes(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
+                            T.evaluate(T.call_extern(
+                                "void", partial, T.address_of(Q[0, 0, 0]),
+                                T.address_of(pages[0, 0, 0, 0, 0]), T.address_of(indptr[0]),
+                                T.address_of(values[0]), length_info.access_ptr("r"), B,
+                                T.address_of(k_rope[0]), T.address_of(q_rope[0]),
+                                ws.access_ptr("rw"),
+                                _splits(B, h_kv), rotary_mode, rope_scale,
+                                rope_theta, sm_scale))
+        for _hx in T.thread_binding(h_qo, thread="blockIdx.x"):
+            for _by in T.thread_binding(B, thread="blockIdx.y"):
+                for _tx in T.thread_binding(d, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
+                        T.writes()
+                        T.evaluate(T.call_extern(
+                            "void", merge, ws.access_ptr("rw"), B,
+                            _splits(B, h_kv),
+                            T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0])))
+
+    return decode
+
+
+@contextlib.contextmanager
+def own_decode_attention() -> Iterator[None]:
+    """While the block runs, TVM's paged KV cache takes our decode kernel for CUDA targets."""
+    original = kv_cache._attention_decode
+
+    def choose(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+               sliding_window: bool, rope_scaling: dict[str, Any], target: Target,
+               page_size: int = 16) -> tirx.PrimFunc:
+        if (target.kind.name == "cuda" and not rope_scaling
+                and decode_attention_supported(num_kv_heads, num_qo_heads, head_dim, dtype)):
+            return decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window,
+                                    page_size)
+        return original(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window,
+                        rope_scaling, target, page_size)
+
+    kv_cache._attention_decode = choose
+    try:
+        yield
+    finally:
+        kv_cache._attention_decode = original
+
+
+GEMV_WARPS = 8  # output rows per CTA (one warp each)
+
+
+def gemv_supported(in_features: int, dtype: str) -> bool:
+    """Whether the decode GEMV handles this input width (x must fit in 48 KB of shared memory)."""
+    return dtype in CTYPES and in_features % VEC[dtype] == 0 and \
+        in_features * (2 if dtype == "float16" else 4) <= 48 * 1024
+
+
+def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    """y[1, 1, N] = x[1, 1, K] @ W[N, K]^T for batch-1 decode, float32 accumulation."""
+    n, k = out_features, in_features
+    extern = f"mc::gemv<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer((1, 1, k), dtype), w: T.Buffer((n, k), dtype),
+             y: T.Buffer((1, 1, n), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
+            for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                with T.sblock("gemv"):
+                    T.reads(x[0, 0, 0:k], w[0:n, 0:k])
+                    T.writes(y[0, 0, 0:n])
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), y.access_ptr("w"), n))
+
+    return func
