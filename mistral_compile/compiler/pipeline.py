@@ -33,10 +33,12 @@ class CompileState:
     dtype: str
     target: tvm.target.Target
     output: Path
+    quantization: str | None = None
     cuda_graph: bool = False
     mod: Any = None
     param_names: list[str] = field(default_factory=list)
     param_shapes: list[list[int]] = field(default_factory=list)
+    param_dtypes: list[str] = field(default_factory=list)
     executable: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -44,11 +46,12 @@ class CompileState:
 def _export(state: CompileState) -> None:
     from mistral_compile.model import MistralForCausalLM
 
-    model = MistralForCausalLM(state.config)
+    model = MistralForCausalLM(state.config, quantization=state.quantization)
     model.to(state.dtype)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     state.param_names = [name for name, _ in params]
     state.param_shapes = [[int(d) for d in p.shape] for _, p in params]
+    state.param_dtypes = [str(p.dtype) for _, p in params]
     state.mod = mod
 
 
@@ -57,8 +60,9 @@ def _attach_metadata(state: CompileState) -> None:
             "config_fingerprint": state.config.fingerprint(), "dtype": state.dtype,
             "target": "cuda" if state.target.kind.name == "cuda" else "cpu",
             "arch": state.target.arch if state.target.kind.name == "cuda" else None,
-            "cuda_graph": state.cuda_graph,
-            "params": state.param_names, "param_shapes": state.param_shapes}
+            "cuda_graph": state.cuda_graph, "quantization": state.quantization,
+            "params": state.param_names, "param_shapes": state.param_shapes,
+            "param_dtypes": state.param_dtypes}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     bb = relax.BlockBuilder()
     with bb.function(METADATA_FUNC, []):
@@ -185,24 +189,25 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
-    dtype = None
+    stored = None
     if (model_dir / MANIFEST_NAME).is_file():
-        dtype = read_json_object(model_dir / MANIFEST_NAME)["dtype"]
+        stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]
     if quantization is not None:
         if quantization not in QUANTIZATIONS:
             raise MistralCompileError(f"--quantization {quantization!r} is not supported "
                                       f"(choose from {', '.join(QUANTIZATIONS)})")
-        if dtype is not None and dtype != QUANTIZATIONS[quantization]:
+        if stored is not None and stored != quantization:
             raise MistralCompileError(f"--quantization {quantization}: the weights in "
-                                      f"{model_dir} are {dtype}")
-        dtype = QUANTIZATIONS[quantization]
-    if dtype is None:
+                                      f"{model_dir} are {stored}")
+    quantization = quantization or stored
+    if quantization is None:
         raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: not found; compiling from a "
                                   "config alone needs --quantization")
+    dtype = QUANTIZATIONS[quantization]
     if cuda_graph and device != "cuda":
         raise MistralCompileError("--cuda-graph applies to --device cuda only")
     state = CompileState(config=config, dtype=dtype, target=make_target(device, arch),
-                         output=output, cuda_graph=cuda_graph)
+                         output=output, quantization=quantization, cuda_graph=cuda_graph)
     with state.target:
         for name, phase in PHASES:
             start = time.perf_counter()

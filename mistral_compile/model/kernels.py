@@ -161,3 +161,24 @@ def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str) -> tir
                                              w.access_ptr("r"), y.access_ptr("w"), n))
 
     return func
+
+
+def gemv_q4(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
+    """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T for batch-1 decode."""
+    n, k = out_features, in_features
+    extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer((1, 1, k), "float16"), q_weight: T.Buffer((n, k // 8), "uint32"),
+             q_scale: T.Buffer((n, k // 32), "float16"), y: T.Buffer((1, 1, n), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
+            for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                with T.sblock("gemv_q4"):
+                    T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.writes(y[0, 0, 0:n])
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                             q_weight.access_ptr("r"), q_scale.access_ptr("r"),
+                                             y.access_ptr("w"), n))
+
+    return func

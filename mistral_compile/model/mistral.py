@@ -16,39 +16,78 @@ from mistral_compile.errors import ConfigError
 from mistral_compile.model import kernels
 from mistral_compile.model.kernels import own_decode_attention
 from mistral_compile.model.window import exact_window_kernels
+from mistral_compile.weights.quantize import (
+    GROUP,
+    MAX_INT,
+    PER_WORD,
+    quantizable,
+    quantized_shapes,
+)
 
 
 class MistralLinear(nn.Module):
     """A bias-free projection ``x @ W.T`` (W is [out, in]) accumulated in float32.
 
     TVM's matmul accumulates in its output dtype, and float16 sums over 4096-14336 products
-    were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32). On CUDA a
-    batch-1 decode input goes through our GEMV kernel (model/kernels.py), which also
-    accumulates in float32 and writes ``out_dtype`` directly.
+    were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32). With
+    ``quantization="q4f16_1"`` W is held as ``q_weight``/``q_scale`` (weights/quantize.py). On
+    CUDA a batch-1 decode input goes through our GEMV kernels (model/kernels.py); elsewhere the
+    weight is dequantized to float16 first.
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, quantization: str | None = None):
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter((out_features, in_features))
+        self.quantized = quantization == "q4f16_1" and quantizable((out_features, in_features))
+        if self.quantized:
+            w_shape, s_shape = quantized_shapes(out_features, in_features)
+            self.q_weight = nn.Parameter(w_shape, dtype="uint32")
+            self.q_scale = nn.Parameter(s_shape, dtype="float16")
+        else:
+            self.weight = nn.Parameter((out_features, in_features))
+
+    def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
+        if not self.quantized:  # the packed weight and its float16 scales keep their dtypes
+            super().to(dtype)
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        return project(x, self.weight, out_dtype or x.dtype)
+        out_dtype = out_dtype or x.dtype
+        if not self.quantized:
+            return project(x, self.weight, out_dtype)
+        n, k = self.out_features, self.in_features
+        if _decode_gemv(x, k, "float16"):
+            return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype), "gemv_q4",
+                                   args=[x, self.q_weight, self.q_scale],
+                                   out=Tensor.placeholder((1, 1, n), out_dtype))
+        weight = op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale])
+        return project(x, _to(weight, x.dtype), out_dtype)
+
+
+def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+    n, words = q_weight.shape
+
+    def element(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+        shift = (j % PER_WORD // 2 * 4 + j % 2 * 16).astype("uint32")
+        q = ((q_weight[i, j // PER_WORD] >> shift) & tirx.const(0xF, "uint32")).astype("float32")
+        return ((q - MAX_INT) * q_scale[i, j // GROUP].astype("float32")).astype("float16")
+
+    return te.compute((n, words * PER_WORD), element, name="dequantize")
 
 
 def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
     """``x @ weight.T`` in ``out_dtype``, accumulated in float32 (see MistralLinear)."""
-    if _decode_gemv(x, weight):
+    if _decode_gemv(x, weight.shape[1], weight.dtype):
         n, k = weight.shape
         return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv", args=[x, weight],
                                out=Tensor.placeholder((1, 1, n), out_dtype))
     return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
 
 
-def _decode_gemv(x: Tensor, weight: Tensor) -> bool:
+def _decode_gemv(x: Tensor, in_features: int, weight_dtype: str) -> bool:
+    """A CUDA batch-1 decode input that our GEMV kernels take (else the generic matmul)."""
     target = Target.current(allow_none=True)
-    return (target is not None and target.kind.name == "cuda" and x.dtype == weight.dtype
-            and [d if isinstance(d, int) else None for d in x.shape] == [1, 1, weight.shape[1]]
-            and kernels.gemv_supported(weight.shape[1], x.dtype))
+    return (target is not None and target.kind.name == "cuda" and x.dtype == weight_dtype
+            and [d if isinstance(d, int) else None for d in x.shape] == [1, 1, in_features]
+            and kernels.gemv_supported(in_features, x.dtype))
 
 
 def _to(x: Tensor, dtype: str) -> Tensor:
@@ -71,13 +110,14 @@ class MistralRMSNorm(nn.Module):
 class MistralAttention(nn.Module):
     """GQA self-attention with fused q/k/v projection; RoPE and the cache live in the KV cache."""
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = MistralLinear(config.hidden_size, qkv_out)
-        self.o_proj = MistralLinear(self.num_heads * self.head_dim, config.hidden_size)
+        self.qkv_proj = MistralLinear(config.hidden_size, qkv_out, quantization)
+        self.o_proj = MistralLinear(self.num_heads * self.head_dim, config.hidden_size,
+                                    quantization)
 
     def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = hidden.shape
@@ -91,10 +131,12 @@ class MistralAttention(nn.Module):
 class MistralMLP(nn.Module):
     """SiLU-gated MLP with fused gate/up projection."""
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = MistralLinear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = MistralLinear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = MistralLinear(config.hidden_size, 2 * config.intermediate_size,
+                                          quantization)
+        self.down_proj = MistralLinear(config.intermediate_size, config.hidden_size,
+                                       quantization)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -104,10 +146,10 @@ class MistralMLP(nn.Module):
 class MistralDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         eps = config.rms_norm_eps
-        self.self_attn = MistralAttention(config)
-        self.mlp = MistralMLP(config)
+        self.self_attn = MistralAttention(config, quantization)
+        self.mlp = MistralMLP(config, quantization)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps)
 
@@ -119,9 +161,9 @@ class MistralDecoderLayer(nn.Module):
 class MistralModel(nn.Module):
     """Embedding, decoder stack and final norm."""
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([MistralDecoderLayer(config)
+        self.layers = nn.ModuleList([MistralDecoderLayer(config, quantization)
                                      for _ in range(config.num_hidden_layers)])
         self.norm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -154,13 +196,14 @@ def attention_kinds(config: MistralConfig) -> tuple[list[str], int]:
 class MistralForCausalLM(nn.Module):
     """The exported model: embed, prefill, decode, batch_* and create_paged_kv_cache."""
 
-    def __init__(self, config: MistralConfig, dtype: str = "float32") -> None:
+    def __init__(self, config: MistralConfig, dtype: str = "float32",
+                 quantization: str | None = None) -> None:
         self.config = config
         self.dtype = dtype
-        self.model = MistralModel(config)
+        self.model = MistralModel(config, quantization)
         self.tie_word_embeddings = config.tie_word_embeddings
         if not config.tie_word_embeddings:
-            self.lm_head = MistralLinear(config.hidden_size, config.vocab_size)
+            self.lm_head = MistralLinear(config.hidden_size, config.vocab_size, quantization)
 
     def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
         super().to(dtype=dtype)

@@ -13,7 +13,7 @@ import numpy as np
 
 from mistral_compile.runtime.library import load_vm, parse_device, read_metadata, tvm_device
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
 
 
 def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int,
@@ -32,13 +32,16 @@ def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int,
 
 
 def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
-    """Random weights (std 0.02, norms 1) made on the device, by torch when it is there."""
+    """Random weights (std 0.02, norms 1) made on the device, by torch when it is there.
+
+    q4f16_1 weights get uniform random 4-bit codes and scales 0.02 / 4.3 (about std 0.02).
+    """
     import tvm
 
     kind, index = parse_device(device)
     meta = read_metadata(load_vm(lib, tvm_device(kind, index), kind))
     shapes = dict(zip(meta["params"], meta["param_shapes"], strict=True))
-    dtype = meta["dtype"]
+    dtypes = dict(zip(meta["params"], meta["param_dtypes"], strict=True))
     try:
         import torch
     except ImportError:
@@ -49,13 +52,19 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
         gen = torch.Generator(device="cuda" if kind == "cuda" else "cpu").manual_seed(seed)
         tdev = f"cuda:{index}" if kind == "cuda" else "cpu"
     for name, shape in shapes.items():
-        norm = name.endswith("norm.weight")
-        if torch is not None:
-            t = torch.ones(shape, dtype=getattr(torch, dtype), device=tdev) if norm else \
-                torch.randn(shape, generator=gen, dtype=getattr(torch, dtype), device=tdev) * 0.02
-            out[name] = t
+        dtype = dtypes[name]
+        fill = 1.0 if name.endswith("norm.weight") else 0.02 / 4.3 if name.endswith(
+            "q_scale") else None
+        if dtype == "uint32":  # packed 4-bit codes: any bit pattern is valid
+            a = rng.integers(0, 2**32, shape, dtype=np.uint32)
+            out[name] = tvm.runtime.tensor(a, tvm_device(kind, index))
+        elif torch is not None:
+            tdtype = getattr(torch, dtype)
+            out[name] = torch.full(shape, fill, dtype=tdtype, device=tdev) if fill else \
+                torch.randn(shape, generator=gen, dtype=tdtype, device=tdev) * 0.02
         else:
-            a = np.ones(shape, dtype) if norm else (rng.standard_normal(shape) * 0.02).astype(dtype)
+            a = np.full(shape, fill, dtype) if fill else \
+                (rng.standard_normal(shape) * 0.02).astype(dtype)
             out[name] = tvm.runtime.tensor(a, tvm_device(kind, index))
     return out
 
@@ -118,19 +127,20 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
     engine = Engine(model_dir, lib, device=device, attention_sink_size=0,
                     prefill_chunk_size=max(prefill_chunks), params=params, progress=True)
     cfg, dev = engine.config, engine.device
-    weight_bytes = sum(int(np.prod(s)) for s in engine.meta["param_shapes"]) * \
-        _BYTES[engine.dtype]
+    weight_bytes = sum(int(np.prod(s)) * _BYTES[d] for s, d in zip(
+        engine.meta["param_shapes"], engine.meta["param_dtypes"], strict=True))
     kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
                 * _BYTES[engine.dtype])
     result: dict[str, Any] = {
-        "device": str(dev), "dtype": engine.dtype, "weights": "random" if random_weights else
-        str(model_dir), "weight_bytes": weight_bytes, "window": engine.window,
+        "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
+        "weights": "random" if random_weights else str(model_dir),
+        "weight_bytes": weight_bytes, "window": engine.window,
         "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
         "kv_cache_bytes_per_token": kv_bytes,
         "kv_cache_bytes_per_sequence": kv_bytes * engine.capacity
         if engine.capacity > 0 else None,
         "batch_decode": "not used by the engine (batch 1 only)"}
-    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.dtype}), window {engine.window}, "
+    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}), window {engine.window}, "
         f"chunk {engine.chunk_size}")
     result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
     result["matmul_TFLOPs"] = matmul_tflops(kind, index)

@@ -94,10 +94,12 @@ class Engine:
                                       f"not {kind}")
         self.meta = meta
         self.dtype = meta["dtype"]
+        self.quantization = meta["quantization"]
+        self.param_dtypes = dict(zip(meta["params"], meta["param_dtypes"], strict=True))
         if manifest is not None:
-            if manifest["dtype"] != self.dtype:
-                raise MistralCompileError(f"{lib}: library is {self.dtype}, weights are "
-                                          f"{manifest['dtype']}")
+            if manifest["quantization"] != self.quantization:
+                raise MistralCompileError(f"{lib}: library is {self.quantization}, weights are "
+                                          f"{manifest['quantization']}")
             self.params = self._load_params(model_dir, manifest, meta["params"])
             self.tokenizer_version = (manifest.get("tokenizer") or {}).get("version")
         else:
@@ -157,9 +159,9 @@ class Engine:
                 value = tvm.runtime.tensor(value, self.device)
             elif not isinstance(value, tvm.runtime.Tensor):
                 value = tvm.runtime.from_dlpack(value)
-            if str(value.dtype) != self.dtype:
+            if str(value.dtype) != self.param_dtypes[name]:
                 raise MistralCompileError(f"params: '{name}' is {value.dtype}, the library "
-                                          f"expects {self.dtype}")
+                                          f"expects {self.param_dtypes[name]}")
             out.append(value)
         return out
 

@@ -16,7 +16,7 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 
 METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 3  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes"
+LIBRARY_FORMAT_VERSION = 4  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes"
 _loaded: set[str] = set()
 
 

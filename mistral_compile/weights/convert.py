@@ -32,11 +32,13 @@ from mistral_compile.weights.mapping import (
     ParamSource,
     build_name_map,
 )
+from mistral_compile.weights.quantize import quantize
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger("mistral_compile.weights")
 
-QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16"}
+# quantization -> activation (and unquantized weight) dtype; q4f16_1: see weights/quantize.py
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16"}
 MANIFEST_NAME = "mistral-weights.json"
 MANIFEST_FORMAT = "mistral-compile-weights"
 MANIFEST_VERSION = 1
@@ -122,13 +124,15 @@ def _open(path: Path) -> SafetensorsFile:
     return SafetensorsFile(_existing(path))
 
 
-def expected_params(config: MistralConfig, dtype: str) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape, straight from the model definition."""
+def expected_params(config: MistralConfig, dtype: str, quantization: str | None = None
+                    ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Parameter name -> (shape, dtype), straight from the model definition."""
     from mistral_compile.model import MistralForCausalLM
 
-    model = MistralForCausalLM(config)
+    model = MistralForCausalLM(config, quantization=quantization)
     model.to(dtype)
-    return {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+    return {name: (tuple(int(d) for d in p.shape), p.dtype)
+            for name, p in model.named_parameters()}
 
 
 def _locate(files: list[SafetensorsFile]) -> dict[str, SafetensorsFile]:
@@ -207,7 +211,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
         config = read_config(config)
     else:
         config = load_source_config(ckpt.config_path, given)
-    shapes = expected_params(config, dtype)
+    shapes = {k: shape for k, (shape, _) in expected_params(config, dtype).items()}
     name_map = build_name_map(config, ckpt.source_format)
     if set(name_map) != set(shapes):  # the map and the model must describe the same tensors
         raise RuntimeError(f"name map and model disagree: {set(name_map) ^ set(shapes)}")
@@ -252,15 +256,27 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
             shard_files.append(fname)
             shard, shard_bytes = {}, 0
 
+    stored = expected_params(config, dtype, quantization)
     for name in tqdm(list(shapes), desc="converting", unit="tensor", disable=not progress):
         array = _build_param(name, name_map[name], shapes[name], where, dtype)
-        if shard and shard_bytes + array.nbytes > SHARD_BYTES:
-            flush()
-        shard[name] = array
-        shard_bytes += array.nbytes
-        params_meta.append({"name": name, "shape": list(array.shape), "dtype": dtype,
-                            "file": f"params_shard_{len(shard_files)}.safetensors"})
+        base = name.removesuffix("weight")
+        arrays = dict(zip((base + "q_weight", base + "q_scale"), quantize(array), strict=True)) \
+            if base + "q_weight" in stored else {name: array}
+        for key, value in arrays.items():
+            if (value.shape, str(value.dtype)) != stored[key]:  # the model's own declaration
+                raise RuntimeError(f"{key}: built {value.shape} {value.dtype}, the model "
+                                   f"declares {stored[key]}")
+            if shard and shard_bytes + value.nbytes > SHARD_BYTES:
+                flush()
+            shard[key] = value
+            shard_bytes += value.nbytes
+            params_meta.append({"name": key, "shape": list(value.shape),
+                                "dtype": str(value.dtype),
+                                "file": f"params_shard_{len(shard_files)}.safetensors"})
     flush()
+    if {p["name"] for p in params_meta} != set(stored):
+        raise RuntimeError(f"converted tensors and model disagree: "
+                           f"{sorted({p['name'] for p in params_meta} ^ set(stored))[:3]}")
     write_config(config, tmp / NORMALIZED_NAME)
     copied = []
     for fname in TOKENIZER_FILES:

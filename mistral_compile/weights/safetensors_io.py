@@ -13,7 +13,7 @@ from mistral_compile.errors import MistralCompileError
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+           "I8": np.int8, "U8": np.uint8, "U32": np.uint32, "BOOL": np.bool_}
 
 
 class SafetensorsFile:

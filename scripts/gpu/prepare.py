@@ -5,10 +5,11 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
               fixed), apache-tvm-ffi, ml_dtypes, and mistral-common with the dependencies the
               GPU image lacks, for CPython 3.12 / manylinux x86-64
   tiny/       tiny random checkpoints written by transformers (W = 16 windowed, no window,
-              per-layer windows), converted to q0f32 and q0f16, compiled for CUDA
+              per-layer windows), converted to q0f32 and q0f16 (windowed also q4f16_1),
+              compiled for CUDA
   chat/       a tiny model with a real Mistral tokenizer (v3), CUDA and CPU libraries
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
-              libraries (weights are made at random on the GPU)
+              libraries (weights are made at random on the GPU); 7b-*-q4/: the same, q4f16_1
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
@@ -105,7 +106,7 @@ def tiny_models(out: Path, arch: str) -> None:
         torch.manual_seed(0)
         cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**SHAPE, **extra)
         getattr(transformers, cls)(cfg).save_pretrained(root / "hf")
-        for quant in ("q0f32", "q0f16"):
+        for quant in ("q0f32", "q0f16") + (("q4f16_1",) if name == "windowed" else ()):
             convert_weight(root / "hf", root / quant, quant, progress=False)
             t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
@@ -133,27 +134,34 @@ def big_models(out: Path, arch: str) -> None:
     from mistral_compile.config import convert_config
 
     src = REPO / "configs" / "mistral-7b-v0.1.json"
-    variants = {"7b-window": {"attention_sink_size": 0},
-                "7b-full": {"sliding_window_size": -1, "context_window_size": 32768}}
+    window = {"attention_sink_size": 0}
+    full = {"sliding_window_size": -1, "context_window_size": 32768}
+    variants = {"7b-window": window, "7b-full": full, "7b-window-q4": window, "7b-full-q4": full}
     for name, overrides in variants.items():
         convert_config(src, out / name, overrides)
-        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, "q0f16")
+        quant = "q4f16_1" if name.endswith("-q4") else "q0f16"
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
         phases = ", ".join(f"{k.split()[0]} {v:.1f} s" for k, v in t.items())
         print(f"  {name}: compiled in {sum(t.values()):.1f} s ({phases})")
 
 
 def recompile(out: Path, arch: str, skip_7b: bool) -> None:
-    """Rebuild every library of an existing dist-gpu/ with the current compiler."""
+    """(Re)build the libraries of every model directory of an existing dist-gpu/ in place."""
     from mistral_compile.compiler.pipeline import compile_model
 
-    for lib in sorted(out.rglob("lib*.so")):
-        big = lib.parent.name.startswith("7b-")
+    for model in sorted(p.parent for p in out.rglob("mistral-config.json")):
+        big = model.name.startswith("7b-")
         if big and skip_7b:
             continue
-        device = "cpu" if lib.name == "lib-cpu.so" else "cuda"
-        t = compile_model(lib.parent, lib, device, None if device == "cpu" else arch,
-                          "q0f16" if big else None, cuda_graph=lib.name == "lib-graph.so")
-        print(f"  {lib.relative_to(out)}: compiled in {sum(t.values()):.1f} s")
+        quant = None if (model / "mistral-weights.json").is_file() else \
+            "q4f16_1" if model.name.endswith("-q4") else "q0f16"
+        libs = [("lib.so", "cuda", False)] + [(name, device, graph) for name, device, graph in (
+            ("lib-cpu.so", "cpu", False), ("lib-graph.so", "cuda", True))
+            if (model / name).is_file()]
+        for name, device, graph in libs:
+            t = compile_model(model, model / name, device, arch if device == "cuda" else None,
+                              quant, cuda_graph=graph)
+            print(f"  {(model / name).relative_to(out)}: compiled in {sum(t.values()):.1f} s")
 
 
 def main() -> None:

@@ -36,11 +36,17 @@ _hf_cache: dict = {}
 
 
 def hf_model(name, quant):
+    """HF on the GPU: fp32 or fp16; for q4f16_1, fp16 with the dequantized q4 weights."""
     key = (name, quant)
     if key not in _hf_cache:
         dtype = torch.float32 if quant == "q0f32" else torch.float16
-        _hf_cache[key] = transformers.AutoModelForCausalLM.from_pretrained(
-            GPU_DIR / "tiny" / name / "hf", dtype=dtype, attn_implementation="eager").cuda().eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            GPU_DIR / "tiny" / name / "hf", dtype=torch.float32, attn_implementation="eager")
+        if quant == "q4f16_1":
+            from test_quantize import _dequantized_reference
+
+            model = _dequantized_reference(model, GPU_DIR / "tiny" / name / quant)
+        _hf_cache[key] = model.to(dtype).cuda().eval()
     return _hf_cache[key]
 
 
@@ -86,6 +92,13 @@ def test_windowed_fp32_matches_hf(n, chunk):
 @pytest.mark.parametrize("n", [1, W - 1, W])
 def test_windowed_fp16_inside_window(n):
     delta, same = compare_hf("windowed", "q0f16", n, W)
+    assert delta <= TOL["q0f16"] and same
+
+
+@pytest.mark.parametrize("n", [1, W - 1, W])
+def test_windowed_q4_matches_its_dequantized_weights(n):
+    # decode runs our q4 GEMV kernel, prefill the dequantize + matmul path
+    delta, same = compare_hf("windowed", "q4f16_1", n, W)
     assert delta <= TOL["q0f16"] and same
 
 

@@ -288,4 +288,51 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restric
   if (lane == 0) store(y + row, acc);
 }
 
+// Batch-1 GEMV over q4f16_1 weights (weights/quantize.py): qw is [n, K/8] uint32, qs is
+// [n, K/32] half. Lanes read consecutive words (8 weights each, coalesced) and the matching 16
+// bytes of x from shared memory. A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i, so OR-ing
+// them into the exponent of 1024.0 gives a half2 (1024 + q) pair in two operations; subtracting
+// 1031 leaves q - 7 exactly. The 8 products accumulate in half2, each word's sum in float32.
+template <typename OutT, int K>
+__device__ __forceinline__ void gemv_q4(const half* __restrict__ x,
+                                        const uint32_t* __restrict__ qw,
+                                        const half* __restrict__ qs, OutT* __restrict__ y,
+                                        int n) {
+  constexpr int WORDS = K / 8;
+  constexpr int WARPS = 8;
+  static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
+  __shared__ __align__(16) half xs[K];
+  for (int i = threadIdx.x * 8; i < K; i += WARPS * 32 * 8) {
+    *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * WARPS + warp;
+  if (row >= n) return;
+  const uint32_t* wr = qw + static_cast<int64_t>(row) * WORDS;
+  const half* sr = qs + static_cast<int64_t>(row) * (K / 32);
+  const half2 bias = __float2half2_rn(1031.f);
+  float acc = 0.f;
+  auto word = [&](int wi) {
+    uint32_t w = __ldg(wr + wi);
+    float s = __half2float(__ldg(sr + wi / 4));
+    uint4 xr = *reinterpret_cast<const uint4*>(xs + wi * 8);
+    const half2* xh = reinterpret_cast<const half2*>(&xr);
+    half2 sum = __float2half2_rn(0.f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t v = ((w >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+      sum = __hfma2(__hsub2(*reinterpret_cast<half2*>(&v), bias), xh[i], sum);
+    }
+    float2 f = __half22float2(sum);
+    acc += s * (f.x + f.y);
+  };
+#pragma unroll 8
+  for (int it = 0; it < WORDS / 32; ++it) word(it * 32 + lane);
+  if (WORDS % 32 != 0 && (WORDS / 32) * 32 + lane < WORDS) word((WORDS / 32) * 32 + lane);
+#pragma unroll
+  for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
+  if (lane == 0) store(y + row, acc);
+}
+
 }  // namespace mc

@@ -1,0 +1,137 @@
+"""q4f16_1: packing and scales against a plain-Python reference, and a tiny model end to end."""
+
+import numpy as np
+import pytest
+
+from mistral_compile.weights.quantize import dequantize, quantize
+
+
+def _reference(w):
+    """Element by element, as weights/quantize.py's docstring states the format."""
+    n, k = w.shape
+    words = [[0] * (k // 8) for _ in range(n)]
+    scales = np.zeros((n, k // 32), np.float16)
+    for i in range(n):
+        for g in range(k // 32):
+            group = [float(v) for v in w[i, 32 * g:32 * g + 32]]
+            scale = np.float16(max(abs(v) for v in group) / 7)
+            scales[i, g] = scale
+            for j, v in enumerate(group):
+                q = 7 if scale == 0 else min(max(round(v / float(scale)), -7), 7) + 7
+                col = 32 * g + j
+                bit = 4 * (col % 8 // 2) + 16 * (col % 2)
+                words[i][col // 8] |= q << bit
+    return np.array(words, np.uint32), scales
+
+
+def test_packing_and_scales_match_the_reference():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((5, 96)) * 0.05).astype(np.float32)
+    w[1, 32:64] = 0  # an all-zero group: scale 0, codes 7, dequantized to 0
+    w[2, 5] = 0.9  # an outlier sets its group's scale
+    q_weight, q_scale = quantize(w)
+    want_w, want_s = _reference(w)
+    assert q_weight.dtype == np.uint32 and q_weight.shape == (5, 12)
+    assert q_scale.dtype == np.float16 and q_scale.shape == (5, 3)
+    np.testing.assert_array_equal(q_scale, want_s)
+    np.testing.assert_array_equal(q_weight, want_w)
+    back = dequantize(q_weight, q_scale)
+    assert np.all(back[1, 32:64] == 0)
+    # round-to-nearest: every element within half a step of its group's scale
+    step = np.repeat(q_scale.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6 * np.abs(w).max())
+    assert abs(back[2, 5] - 0.9) < 1e-3
+
+
+def test_bad_input_width_is_refused():
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize(np.zeros((2, 40), np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
+                                     max_position_embeddings=512, sliding_window=16,
+                                     attn_implementation="eager")
+    root = tmp_path_factory.mktemp("q4")
+    ref = transformers.MistralForCausalLM(cfg).eval()
+    ref.save_pretrained(root / "hf")
+    for quant in ("q4f16_1", "q0f16"):
+        convert_weight(root / "hf", root / quant, quant, progress=False)
+        compile_model(root / quant, root / quant / "lib.so")
+    return ref, root
+
+
+def _dequantized_reference(ref, model_dir):
+    """The HF model with every projection replaced by its dequantized q4f16_1 weight."""
+    import copy
+
+    import torch
+
+    from mistral_compile.weights.safetensors_io import SafetensorsFile
+
+    tensors = {}
+    for f in model_dir.glob("params_shard_*.safetensors"):
+        sf = SafetensorsFile(f)
+        tensors.update({k: sf.get(k) for k in sf.keys()})
+    model = copy.deepcopy(ref).float()
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    rows = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd,
+            cfg.num_key_value_heads * hd]
+    state = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+
+        def deq(name, p=p):
+            return torch.from_numpy(dequantize(tensors[p + name + ".q_weight"],
+                                               tensors[p + name + ".q_scale"]))
+
+        q, k, v = torch.split(deq("self_attn.qkv_proj"), rows)
+        gate, up = torch.chunk(deq("mlp.gate_up_proj"), 2)
+        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate,
+                      p + "mlp.up_proj.weight": up,
+                      p + "self_attn.o_proj.weight": deq("self_attn.o_proj"),
+                      p + "mlp.down_proj.weight": deq("mlp.down_proj")})
+    state["lm_head.weight"] = torch.from_numpy(dequantize(tensors["lm_head.q_weight"],
+                                                          tensors["lm_head.q_scale"]))
+    assert not model.load_state_dict(state, strict=False).unexpected_keys
+    return model
+
+
+def test_q4_model_matches_its_dequantized_weights(tiny_q4):
+    import json
+
+    import torch
+
+    from mistral_compile.runtime import Engine
+
+    ref, root = tiny_q4
+    manifest = json.loads((root / "q4f16_1" / "mistral-weights.json").read_text())
+    assert manifest["quantization"] == "q4f16_1"
+    assert {p["dtype"] for p in manifest["params"]} == {"uint32", "float16"}
+    deq = _dequantized_reference(ref, root / "q4f16_1")
+    ids = np.random.default_rng(3).integers(3, 256, 21).tolist()
+    with torch.no_grad():
+        want_deq = deq(torch.tensor([ids])).logits[0, -1].numpy()
+        want_fp = ref(torch.tensor([ids])).logits[0, -1].numpy()
+    got = {}
+    for quant in ("q4f16_1", "q0f16"):
+        eng = Engine(root / quant, root / quant / "lib.so", attention_sink_size=0)
+        got[quant] = eng.prefill(ids)
+    noise16 = float(np.abs(got["q0f16"] - want_fp).max())  # float16 arithmetic alone
+    err = float(np.abs(got["q4f16_1"] - want_deq).max())  # the q4 path vs its own weights
+    drift = float(np.abs(got["q4f16_1"] - got["q0f16"]).max())  # what 4 bits cost
+    spread = float(want_fp.std())
+    print(f"q4f16_1 vs dequantized HF {err:.1e} (fp16 engine vs HF {noise16:.1e}); "
+          f"q4f16_1 vs fp16 engine {drift:.1e}, logit std {spread:.1e}")
+    assert err <= max(2 * noise16, 1e-3)
+    assert drift <= 0.5 * spread
