@@ -182,3 +182,36 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFun
                                              y.access_ptr("w"), n))
 
     return func
+
+
+GEMM_TILE = 128  # rows and columns of y per CTA (compiler/csrc/mc_kernels.cuh gemm_nt)
+
+
+def gemm_supported(out_features: int, in_features: int, dtype: str) -> bool:
+    """Whether the tensor-core prefill GEMM handles this weight (float16, K a multiple of 32)."""
+    return dtype == "float16" and in_features % 32 == 0 and out_features % 8 == 0
+
+
+def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
+    """y[b, s, N] = x[b, s, K] @ W[N, K]^T on tensor cores (float16 in, float32 accumulation)."""
+    n, k = out_features, in_features
+    extern = f"mc::gemm_nt<{CTYPES[out_dtype]}, {k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        y = T.match_buffer(y_handle, (b, s, n), out_dtype)
+        for _bx in T.thread_binding((n + GEMM_TILE - 1) // GEMM_TILE, thread="blockIdx.x"):
+            for _by in T.thread_binding((b * s + GEMM_TILE - 1) // GEMM_TILE, thread="blockIdx.y"):
+                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                    with T.sblock("gemm"):
+                        T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k])
+                        T.writes(y[0:b, 0:s, 0:n])
+                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                                 w.access_ptr("r"), y.access_ptr("w"),
+                                                 T.Cast("int32", b * s), n))
+
+    return func

@@ -75,17 +75,25 @@ def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
 
 def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
     """``x @ weight.T`` in ``out_dtype``, accumulated in float32 (see MistralLinear)."""
-    if _decode_gemv(x, weight.shape[1], weight.dtype):
-        n, k = weight.shape
+    n, k = weight.shape
+    if _decode_gemv(x, k, weight.dtype):
         return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv", args=[x, weight],
                                out=Tensor.placeholder((1, 1, n), out_dtype))
+    if _on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
+        b, s, _ = x.shape
+        return op.tensor_ir_op(kernels.gemm(n, k, out_dtype), "gemm", args=[x, weight],
+                               out=Tensor.placeholder((b, s, n), out_dtype))
     return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
+
+
+def _on_cuda() -> bool:
+    target = Target.current(allow_none=True)
+    return target is not None and target.kind.name == "cuda"
 
 
 def _decode_gemv(x: Tensor, in_features: int, weight_dtype: str) -> bool:
     """A CUDA batch-1 decode input that our GEMV kernels take (else the generic matmul)."""
-    target = Target.current(allow_none=True)
-    return (target is not None and target.kind.name == "cuda" and x.dtype == weight_dtype
+    return (_on_cuda() and x.dtype == weight_dtype
             and [d if isinstance(d, int) else None for d in x.shape] == [1, 1, in_features]
             and kernels.gemv_supported(in_features, x.dtype))
 

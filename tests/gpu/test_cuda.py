@@ -97,9 +97,23 @@ def test_windowed_fp16_inside_window(n):
 
 @pytest.mark.parametrize("n", [1, W - 1, W])
 def test_windowed_q4_matches_its_dequantized_weights(n):
-    # decode runs our q4 GEMV kernel, prefill the dequantize + matmul path
-    delta, same = compare_hf("windowed", "q4f16_1", n, W)
-    assert delta <= TOL["q0f16"] and same
+    # decode runs our q4 GEMV kernel (half2 products), prefill dequantize + tensor-core GEMM.
+    # Greedy tokens may part only at a near-tie: HF's top two logits closer than 2 max|dlogit|.
+    eng = engine("windowed", "q4f16_1", attention_sink_size=0, prefill_chunk_size=W)
+    ids = np.random.default_rng(n).integers(3, 256, n).tolist()
+    got, seq = run_engine(eng, ids)
+    with torch.no_grad():
+        want = hf_model("windowed", "q4f16_1")(torch.tensor([seq], device="cuda")).logits[0]
+    want = want.float().cpu().numpy()[n - 1:]
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
+              if int(np.argmax(g)) != int(np.argmax(w))]
+    report(f"windowed q4f16_1 prompt {n:3d} vs dequantized HF fp16", delta, not parted)
+    assert delta <= TOL["q0f16"]
+    if parted:
+        top2 = np.sort(want[parted[0]])[-2:]
+        print(f"  greedy parts at step {parted[0]}: HF top-2 gap {top2[1] - top2[0]:.1e}")
+        assert top2[1] - top2[0] <= 2 * delta
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])

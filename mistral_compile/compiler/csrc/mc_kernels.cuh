@@ -5,6 +5,7 @@
 // the arguments and the workspace while the inner loops are written by hand here.
 #pragma once
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <stdint.h>
 
 namespace mc {
@@ -333,6 +334,96 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x,
 #pragma unroll
   for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
   if (lane == 0) store(y + row, acc);
+}
+
+// Tensor-core GEMM for prefill: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
+// accumulation (WMMA 16x16x16), OutT out. CTA tile 128 x 128 x 32 with 8 warps (2 x 4, each
+// 64 x 32 = 4 x 2 fragments); both operands are K-contiguous, staged through shared memory
+// with cp.async in two buffers so the next tile loads while this one multiplies. Rows are
+// padded by 8 halves against bank conflicts. Edges in m and n are guarded (rows read as 0).
+constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_BK = 32, GEMM_PAD = 8;
+constexpr int GEMM_LD = GEMM_BK + GEMM_PAD;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  int bytes = valid ? 16 : 0;  // 0 source bytes: the destination is zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+template <typename OutT, int K>
+__device__ __forceinline__ void gemm_nt(const half* __restrict__ x, const half* __restrict__ w,
+                                        OutT* __restrict__ y, int m, int n) {
+  using namespace nvcuda;
+  static_assert(K % GEMM_BK == 0, "K must be a multiple of 32");
+  __shared__ __align__(128) half smem[2][2][GEMM_BM * GEMM_LD];  // [buffer][x | w][tile]
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int wm = warp / 4, wn = warp % 4;  // warp tile origin: (wm * 64, wn * 32)
+  const int row0 = blockIdx.y * GEMM_BM, col0 = blockIdx.x * GEMM_BN;
+
+  auto load = [&](int buf, int k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 128 rows x 4 16-byte pieces per operand, 256 threads
+      int piece = tid + i * 256, r = piece >> 2, c = (piece & 3) * 8;
+      int gr = row0 + r, gc = col0 + r;
+      cp_async16(&smem[buf][0][r * GEMM_LD + c], x + static_cast<int64_t>(min(gr, m - 1)) * K + k0 + c,
+                 gr < m);
+      cp_async16(&smem[buf][1][r * GEMM_LD + c], w + static_cast<int64_t>(min(gc, n - 1)) * K + k0 + c,
+                 gc < n);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  constexpr int TILES = K / GEMM_BK;
+  load(0, 0);
+  for (int t = 0; t < TILES; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < TILES) {
+      load(buf ^ 1, (t + 1) * GEMM_BK);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < GEMM_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        wmma::load_matrix_sync(a[i], &smem[buf][0][(wm * 64 + i * 16) * GEMM_LD + kk], GEMM_LD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], &smem[buf][1][(wn * 32 + j * 16) * GEMM_LD + kk], GEMM_LD);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  // epilogue: each warp stages its 16 x 16 fragments through shared memory (as float)
+  float* stage = reinterpret_cast<float*>(&smem[0][0][0]) + warp * 16 * 16;
+  const int lane = tid & 31;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        int r = row0 + wm * 64 + i * 16 + e / 16, c = col0 + wn * 32 + j * 16 + e % 16;
+        if (r < m && c < n) store(y + static_cast<int64_t>(r) * n + c, stage[e]);
+      }
+      __syncwarp();
+    }
+  }
 }
 
 }  // namespace mc
