@@ -19,7 +19,8 @@ def main() -> None:
     print(f"peer: transformers {hf['transformers']}, torch {hf['torch']}, {hf['gpu']}")
     for path in ours_files:
         ours = json.load(open(path))
-        label = f"{ours.get('quantization') or ours['dtype']}, window {ours['window']}"
+        label = f"{ours.get('quantization') or ours['dtype']}, window {ours['window']}" + (
+            ", CUDA graph" if ours.get("cuda_graph") else "")
         for row in ours["decode"]:
             ctx = row["context"]
             compiled = peer.get(("StaticCache + torch.compile", ctx))

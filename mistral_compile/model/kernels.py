@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tvm import tirx
-from tvm.relax.frontend.nn.llm import kv_cache
+from tvm.relax.frontend.nn.llm import _prefill_kernels, kv_cache
 from tvm.script import tirx as T
 from tvm.target import Target
 
@@ -112,10 +112,19 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return decode
 
 
+PREFILL_BLOCKS = 128  # CTAs per KV head for TVM's prefill attention kernels (TVM uses 16)
+
+
 @contextlib.contextmanager
-def own_decode_attention() -> Iterator[None]:
-    """While the block runs, TVM's paged KV cache takes our decode kernel for CUDA targets."""
+def own_attention_kernels() -> Iterator[None]:
+    """While the block runs, TVM's paged KV cache generates CUDA kernels our way.
+
+    Decode attention is ours (same signature as TVM's), and TVM's prefill kernels launch
+    PREFILL_BLOCKS CTAs per KV head. TVM's prefill attention walks its query tiles with 16 persistent CTAs per KV head: 128 CTAs
+    of 4 warps for Mistral-7B, one per SM, which left a 4096-token prefill 85% in attention.
+    """
     original = kv_cache._attention_decode
+    original_config = _prefill_kernels._get_prefill_kernel_config
 
     def choose(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                sliding_window: bool, rope_scaling: dict[str, Any], target: Target,
@@ -127,11 +136,18 @@ def own_decode_attention() -> Iterator[None]:
         return original(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window,
                         rope_scaling, target, page_size)
 
+    def config(h_kv: int, h_q: int, d: int, dtype: str, target: Target,
+               **kw: Any) -> tuple:
+        blocks, *rest = original_config(h_kv, h_q, d, dtype, target, **kw)
+        return (max(blocks, PREFILL_BLOCKS) if target.kind.name == "cuda" else blocks, *rest)
+
     kv_cache._attention_decode = choose
+    _prefill_kernels._get_prefill_kernel_config = config
     try:
         yield
     finally:
         kv_cache._attention_decode = original
+        _prefill_kernels._get_prefill_kernel_config = original_config
 
 
 GEMV_WARPS = 8  # output rows per CTA (one warp each)

@@ -14,7 +14,7 @@ from tvm.target import Target
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
 from mistral_compile.model import kernels
-from mistral_compile.model.kernels import own_decode_attention
+from mistral_compile.model.kernels import own_attention_kernels
 from mistral_compile.model.window import exact_window_kernels
 from mistral_compile.weights.quantize import (
     GROUP,
@@ -251,7 +251,7 @@ class MistralForCausalLM(nn.Module):
                               support_sliding_window: tirx.Var) -> PagedKVCache:
         cfg = self.config
         kinds, window = attention_kinds(cfg)
-        with exact_window_kernels(), own_decode_attention():
+        with exact_window_kernels(), own_attention_kernels():
             return self._cache(kinds, window, max_batch_size, max_total_seq_len,
                                prefill_chunk_size, page_size, support_sliding_window)
 

@@ -133,6 +133,7 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
                 * _BYTES[engine.dtype])
     result: dict[str, Any] = {
         "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
+        "cuda_graph": bool(engine.meta.get("cuda_graph")),
         "weights": "random" if random_weights else str(model_dir),
         "weight_bytes": weight_bytes, "window": engine.window,
         "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,

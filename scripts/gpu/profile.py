@@ -1,0 +1,63 @@
+"""Where a step's GPU time goes: the CUDA kernels of one prefill and of decode steps.
+
+torch's profiler (CUPTI) sees the kernels TVM launches too. Run on the GPU machine:
+
+    python3 scripts/gpu/profile.py dist-gpu/7b-full [--lib lib.so] [--prefill 4096] [--steps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mistral_compile.runtime import Engine  # noqa: E402
+from mistral_compile.runtime.bench import random_params  # noqa: E402
+
+
+def table(prof: torch.profiler.profile, label: str, steps: int) -> None:
+    """Kernel time per step, heaviest first."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events)
+    print(f"== {label}: {total / 1e3 / steps:.2f} ms of kernels per step, "
+          f"{sum(e.count for e in events) / steps:.0f} launches per step")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:14]:
+        print(f"  {e.device_time_total / 1e3 / steps:8.3f} ms  {e.count / steps:6.1f}x  "
+              f"{e.key[:90]}")
+
+
+def main() -> None:
+    """Profile prefill, then decode, of a random-weight engine."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--lib", default="lib.so")
+    parser.add_argument("--prefill", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=16)
+    args = parser.parse_args()
+    model = Path(args.model_dir)
+    lib = model / args.lib
+    eng = Engine(model, lib, device="cuda", params=random_params(lib, "cuda"),
+                 attention_sink_size=0, prefill_chunk_size=args.prefill, progress=False)
+    ids = np.random.default_rng(0).integers(3, 30000, args.prefill).tolist()
+    eng.prefill(ids)  # warm-up (and CUDA-graph capture for decode below)
+    for t in range(3):
+        eng.decode(t + 5)
+    eng.reset()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eng.prefill(ids)
+        torch.cuda.synchronize()
+    table(prof, f"prefill {args.prefill} tokens", 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for t in range(args.steps):
+            eng.decode(t + 7)
+        torch.cuda.synchronize()
+    table(prof, f"decode at {args.prefill}", args.steps)
+
+
+if __name__ == "__main__":
+    main()
