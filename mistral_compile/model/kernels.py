@@ -120,8 +120,9 @@ def own_attention_kernels() -> Iterator[None]:
     """While the block runs, TVM's paged KV cache generates CUDA kernels our way.
 
     Decode attention is ours (same signature as TVM's), and TVM's prefill kernels launch
-    PREFILL_BLOCKS CTAs per KV head. TVM's prefill attention walks its query tiles with 16 persistent CTAs per KV head: 128 CTAs
-    of 4 warps for Mistral-7B, one per SM, which left a 4096-token prefill 85% in attention.
+    PREFILL_BLOCKS CTAs per KV head. TVM's prefill attention walks its query tiles with 16
+    persistent CTAs per KV head: 128 CTAs of 4 warps for Mistral-7B, one per SM, which left a
+    4096-token prefill 85% in attention.
     """
     original = kv_cache._attention_decode
     original_config = _prefill_kernels._get_prefill_kernel_config
