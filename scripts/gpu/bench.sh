@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool, dist-gpu carried): our bench on the Mistral-7B shape with the
-# window (4096) and with full attention, then the decode-latency plot. Results in $OUT.
+# On the GPU machine (device tool; carry dist-gpu/{wheels,7b-window,7b-full,prepared.json}):
+# our bench on the Mistral-7B shape with the window (4096) and with full attention, then the
+# decode-latency plot. Results in $OUT.
 #   [VARIANTS="7b-window-q4 7b-full-q4"] scripts/gpu/bench.sh [extra bench args...]
 set -euo pipefail
 source scripts/gpu/setup.sh

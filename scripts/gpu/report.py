@@ -25,8 +25,9 @@ def main() -> None:
 What `scripts/gpu/run.sh` printed on the device tool's GPU on **{date}**. Reproduce:
 
 ```sh
-python scripts/gpu/prepare.py        # here (nvcc, no GPU): builds dist-gpu/ (about 58 MiB)
-# then, through the device tool, with dist-gpu carried:
+python scripts/gpu/prepare.py        # here (nvcc, no GPU): builds dist-gpu/ (about 68 MiB)
+# then, through the device tool, carrying dist-gpu/{{wheels,tiny,chat,7b-window,7b-full}} and
+# dist-gpu/prepared.json (a call carries at most 64 MiB):
 scripts/gpu/run.sh                   # pytest -m gpu tests/gpu, TVM runtime only
 python scripts/gpu/report.py gpu-tests.log gpu.txt DATE > docs/verification.md
 ```

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool, dist-gpu carried): ours and the Hugging Face peer in one call,
-# same GPU, same shape (Mistral-7B, full attention) and contexts; then the ratios. Ours runs fp16
+# On the GPU machine (device tool; carry dist-gpu/{wheels,7b-full,7b-full-q4,prepared.json}):
+# ours and the Hugging Face peer in one call, same GPU, same shape (Mistral-7B, full attention)
+# and contexts; then the ratios. Ours runs fp16
 # and q4f16_1, each without and with CUDA graphs (lib-graph.so, compile --cuda-graph).
 #   scripts/gpu/versus.sh      -> $OUT/versus.txt, $OUT/ours-*.json, $OUT/hf-baseline.json
 set -euo pipefail
