@@ -21,11 +21,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", choices=CUDA_ARCHS, default=None,
                         help=f"CUDA architecture for --device cuda (default {DEFAULT_CUDA_ARCH})")
     parser.add_argument("--quantization", default=None,
-                        help="weight format (q0f32, q0f16); needed when MODEL_DIR holds only "
-                             "mistral-config.json, else taken from its weights")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="capture and replay the static kernel runs with CUDA graphs "
-                             "(experimental; see docs/benchmarks.md)")
+                        help="weight format (q0f32, q0f16, q4f16_1); needed when MODEL_DIR "
+                             "holds only mistral-config.json, else taken from its weights")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="capture decode's static kernel runs in CUDA graphs and replay "
+                             "them (default: on for --device cuda; docs/benchmarks.md)")
     parser.set_defaults(run=run)
 
 

@@ -178,7 +178,8 @@ def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
 
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
                   device: str = "cpu", arch: str | None = None,
-                  quantization: str | None = None, cuda_graph: bool = False) -> dict[str, float]:
+                  quantization: str | None = None,
+                  cuda_graph: bool | None = None) -> dict[str, float]:
     """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
     MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
@@ -206,6 +207,8 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
     dtype = QUANTIZATIONS[quantization]
     if cuda_graph and device != "cuda":
         raise MistralCompileError("--cuda-graph applies to --device cuda only")
+    if cuda_graph is None:  # default: on for CUDA (decode -7..9% on the H100, same logits)
+        cuda_graph = device == "cuda"
     state = CompileState(config=config, dtype=dtype, target=make_target(device, arch),
                          output=output, quantization=quantization, cuda_graph=cuda_graph)
     with state.target:

@@ -10,7 +10,7 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
   chat/       a tiny model with a real Mistral tokenizer (v3), CUDA and CPU libraries
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
               libraries (weights are made at random on the GPU); 7b-*-q4/: the same, q4f16_1;
-              7b-full*/lib-graph.so: compiled with --cuda-graph
+              7b-full*/lib-nograph.so: compiled with --no-cuda-graph
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
@@ -144,9 +144,9 @@ def big_models(out: Path, arch: str) -> None:
         t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
         phases = ", ".join(f"{k.split()[0]} {v:.1f} s" for k, v in t.items())
         print(f"  {name}: compiled in {sum(t.values()):.1f} s ({phases})")
-        if name.startswith("7b-full"):  # scripts/gpu/versus.sh compares with CUDA graphs too
-            compile_model(out / name, out / name / "lib-graph.so", "cuda", arch, quant,
-                          cuda_graph=True)
+        if name.startswith("7b-full"):  # scripts/gpu/versus.sh compares without CUDA graphs too
+            compile_model(out / name, out / name / "lib-nograph.so", "cuda", arch, quant,
+                          cuda_graph=False)
 
 
 def recompile(out: Path, arch: str, skip_7b: bool) -> None:
@@ -159,8 +159,8 @@ def recompile(out: Path, arch: str, skip_7b: bool) -> None:
             continue
         quant = None if (model / "mistral-weights.json").is_file() else \
             "q4f16_1" if model.name.endswith("-q4") else "q0f16"
-        libs = [("lib.so", "cuda", False)] + [(name, device, graph) for name, device, graph in (
-            ("lib-cpu.so", "cpu", False), ("lib-graph.so", "cuda", True))
+        libs = [("lib.so", "cuda", None)] + [(name, device, graph) for name, device, graph in (
+            ("lib-cpu.so", "cpu", None), ("lib-nograph.so", "cuda", False))
             if (model / name).is_file()]
         for name, device, graph in libs:
             t = compile_model(model, model / name, device, arch if device == "cuda" else None,

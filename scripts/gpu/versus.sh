@@ -2,14 +2,15 @@
 # On the GPU machine (device tool; carry dist-gpu/{wheels,7b-full,7b-full-q4,prepared.json}):
 # ours and the Hugging Face peer in one call, same GPU, same shape (Mistral-7B, full attention)
 # and contexts; then the ratios. Ours runs fp16
-# and q4f16_1, each without and with CUDA graphs (lib-graph.so, compile --cuda-graph).
+# and q4f16_1, each without CUDA graphs (lib-nograph.so, compile --no-cuda-graph) and with them
+# (lib.so, the default).
 #   scripts/gpu/versus.sh      -> $OUT/versus.txt, $OUT/ours-*.json, $OUT/hf-baseline.json
 set -euo pipefail
 source scripts/gpu/setup.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/versus.txt"
 runs=()
 for model in 7b-full 7b-full-q4; do
-    for lib in lib.so lib-graph.so; do
+    for lib in lib-nograph.so lib.so; do
         [[ -f "dist-gpu/$model/$lib" ]] || continue
         name="ours-$model-${lib%.so}"
         echo "== $name"
