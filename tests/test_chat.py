@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_checkpoint  # noqa: E402
+
 from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
 from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime import Engine  # noqa: E402
@@ -31,13 +33,8 @@ def v3_tokenizer_file():
 
 
 def build(root, sliding_window, context):
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_hidden_layers=2,
-                                     vocab_size=32768, max_position_embeddings=context,
-                                     sliding_window=sliding_window, bos_token_id=1,
-                                     eos_token_id=2)
-    transformers.MistralForCausalLM(cfg).save_pretrained(root / "hf")
+    tiny_checkpoint(root / "hf", vocab_size=32768, max_position_embeddings=context,
+                    sliding_window=sliding_window, bos_token_id=1, eos_token_id=2)
     shutil.copy(v3_tokenizer_file(), root / "hf" / "tokenizer.model.v3")
     convert_weight(root / "hf", root / "model", "q0f32", progress=False)
     compile_model(root / "model", root / "lib.so")

@@ -12,12 +12,10 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
-                                     max_position_embeddings=512, sliding_window=16)
+    from conftest import tiny_checkpoint
+
     root = tmp_path_factory.mktemp("ckpt") / "hf"
-    transformers.MistralForCausalLM(cfg).save_pretrained(root)
+    tiny_checkpoint(root)
     return root
 
 

@@ -17,16 +17,12 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    import torch
+    from conftest import tiny_checkpoint
 
     from mistral_compile.weights import convert_weight
 
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
-                                     max_position_embeddings=512, sliding_window=16)
     root = tmp_path_factory.mktemp("cuda")
-    transformers.MistralForCausalLM(cfg).save_pretrained(root / "hf")
+    tiny_checkpoint(root / "hf")
     convert_weight(root / "hf", root / "q0f32", "q0f32", progress=False)
     return root
 

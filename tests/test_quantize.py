@@ -50,19 +50,15 @@ def test_bad_input_width_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from conftest import tiny_checkpoint
+
     from mistral_compile.compiler.pipeline import compile_model
     from mistral_compile.weights import convert_weight
 
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
-                                     max_position_embeddings=512, sliding_window=16,
-                                     attn_implementation="eager")
     root = tmp_path_factory.mktemp("q4")
-    ref = transformers.MistralForCausalLM(cfg).eval()
-    ref.save_pretrained(root / "hf")
+    ref = tiny_checkpoint(root / "hf", attn_implementation="eager")
     for quant in ("q4f16_1", "q0f16"):
         convert_weight(root / "hf", root / quant, quant, progress=False)
         compile_model(root / quant, root / quant / "lib.so")
