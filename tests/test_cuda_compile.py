@@ -85,23 +85,26 @@ def test_engine_on_a_machine_without_gpu_says_so(converted, tmp_path):
         Engine(converted / "q0f32", tmp_path / "l.so", device="cpu")
 
 
-def test_decode_attention_workspace_is_sized_from_the_batch():
-    # the stub touches its split-KV workspace only through a pointer; TVM once shrank such a
-    # buffer to one element (CompactBufferAllocation), and the kernels wrote past it
+@pytest.mark.parametrize("stub", ["decode", "prefill"])
+def test_attention_workspace_is_sized_from_the_inputs(stub):
+    # the stubs touch their workspaces (decode: split-KV partials; prefill: rotated keys) only
+    # through a pointer; TVM once shrank such a buffer to one element (CompactBufferAllocation),
+    # and the kernels wrote past it
     import re
 
     import tvm
 
     from mistral_compile.compiler import cuda
     from mistral_compile.compiler.pipeline import make_target
-    from mistral_compile.model.kernels import decode_attention
+    from mistral_compile.model.kernels import decode_attention, prefill_ragged_attention
 
     cuda.load_cuda_runtime()
     cuda.register_nvcc_callback("sm_90")
     target = make_target("cuda")
+    func = decode_attention(2, 4, 16, "float32", True) if stub == "decode" else \
+        prefill_ragged_attention(2, 4, 16, "float16")
     with target:
-        lib = tvm.compile(tvm.IRModule({"f": decode_attention(2, 4, 16, "float32", True)}),
-                          target=target)
+        lib = tvm.compile(tvm.IRModule({"f": func}), target=target)
     host = lib.mod.inspect_source("ll")
     sizes = re.findall(r"call ptr %\d+\(i32 2, i32 %dev_id, i64 (\S+),", host)
     assert sizes and all(s.startswith("%") for s in sizes), sizes

@@ -112,6 +112,81 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return decode
 
 
+FA_ROWS = 128  # query rows per CTA of the flash-attention prefill kernel (FA_BR in the header)
+FA_THREADS = 256
+
+
+def prefill_ragged_supported(num_kv_heads: int, num_qo_heads: int, d_qk: int, d_v: int,
+                             dtype: str) -> bool:
+    """Whether the tensor-core prefill kernel handles this shape (else TVM's own kernel)."""
+    return (dtype == "float16" and d_qk == d_v and d_qk % 16 == 0 and 16 <= d_qk <= 128
+            and num_qo_heads % num_kv_heads == 0)
+
+
+def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """Flash-attention prefill with the signature of TVM's ``batch_prefill_ragged_kv``.
+
+    Two launches: with inline RoPE (``rotary_mode == 1``) the keys are first rotated once into
+    a workspace; then one CTA per (128 query rows, query head) runs the tensor-core kernel.
+    """
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    attn = f"mc::prefill_attn_ragged<{d}, {h_qo // h_kv}>"
+    rope = f"mc::rope_ragged_keys<{d}>"
+
+    @T.prim_func(s_tir=True)
+    def prefill(q_handle: T.handle, q_indptr_handle: T.handle, k_handle: T.handle,
+                v_handle: T.handle, kv_indptr_handle: T.handle, q_rope_handle: T.handle,
+                k_rope_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
+                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "mc_batch_prefill_ragged_kv"})
+        B = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_off = T.int32()
+        kv_indptr_off = T.int32()
+        q_rope_off = T.int32()
+        k_rope_off = T.int32()
+        q = T.match_buffer(q_handle, (qo_len, h_qo, d), dtype)
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32", elem_offset=q_indptr_off)
+        k = T.match_buffer(k_handle, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(v_handle, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(kv_indptr_handle, (B + 1,), "int32",
+                                   elem_offset=kv_indptr_off)
+        q_rope = T.match_buffer(q_rope_handle, (qo_len,), "int32", elem_offset=q_rope_off)
+        k_rope = T.match_buffer(k_rope_handle, (B,), "int32", elem_offset=k_rope_off)
+        output = T.match_buffer(output_handle, (qo_len, h_qo, d), dtype)
+        lse = T.match_buffer(lse_handle, (qo_len, h_qo), "float32")
+        k_rot = T.alloc_buffer((kv_len * h_kv * d,), dtype)
+        for _bx in T.thread_binding(  # one CTA, which returns at once, without inline RoPE
+                T.if_then_else(rotary_mode == 1,
+                               T.max(1, T.ceildiv(kv_len * h_kv * (d // 16), 256)), 1),
+                thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("rope_keys"):
+                    T.reads()
+                    T.writes(k_rot[0:kv_len * h_kv * d])
+                    T.evaluate(T.call_extern(
+                        "void", rope, k.access_ptr("r"), T.address_of(kv_indptr[0]),
+                        T.address_of(k_rope[0]), B, kv_len, h_kv, k_rot.access_ptr("w"),
+                        rotary_mode, rope_scale, rope_theta))
+        for _bx in T.thread_binding(T.ceildiv(qo_len, FA_ROWS) + B, thread="blockIdx.x"):
+            for _by in T.thread_binding(h_qo, thread="blockIdx.y"):
+                for _tx in T.thread_binding(FA_THREADS, thread="threadIdx.x"):
+                    with T.sblock("attention"):
+                        T.reads(k_rot[0:kv_len * h_kv * d])
+                        T.writes()
+                        T.evaluate(T.call_extern(
+                            "void", attn, q.access_ptr("r"), T.address_of(q_indptr[0]),
+                            k.access_ptr("r"), k_rot.access_ptr("r"), v.access_ptr("r"),
+                            T.address_of(kv_indptr[0]), T.address_of(q_rope[0]),
+                            output.access_ptr("w"), lse.access_ptr("w"), B, causal,
+                            rotary_mode, rope_scale, rope_theta, sm_scale))
+
+    return prefill
+
+
 PREFILL_BLOCKS = 128  # CTAs per KV head for TVM's prefill attention kernels (TVM uses 16)
 
 
@@ -119,12 +194,14 @@ PREFILL_BLOCKS = 128  # CTAs per KV head for TVM's prefill attention kernels (TV
 def own_attention_kernels() -> Iterator[None]:
     """While the block runs, TVM's paged KV cache generates CUDA kernels our way.
 
-    Decode attention is ours (same signature as TVM's), and TVM's prefill kernels launch
+    Decode attention and the ragged (new tokens against themselves) prefill attention are ours,
+    with TVM's signatures; TVM's paged prefill kernel (new tokens against cached pages) launches
     PREFILL_BLOCKS CTAs per KV head. TVM's prefill attention walks its query tiles with 16
     persistent CTAs per KV head: 128 CTAs of 4 warps for Mistral-7B, one per SM, which left a
     4096-token prefill 85% in attention.
     """
     original = kv_cache._attention_decode
+    original_ragged = kv_cache._attention_prefill_ragged
     original_config = _prefill_kernels._get_prefill_kernel_config
 
     def choose(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
@@ -137,21 +214,31 @@ def own_attention_kernels() -> Iterator[None]:
         return original(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window,
                         rope_scaling, target, page_size)
 
+    def ragged(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str,
+               rope_scaling: dict[str, Any], target: Target) -> tirx.PrimFunc:
+        if (target.kind.name == "cuda" and not rope_scaling
+                and prefill_ragged_supported(h_kv, h_q, d_qk, d_v, dtype)):
+            return prefill_ragged_attention(h_kv, h_q, d_qk, dtype)
+        return original_ragged(h_kv, h_q, d_qk, d_v, dtype, rope_scaling, target)
+
     def config(h_kv: int, h_q: int, d: int, dtype: str, target: Target,
                **kw: Any) -> tuple:
         blocks, *rest = original_config(h_kv, h_q, d, dtype, target, **kw)
         return (max(blocks, PREFILL_BLOCKS) if target.kind.name == "cuda" else blocks, *rest)
 
     kv_cache._attention_decode = choose
+    kv_cache._attention_prefill_ragged = ragged
     _prefill_kernels._get_prefill_kernel_config = config
     try:
         yield
     finally:
         kv_cache._attention_decode = original
+        kv_cache._attention_prefill_ragged = original_ragged
         _prefill_kernels._get_prefill_kernel_config = original_config
 
 
 GEMV_WARPS = 8  # output rows per CTA (one warp each)
+GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "silu_residual": 3}  # GEMV_* in the header
 
 
 def gemv_supported(in_features: int, dtype: str) -> bool:
@@ -160,43 +247,67 @@ def gemv_supported(in_features: int, dtype: str) -> bool:
         in_features * (2 if dtype == "float16" else 4) <= 48 * 1024
 
 
-def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str) -> tirx.PrimFunc:
-    """y[1, 1, N] = x[1, 1, K] @ W[N, K]^T for batch-1 decode, float32 accumulation."""
+def gemv_operand_shapes(n: int, k: int, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of a decode GEMV's input x and its ``aux`` operand in the given fusion mode.
+
+    plain: aux is x again (unused); norm: aux is the RMSNorm weight [k]; residual: aux is the
+    residual [1, 1, n];
+    silu_residual: x holds gate and up ([1, 1, 2k], y = aux + W (silu(gate) * up)).
+    """
+    x = (1, 1, 2 * k) if mode == "silu_residual" else (1, 1, k)
+    aux = {"plain": x, "norm": (k,)}.get(mode, (1, 1, n))
+    return x, aux
+
+
+def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: str = "plain",
+         eps: float = 0.0) -> tirx.PrimFunc:
+    """y[1, 1, N] = x[1, 1, K] @ W[N, K]^T for batch-1 decode, float32 accumulation.
+
+    ``mode`` fuses the neighbouring small kernels (see gemv_operand_shapes); ``eps`` is the
+    RMSNorm epsilon of mode "norm".
+    """
     n, k = out_features, in_features
-    extern = f"mc::gemv<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}>"
+    extern = f"mc::gemv<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
+    x_shape, aux_shape = gemv_operand_shapes(n, k, mode)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x: T.Buffer((1, 1, k), dtype), w: T.Buffer((n, k), dtype),
-             y: T.Buffer((1, 1, n), out_dtype)):
+    def func(x: T.Buffer(x_shape, dtype), aux: T.Buffer(aux_shape, dtype),
+             w: T.Buffer((n, k), dtype), y: T.Buffer((1, 1, n), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv"):
-                    T.reads(x[0, 0, 0:k], w[0:n, 0:k])
+                    T.reads(x[0, 0, 0:x_shape[2]], w[0:n, 0:k])
                     T.writes(y[0, 0, 0:n])
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), y.access_ptr("w"), n))
+                                             aux.access_ptr("r"), w.access_ptr("r"),
+                                             y.access_ptr("w"), n, T.float32(eps)))
 
     return func
 
 
-def gemv_q4(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
-    """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T for batch-1 decode."""
+def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "plain",
+            eps: float = 0.0) -> tirx.PrimFunc:
+    """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T at decode (gemv's modes)."""
     n, k = out_features, in_features
-    extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}>"
+    extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
+    x_shape, aux_shape = gemv_operand_shapes(n, k, mode)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x: T.Buffer((1, 1, k), "float16"), q_weight: T.Buffer((n, k // 8), "uint32"),
+    def func(x: T.Buffer(x_shape, "float16"), aux: T.Buffer(aux_shape, "float16"),
+             q_weight: T.Buffer((n, k // 8), "uint32"),
              q_scale: T.Buffer((n, k // 32), "float16"), y: T.Buffer((1, 1, n), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv_q4"):
-                    T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.reads(x[0, 0, 0:x_shape[2]], q_weight[0:n, 0:k // 8],
+                            q_scale[0:n, 0:k // 32])
                     T.writes(y[0, 0, 0:n])
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
-                                             q_weight.access_ptr("r"), q_scale.access_ptr("r"),
-                                             y.access_ptr("w"), n))
+                                             aux.access_ptr("r"), q_weight.access_ptr("r"),
+                                             q_scale.access_ptr("r"), y.access_ptr("w"), n,
+                                             T.float32(eps)))
 
     return func
 

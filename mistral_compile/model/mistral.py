@@ -56,10 +56,27 @@ class MistralLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if _decode_gemv(x, k, "float16"):
             return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype), "gemv_q4",
-                                   args=[x, self.q_weight, self.q_scale],
+                                   args=[x, x, self.q_weight, self.q_scale],
                                    out=Tensor.placeholder((1, 1, n), out_dtype))
         weight = op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale])
         return project(x, _to(weight, x.dtype), out_dtype)
+
+    def takes_fused_decode(self, dtype: str) -> bool:
+        """Whether ``fused`` applies: CUDA, and our GEMV takes this weight and input dtype."""
+        weight_dtype = "float16" if self.quantized else self.weight.dtype
+        return _on_cuda() and dtype == weight_dtype and \
+            kernels.gemv_supported(self.in_features, dtype)
+
+    def fused(self, x: Tensor, mode: str, aux: Tensor, eps: float = 0.0) -> Tensor:
+        """Batch-1 decode GEMV with a neighbouring kernel fused in (kernels.gemv's modes)."""
+        n, k = self.out_features, self.in_features
+        if self.quantized:
+            func = kernels.gemv_q4(n, k, x.dtype, mode, eps)
+            args = [x, aux, self.q_weight, self.q_scale]
+        else:
+            func, args = kernels.gemv(n, k, x.dtype, x.dtype, mode, eps), [x, aux, self.weight]
+        return op.tensor_ir_op(func, f"gemv_{mode}", args=args,
+                               out=Tensor.placeholder((1, 1, n), x.dtype))
 
 
 def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
@@ -77,7 +94,8 @@ def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
     """``x @ weight.T`` in ``out_dtype``, accumulated in float32 (see MistralLinear)."""
     n, k = weight.shape
     if _decode_gemv(x, k, weight.dtype):
-        return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv", args=[x, weight],
+        return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv",
+                               args=[x, x, weight],
                                out=Tensor.placeholder((1, 1, n), out_dtype))
     if _on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
         b, s, _ = x.shape
@@ -140,12 +158,15 @@ class MistralAttention(nn.Module):
                                     quantization)
 
     def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
-        b, s, _ = hidden.shape
-        qkv = op.reshape(self.qkv_proj(hidden),
-                         (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        return self.o_proj(self.attend(self.qkv_proj(hidden), cache, layer_id))
+
+    def attend(self, qkv: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """Attention of the fused q/k/v projection through the cache: [b, s, heads * head_dim]."""
+        b, s, _ = qkv.shape
+        qkv = op.reshape(qkv, (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads,
                                              sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+        return op.reshape(out, (b, s, self.num_heads * self.head_dim))
 
 
 class MistralMLP(nn.Module):
@@ -174,8 +195,31 @@ class MistralDecoderLayer(nn.Module):
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps)
 
     def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        if self._fused_decode(hidden):
+            return self._decode(hidden, cache, layer_id)
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cache, layer_id)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def _fused_decode(self, hidden: Tensor) -> bool:
+        """Batch-1 decode on CUDA, where every projection is one of our GEMVs."""
+        attn, mlp = self.self_attn, self.mlp
+        static = [d if isinstance(d, int) else None for d in hidden.shape]
+        return static == [1, 1, hidden.shape[-1]] and all(
+            lin.takes_fused_decode(hidden.dtype)
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
+    def _decode(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """The same layer with 4 GEMVs and no other kernel outside attention.
+
+        RMSNorm is staged inside the qkv and gate_up GEMVs, the residual adds and
+        silu(gate) * up inside the o and down GEMVs.
+        """
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = attn.qkv_proj.fused(hidden, "norm", norm1.weight, norm1.eps)
+        hidden = attn.o_proj.fused(attn.attend(qkv, cache, layer_id), "residual", hidden)
+        gate_up = mlp.gate_up_proj.fused(hidden, "norm", norm2.weight, norm2.eps)
+        return mlp.down_proj.fused(gate_up, "silu_residual", hidden)
 
 
 class MistralModel(nn.Module):

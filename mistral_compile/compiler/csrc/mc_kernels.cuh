@@ -257,24 +257,102 @@ __device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, 
   if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
 }
 
-// Batch-1 GEMV, y = W x: W is [n, K] row-major, x has K elements. 256 threads, one warp per
-// output row: x is staged in shared memory once per CTA, each lane streams 16-byte slices of
-// its row (the loop over the compile-time K unrolls so several loads are in flight), products
-// accumulate in float32 and are reduced across the warp.
-template <typename T, typename OutT, int K>
-__device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restrict__ w,
-                                     OutT* __restrict__ y, int n) {
-  constexpr int VEC = Vec<T>::N;
-  constexpr int STEP = 32 * VEC;
-  constexpr int WARPS = 8;
-  static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
-  __shared__ __align__(16) T xs[K];
-  for (int i = threadIdx.x * VEC; i < K; i += WARPS * 32 * VEC) {
-    *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
+// How a decode GEMV stages its input x and finishes its output (the fusions that save the
+// small kernels between projections). `aux` is the norm weight [K] or the residual [n].
+constexpr int GEMV_PLAIN = 0;          // y = W x
+constexpr int GEMV_NORM = 1;           // y = W (RMSNorm(x) * aux), as one rms_norm kernel would
+constexpr int GEMV_RESIDUAL = 2;       // y = aux + W x
+constexpr int GEMV_SILU_RESIDUAL = 3;  // y = aux + W (silu(x[:K]) * x[K:])
+constexpr int GEMV_WARPS = 8;          // output rows per CTA, one warp each
+
+__device__ __forceinline__ void store16(half* p, const float* f) {
+  uint4 r;
+  uint32_t* u = reinterpret_cast<uint32_t*>(&r);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    half2 h = __floats2half2_rn(f[2 * e], f[2 * e + 1]);
+    u[e] = *reinterpret_cast<uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint4*>(p) = r;
+}
+__device__ __forceinline__ void store16(float* p, const float* f) {
+  *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+}
+__device__ __forceinline__ float to_float(half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+// Puts the GEMV input into shared memory xs[K] (all GEMV_WARPS * 32 threads take part).
+template <typename T, int K, int MODE>
+__device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, const void* aux,
+                                             float eps) {
+  constexpr int VEC = Vec<T>::N, STRIDE = GEMV_WARPS * 32 * VEC;
+  if (MODE == GEMV_SILU_RESIDUAL) {
+    for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {
+      float g[VEC], u[VEC];
+      load16(x + i, g);
+      load16(x + K + i, u);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.f + __expf(-g[e])) * u[e];
+      store16(xs + i, g);
+    }
+  } else if (MODE == GEMV_NORM) {
+    __shared__ float partial[GEMV_WARPS];
+    float ss = 0.f;
+    for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {
+      uint4 raw = *reinterpret_cast<const uint4*>(x + i);
+      float f[VEC];
+      widen(raw, x, f);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
+      *reinterpret_cast<uint4*>(xs + i) = raw;
+    }
+#pragma unroll
+    for (int step = 16; step >= 1; step /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, step);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < GEMV_WARPS; ++w) total += partial[w];
+    const float scale = rsqrtf(total / static_cast<float>(K) + eps);
+    const T* nw = static_cast<const T*>(aux);
+    for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {  // the elements this thread copied
+      float f[VEC], wf[VEC];
+      load16_shared(xs + i, f);
+      load16(nw + i, wf);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f[e] = f[e] * scale * wf[e];
+      store16(xs + i, f);
+    }
+  } else {
+    for (int i = threadIdx.x * VEC; i < K; i += STRIDE)
+      *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
   }
   __syncthreads();
+}
+
+template <typename OutT, int MODE>
+__device__ __forceinline__ void gemv_finish(OutT* y, const void* aux, int row, float acc) {
+  if (MODE == GEMV_RESIDUAL || MODE == GEMV_SILU_RESIDUAL)
+    acc += to_float(static_cast<const OutT*>(aux)[row]);
+  store(y + row, acc);
+}
+
+// Batch-1 GEMV, y = W x: W is [n, K] row-major, x has K elements (2K for GEMV_SILU_RESIDUAL).
+// 256 threads, one warp per output row: x is staged in shared memory once per CTA (see
+// gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the compile-time K
+// unrolls so several loads are in flight), products accumulate in float32 and are reduced
+// across the warp.
+template <typename T, typename OutT, int K, int MODE = GEMV_PLAIN>
+__device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
+                                     const T* __restrict__ w, OutT* __restrict__ y, int n,
+                                     float eps) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int STEP = 32 * VEC;
+  static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
+  __shared__ __align__(16) T xs[K];
+  gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * WARPS + warp;
+  const int row = blockIdx.x * GEMV_WARPS + warp;
   if (row >= n) return;
   const T* wr = w + static_cast<int64_t>(row) * K + lane * VEC;
   const T* xr = xs + lane * VEC;
@@ -296,29 +374,26 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restric
   }
 #pragma unroll
   for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
-  if (lane == 0) store(y + row, acc);
+  if (lane == 0) gemv_finish<OutT, MODE>(y, aux, row, acc);
 }
 
 // Batch-1 GEMV over q4f16_1 weights (weights/quantize.py): qw is [n, K/8] uint32, qs is
-// [n, K/32] half. Lanes read consecutive words (8 weights each, coalesced) and the matching 16
-// bytes of x from shared memory. A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i, so OR-ing
-// them into the exponent of 1024.0 gives a half2 (1024 + q) pair in two operations; subtracting
-// 1031 leaves q - 7 exactly. The 8 products accumulate in half2, each word's sum in float32.
-template <typename OutT, int K>
-__device__ __forceinline__ void gemv_q4(const half* __restrict__ x,
+// [n, K/32] half; x and the modes as in gemv. Lanes read consecutive words (8 weights each,
+// coalesced) and the matching 16 bytes of x from shared memory. A word's nibbles 2i, 2i+1 sit at
+// bits 4i and 16+4i, so OR-ing them into the exponent of 1024.0 gives a half2 (1024 + q) pair
+// in two operations; subtracting 1031 leaves q - 7 exactly. The 8 products accumulate in
+// half2, each word's sum in float32.
+template <typename OutT, int K, int MODE = GEMV_PLAIN>
+__device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
                                         const half* __restrict__ qs, OutT* __restrict__ y,
-                                        int n) {
+                                        int n, float eps) {
   constexpr int WORDS = K / 8;
-  constexpr int WARPS = 8;
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
-  for (int i = threadIdx.x * 8; i < K; i += WARPS * 32 * 8) {
-    *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
-  }
-  __syncthreads();
+  gemv_stage_x<half, K, MODE>(xs, x, aux, eps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * WARPS + warp;
+  const int row = blockIdx.x * GEMV_WARPS + warp;
   if (row >= n) return;
   const uint32_t* wr = qw + static_cast<int64_t>(row) * WORDS;
   const half* sr = qs + static_cast<int64_t>(row) * (K / 32);
@@ -343,7 +418,7 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x,
   if (WORDS % 32 != 0 && (WORDS / 32) * 32 + lane < WORDS) word((WORDS / 32) * 32 + lane);
 #pragma unroll
   for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
-  if (lane == 0) store(y + row, acc);
+  if (lane == 0) gemv_finish<OutT, MODE>(y, aux, row, acc);
 }
 
 // Tensor-core GEMM for prefill: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
@@ -433,6 +508,294 @@ __device__ __forceinline__ void gemm_nt(const half* __restrict__ x, const half* 
       }
       __syncwarp();
     }
+  }
+}
+
+// ---- Tensor-core flash attention for prefill (mma.sync m16n8k16, float32 accumulation) ----
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const half* p) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const half* p) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// c (16 x 8, float) += a (16 x 16, row-major half) * b (16 x 8, column-major half)
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+constexpr int FA_BR = 128, FA_BC = 64, FA_THREADS = 256;  // query rows, key rows per tile
+
+// Rotate-half RoPE of one head row's elements [c, c + 8) (lo) and [c + D/2, c + D/2 + 8) (hi)
+// at position `pos` (already times the scale), TVM's frequencies.
+template <int D>
+__device__ __forceinline__ void rope_pair(float* lo, float* hi, int c, float pos, float theta) {
+  float inv[8];
+  rope_frequencies<8, D>(inv, c, theta);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    float s, co;
+    sincos_reduced(pos * inv[e], &s, &co);
+    float a = lo[e], b = hi[e];
+    lo[e] = a * co - b * s;
+    hi[e] = b * co + a * s;
+  }
+}
+
+__device__ __forceinline__ uint4 pack_half8(const float* f) {
+  uint4 r;
+  uint32_t* p = reinterpret_cast<uint32_t*>(&r);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) p[e] = pack_half2(f[2 * e], f[2 * e + 1]);
+  return r;
+}
+
+// Copies `rows` rows of D halves (row stride `stride` elements) into shared memory with row
+// pitch D + 8 (conflict-free ldmatrix); rows at or past `valid` are zero-filled. With `pos`,
+// row r is rotated (RoPE at position pos[r]) and rounded to half on the way, as TVM's kernels
+// do; otherwise cp.async moves it without registers.
+template <int D>
+__device__ __forceinline__ void fa_load_rows(half* dst, const half* src, int64_t stride, int rows,
+                                             int valid, const int* pos, float scale,
+                                             float theta) {
+  constexpr int CH = D / 8, LD = D + 8;
+  if (pos == nullptr) {
+    for (int i = threadIdx.x; i < rows * CH; i += FA_THREADS) {
+      int r = i / CH, c = (i % CH) * 8;
+      bool ok = r < valid;
+      cp_async16(dst + r * LD + c, src + (ok ? r * stride + c : 0), ok);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    return;
+  }
+  for (int i = threadIdx.x; i < rows * (CH / 2); i += FA_THREADS) {
+    int r = i / (CH / 2), c = (i % (CH / 2)) * 8;  // this chunk and its partner c + D / 2
+    float lo[8], hi[8];
+    if (r < valid) {
+      load16(src + r * stride + c, lo);
+      load16(src + r * stride + c + D / 2, hi);
+      rope_pair<D>(lo, hi, c, static_cast<float>(pos[r]) * scale, theta);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) lo[e] = hi[e] = 0.f;
+    }
+    *reinterpret_cast<uint4*>(dst + r * LD + c) = pack_half8(lo);
+    *reinterpret_cast<uint4*>(dst + r * LD + c + D / 2) = pack_half8(hi);
+  }
+}
+
+// RoPE of the ragged keys k [rows, heads, D] into k_rot (same layout) before the attention, so
+// each key is rotated once rather than once per query tile. Row r of sequence b (rows
+// [indptr[b], indptr[b + 1])) sits at position offset[b] + r - indptr[b]. 256 threads per CTA,
+// one (row, head, 8-element pair) each. Does nothing unless rotary_mode == 1.
+template <int D>
+__device__ __forceinline__ void rope_ragged_keys(const half* __restrict__ k,
+                                                 const int* __restrict__ indptr,
+                                                 const int* __restrict__ offset, int batch,
+                                                 int rows, int heads, half* __restrict__ k_rot,
+                                                 int rotary_mode, float scale, float theta) {
+  constexpr int PAIRS = D / 16;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (rotary_mode != 1 || i >= static_cast<int64_t>(rows) * heads * PAIRS) return;
+  const int c = static_cast<int>(i % PAIRS) * 8;
+  const int64_t rh = i / PAIRS;
+  const int row = static_cast<int>(rh / heads);
+  int b = 0;
+  while (b + 1 < batch && indptr[b + 1] <= row) ++b;
+  float lo[8], hi[8];
+  load16(k + rh * D + c, lo);
+  load16(k + rh * D + c + D / 2, hi);
+  rope_pair<D>(lo, hi, c, static_cast<float>(offset[b] + row - indptr[b]) * scale, theta);
+  *reinterpret_cast<uint4*>(k_rot + rh * D + c) = pack_half8(lo);
+  *reinterpret_cast<uint4*>(k_rot + rh * D + c + D / 2) = pack_half8(hi);
+}
+
+// Causal (or full) attention of ragged queries over ragged keys/values, the contract of TVM's
+// batch_prefill_ragged_kv: q [total_q, H_qo, D], k and v [total_kv, H_kv, D], sequence b owns
+// rows [indptr[b], indptr[b + 1]); with `causal`, query i sees keys j <= kv_len - q_len + i.
+// With rotary_mode == 1 the queries are rotated here and the keys come from k_rot
+// (rope_ragged_keys). Writes the normalized output and the base-2 log-sum-exp. Grid (tiles, H_qo), 256 threads:
+// a CTA owns FA_BR = 128 query rows of one head (16 per warp, Q kept in registers as mma
+// fragments), walks FA_BC = 64 keys at a time with online softmax, and keeps P in registers
+// between the two products (FlashAttention-2's layout). K and V tiles share one shared-memory
+// buffer with Q's staging; V's copy overlaps the S = QK^T product and the next K's the PV one.
+template <int D, int G>
+__device__ __forceinline__ void prefill_attn_ragged(
+    const half* __restrict__ q, const int* __restrict__ q_indptr, const half* __restrict__ k,
+    const half* __restrict__ k_rot, const half* __restrict__ v,
+    const int* __restrict__ kv_indptr, const int* __restrict__ q_rope_pos,
+    half* __restrict__ out, float* __restrict__ lse, int batch, int causal, int rotary_mode,
+    float rope_scale, float rope_theta, float sm_scale) {
+  static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
+  constexpr int LD = D + 8, KC = D / 16, NB = FA_BC / 8, DB = D / 8;
+  __shared__ __align__(128) half smem[FA_BR * LD];  // Q staging, then K | V tiles
+  half* ks = smem;
+  half* vs = smem + FA_BC * LD;
+
+  // the tile: numbered over all sequences, the last (longest, causally) first
+  int total = 0;
+  for (int b = 0; b < batch; ++b) total += (q_indptr[b + 1] - q_indptr[b] + FA_BR - 1) / FA_BR;
+  int t = total - 1 - static_cast<int>(blockIdx.x);
+  if (t < 0) return;
+  int b = 0;
+  for (; b < batch; ++b) {
+    int n = (q_indptr[b + 1] - q_indptr[b] + FA_BR - 1) / FA_BR;
+    if (t < n) break;
+    t -= n;
+  }
+  const int h = blockIdx.y, h_qo = gridDim.y, kvh = h / G, h_kv = h_qo / G;
+  const int q0 = q_indptr[b], q_len = q_indptr[b + 1] - q0;
+  const int k0 = kv_indptr[b], kv_len = kv_indptr[b + 1] - k0;
+  const int row0 = t * FA_BR;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const bool rope = rotary_mode == 1;
+
+  fa_load_rows<D>(smem, q + (static_cast<int64_t>(q0 + row0) * h_qo + h) * D,
+                  static_cast<int64_t>(h_qo) * D, FA_BR, q_len - row0,
+                  rope ? q_rope_pos + q0 + row0 : nullptr, rope_scale, rope_theta);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();
+  uint32_t qf[KC][4];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc)
+    ldmatrix_x4(qf[kc], smem + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kc * 16 +
+                            8 * (lane >> 4));
+  __syncthreads();
+
+  // keys this tile can see: causal rows end at kv_len - q_len + (last row) + 1
+  const int last_row = min(row0 + FA_BR, q_len) - 1;
+  const int kv_end = causal ? min(kv_len, kv_len - q_len + last_row + 1) : kv_len;
+  const int tiles = (max(kv_end, 0) + FA_BC - 1) / FA_BC;
+  const int64_t kv_stride = static_cast<int64_t>(h_kv) * D;
+  const half* kbase = (rope ? k_rot : k) + (static_cast<int64_t>(k0) * h_kv + kvh) * D;
+  const half* vbase = v + (static_cast<int64_t>(k0) * h_kv + kvh) * D;
+
+  const float qk_scale = sm_scale * 1.4426950408889634f;  // scores in base 2
+  const int my_row = row0 + warp * 16 + gid;  // this thread's rows: my_row and my_row + 8
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DB][4];
+#pragma unroll
+  for (int i = 0; i < DB; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  if (tiles > 0)
+    fa_load_rows<D>(ks, kbase, kv_stride, FA_BC, kv_len, nullptr, 0.f, 0.f);
+  for (int it = 0; it < tiles; ++it) {
+    const int j0 = it * FA_BC;
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // K(it) landed; every warp is done with V(it - 1)
+    fa_load_rows<D>(vs, vbase + j0 * kv_stride, kv_stride, FA_BC, kv_len - j0, nullptr, 0.f,
+                    0.f);
+
+    float s[NB][4];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int p = 0; p < NB / 2; ++p) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, ks + (p * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kc * 16 +
+                            8 * ((lane >> 3) & 1));
+        mma_16816(s[2 * p], qf[kc], kb);
+        mma_16816(s[2 * p + 1], qf[kc], kb + 2);
+      }
+    }
+
+    // mask (only tiles that cross the diagonal or the end of the keys), then online softmax
+    const bool edge = j0 + FA_BC > kv_len ||
+                      (causal && j0 + FA_BC - 1 > kv_len - q_len + row0 + warp * 16);
+#pragma unroll
+    for (int half_ = 0; half_ < 2; ++half_) {
+      const int limit = causal ? min(kv_len, kv_len - q_len + my_row + 8 * half_ + 1) : kv_len;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[nb][2 * half_ + e] * qk_scale;
+          if (edge && j0 + nb * 8 + 2 * tig + e >= limit) x = -INFINITY;
+          s[nb][2 * half_ + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half_], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[half_] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float p = exp2f(s[nb][2 * half_ + e] - base);
+          s[nb][2 * half_ + e] = p;
+          sum += p;
+        }
+      }
+      l[half_] = l[half_] * alpha + sum;
+      m[half_] = m_new;
+#pragma unroll
+      for (int db = 0; db < DB; ++db) {
+        o[db][2 * half_] *= alpha;
+        o[db][2 * half_ + 1] *= alpha;
+      }
+    }
+
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // V(it) landed; every warp is done with K(it)
+    if (it + 1 < tiles)
+      fa_load_rows<D>(ks, kbase + (j0 + FA_BC) * kv_stride, kv_stride, FA_BC,
+                      kv_len - j0 - FA_BC, nullptr, 0.f, 0.f);
+
+#pragma unroll
+    for (int kc = 0; kc < FA_BC / 16; ++kc) {
+      uint32_t pa[4] = {pack_half2(s[2 * kc][0], s[2 * kc][1]),
+                        pack_half2(s[2 * kc][2], s[2 * kc][3]),
+                        pack_half2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                        pack_half2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < DB / 2; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vs + (kc * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD +
+                                  dp * 16 + 8 * (lane >> 4));
+        mma_16816(o[2 * dp], pa, vb);
+        mma_16816(o[2 * dp + 1], pa, vb + 2);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int half_ = 0; half_ < 2; ++half_) {
+    float den = l[half_];
+    den += __shfl_xor_sync(0xffffffffu, den, 1);
+    den += __shfl_xor_sync(0xffffffffu, den, 2);
+    const int row = my_row + 8 * half_;
+    if (row >= q_len) continue;
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    const int64_t at = (static_cast<int64_t>(q0 + row) * h_qo + h);
+    half* orow = out + at * D + 2 * tig;
+#pragma unroll
+    for (int db = 0; db < DB; ++db)
+      *reinterpret_cast<uint32_t*>(orow + db * 8) =
+          pack_half2(o[db][2 * half_] * inv, o[db][2 * half_ + 1] * inv);
+    if (tig == 0) lse[at] = den > 0.f ? m[half_] + log2f(den) : -5e4f;
   }
 }
 

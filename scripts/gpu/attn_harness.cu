@@ -1,0 +1,51 @@
+// Stand-alone launcher for mc::prefill_attn_ragged (no TVM), so scripts/gpu/attn_check.py can
+// test and time the kernel from torch on the GPU machine. Built here by nvcc:
+//   nvcc -shared -Xcompiler -fPIC -O3 -gencode arch=compute_90,code=sm_90 \
+//        -I mistral_compile/compiler/csrc scripts/gpu/attn_harness.cu -o attn_harness.so
+#include "mc_kernels.cuh"
+
+template <int D>
+__global__ void __launch_bounds__(256) rope_keys(const half* k, const int* indptr,
+                                                 const int* offset, int batch, int rows,
+                                                 int heads, half* k_rot, int rotary_mode,
+                                                 float scale, float theta) {
+  mc::rope_ragged_keys<D>(k, indptr, offset, batch, rows, heads, k_rot, rotary_mode, scale,
+                          theta);
+}
+
+template <int D, int G>
+__global__ void __launch_bounds__(mc::FA_THREADS) ragged(
+    const half* q, const int* q_indptr, const half* k, const half* k_rot, const half* v,
+    const int* kv_indptr, const int* q_rope_pos, half* out, float* lse, int batch, int causal,
+    int rotary_mode, float rope_scale, float rope_theta, float sm_scale) {
+  mc::prefill_attn_ragged<D, G>(q, q_indptr, k, k_rot, v, kv_indptr, q_rope_pos, out, lse,
+                                batch, causal, rotary_mode, rope_scale, rope_theta, sm_scale);
+}
+
+// k_rot: scratch of k's size (written only when rotary_mode == 1)
+extern "C" int launch_ragged(int d, int group, int h_qo, int total_q, int total_kv,
+                             void* k_rot, const void* q,
+                             const int* q_indptr, const void* k, const void* v,
+                             const int* kv_indptr, const int* q_rope_pos,
+                             const int* k_rope_offset, void* out, float* lse, int batch,
+                             int causal, int rotary_mode, float rope_scale, float rope_theta,
+                             float sm_scale) {
+  dim3 grid((total_q + mc::FA_BR - 1) / mc::FA_BR + batch, h_qo);
+#define MC_LAUNCH(D_, G_)                                                                     \
+  if (d == D_ && group == G_) {                                                             \
+    int h_kv = h_qo / G_;                                                                   \
+    if (rotary_mode == 1)                                                                   \
+      rope_keys<D_><<<((long)total_kv * h_kv * (D_ / 16) + 255) / 256, 256>>>(              \
+          (const half*)k, kv_indptr, k_rope_offset, batch, total_kv, h_kv, (half*)k_rot,    \
+          rotary_mode, rope_scale, rope_theta);                                             \
+    ragged<D_, G_><<<grid, mc::FA_THREADS>>>(                                                \
+        (const half*)q, q_indptr, (const half*)k, (const half*)k_rot, (const half*)v,        \
+        kv_indptr, q_rope_pos, (half*)out, lse, batch, causal, rotary_mode, rope_scale,      \
+        rope_theta, sm_scale);                                                              \
+    return (int)cudaGetLastError();                                                         \
+  }
+  MC_LAUNCH(128, 4)
+  MC_LAUNCH(16, 2)
+  MC_LAUNCH(64, 1)
+  return -1;
+}
