@@ -85,8 +85,13 @@ def load_cuda_runtime() -> None:
 
 
 def gencode_flags(arch: str) -> list[str]:
-    """The nvcc flags for machine code of exactly ``arch`` (no PTX, so no driver JIT)."""
+    """The nvcc flags for machine code of exactly ``arch`` (no PTX, so no driver JIT).
+
+    sm_90 builds as sm_90a (the same chips, H100/H200/GH200) so that the prefill GEMM can use
+    Hopper's warpgroup MMA (model/kernels.py gemm).
+    """
     digits = arch.removeprefix("sm_")
+    digits = "90a" if digits == "90" else digits
     return ["-gencode", f"arch=compute_{digits},code=sm_{digits}"]
 
 
@@ -107,9 +112,11 @@ def register_nvcc_callback(arch: str) -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             logger.debug("nvcc %s: %d bytes of CUDA C in %.1f s", arch, len(code),
                          time.perf_counter() - start)
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # the error lines, not the warnings that precede them
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                errors = [line for line in lines if "error" in line] or lines
                 raise MistralCompileError(f"nvcc failed for {arch}: "
-                                          f"{(proc.stderr or proc.stdout).strip()[:2000]}")
+                                          f"{chr(10).join(errors)[:2000]}")
             data = out.read_bytes()
         if not data.startswith(FATBIN_MAGIC):
             raise MistralCompileError("nvcc did not produce a fatbin")

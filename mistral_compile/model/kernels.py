@@ -237,8 +237,9 @@ def own_attention_kernels() -> Iterator[None]:
         _prefill_kernels._get_prefill_kernel_config = original_config
 
 
-GEMV_WARPS = 8  # output rows per CTA (one warp each)
-GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "silu_residual": 3}  # GEMV_* in the header
+GEMV_WARPS = 8  # warps per CTA (each walks output rows)
+GEMV_MAX_CTAS = 512  # beyond this, warps take several rows: x is staged once per CTA
+GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3}  # GEMV_* in the header
 
 
 def gemv_supported(in_features: int, dtype: str) -> bool:
@@ -247,41 +248,44 @@ def gemv_supported(in_features: int, dtype: str) -> bool:
         in_features * (2 if dtype == "float16" else 4) <= 48 * 1024
 
 
-def gemv_operand_shapes(n: int, k: int, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of a decode GEMV's input x and its ``aux`` operand in the given fusion mode.
+def gemv_shapes(n: int, k: int, mode: str) -> tuple[tuple[int, ...], int]:
+    """A decode GEMV's ``aux`` operand shape and its number of outputs, per fusion mode.
 
-    plain: aux is x again (unused); norm: aux is the RMSNorm weight [k]; residual: aux is the
-    residual [1, 1, n];
-    silu_residual: x holds gate and up ([1, 1, 2k], y = aux + W (silu(gate) * up)).
+    plain: aux is x again (unused); norm: aux is the RMSNorm weight [k], y = W RMSNorm(x);
+    residual: aux is the residual [1, 1, n], y = aux + W x; norm_silu: W is [gate; up]
+    (n = 2 * outputs), y = silu(gate RMSNorm(x)) * (up RMSNorm(x)).
     """
-    x = (1, 1, 2 * k) if mode == "silu_residual" else (1, 1, k)
-    aux = {"plain": x, "norm": (k,)}.get(mode, (1, 1, n))
-    return x, aux
+    aux = {"plain": (1, 1, k), "norm": (k,), "norm_silu": (k,)}.get(mode, (1, 1, n))
+    return aux, n // 2 if mode == "norm_silu" else n
+
+
+def _gemv_ctas(outputs: int) -> int:
+    return min((outputs + GEMV_WARPS - 1) // GEMV_WARPS, GEMV_MAX_CTAS)
 
 
 def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: str = "plain",
          eps: float = 0.0) -> tirx.PrimFunc:
     """y[1, 1, N] = x[1, 1, K] @ W[N, K]^T for batch-1 decode, float32 accumulation.
 
-    ``mode`` fuses the neighbouring small kernels (see gemv_operand_shapes); ``eps`` is the
-    RMSNorm epsilon of mode "norm".
+    ``mode`` fuses the neighbouring small kernels (see gemv_shapes); ``eps`` is the RMSNorm
+    epsilon of the norm modes.
     """
     n, k = out_features, in_features
     extern = f"mc::gemv<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
-    x_shape, aux_shape = gemv_operand_shapes(n, k, mode)
+    aux_shape, outputs = gemv_shapes(n, k, mode)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x: T.Buffer(x_shape, dtype), aux: T.Buffer(aux_shape, dtype),
-             w: T.Buffer((n, k), dtype), y: T.Buffer((1, 1, n), out_dtype)):
+    def func(x: T.Buffer((1, 1, k), dtype), aux: T.Buffer(aux_shape, dtype),
+             w: T.Buffer((n, k), dtype), y: T.Buffer((1, 1, outputs), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
+        for _bx in T.thread_binding(_gemv_ctas(outputs), thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv"):
-                    T.reads(x[0, 0, 0:x_shape[2]], w[0:n, 0:k])
-                    T.writes(y[0, 0, 0:n])
+                    T.reads(x[0, 0, 0:k], w[0:n, 0:k])
+                    T.writes(y[0, 0, 0:outputs])
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                              aux.access_ptr("r"), w.access_ptr("r"),
-                                             y.access_ptr("w"), n, T.float32(eps)))
+                                             y.access_ptr("w"), outputs, T.float32(eps)))
 
     return func
 
@@ -291,28 +295,29 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
     """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T at decode (gemv's modes)."""
     n, k = out_features, in_features
     extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
-    x_shape, aux_shape = gemv_operand_shapes(n, k, mode)
+    aux_shape, outputs = gemv_shapes(n, k, mode)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x: T.Buffer(x_shape, "float16"), aux: T.Buffer(aux_shape, "float16"),
+    def func(x: T.Buffer((1, 1, k), "float16"), aux: T.Buffer(aux_shape, "float16"),
              q_weight: T.Buffer((n, k // 8), "uint32"),
-             q_scale: T.Buffer((n, k // 32), "float16"), y: T.Buffer((1, 1, n), out_dtype)):
+             q_scale: T.Buffer((n, k // 32), "float16"),
+             y: T.Buffer((1, 1, outputs), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding((n + GEMV_WARPS - 1) // GEMV_WARPS, thread="blockIdx.x"):
+        for _bx in T.thread_binding(_gemv_ctas(outputs), thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv_q4"):
-                    T.reads(x[0, 0, 0:x_shape[2]], q_weight[0:n, 0:k // 8],
-                            q_scale[0:n, 0:k // 32])
-                    T.writes(y[0, 0, 0:n])
+                    T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.writes(y[0, 0, 0:outputs])
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                              aux.access_ptr("r"), q_weight.access_ptr("r"),
-                                             q_scale.access_ptr("r"), y.access_ptr("w"), n,
-                                             T.float32(eps)))
+                                             q_scale.access_ptr("r"), y.access_ptr("w"),
+                                             outputs, T.float32(eps)))
 
     return func
 
 
 GEMM_TILE = 128  # rows and columns of y per CTA (compiler/csrc/mc_kernels.cuh gemm_nt)
+WG_BM, WG_BN, WG_SMEM = 128, 256, 4 * (128 + 256) * 64 * 2 + 1024  # gemm_wgmma (sm_90a)
 
 
 def gemm_supported(out_features: int, in_features: int, dtype: str) -> bool:
@@ -320,9 +325,16 @@ def gemm_supported(out_features: int, in_features: int, dtype: str) -> bool:
     return dtype == "float16" and in_features % 32 == 0 and out_features % 8 == 0
 
 
-def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
-    """y[b, s, N] = x[b, s, K] @ W[N, K]^T on tensor cores (float16 in, float32 accumulation)."""
+def gemm(out_features: int, in_features: int, out_dtype: str,
+         arch: str = "") -> tirx.PrimFunc:
+    """y[b, s, N] = x[b, s, K] @ W[N, K]^T on tensor cores (float16 in, float32 accumulation).
+
+    On sm_90 (built as sm_90a) with K a multiple of 64: Hopper's warpgroup MMA (gemm_wgmma,
+    128 x 256 tiles, 4 cp.async stages in dynamic shared memory); elsewhere WMMA (gemm_nt).
+    """
     n, k = out_features, in_features
+    if arch == "sm_90" and k % 64 == 0:
+        return _gemm_wgmma(n, k, out_dtype)
     extern = f"mc::gemm_nt<{CTYPES[out_dtype]}, {k}>"
 
     @T.prim_func(private=True, s_tir=True)
@@ -341,5 +353,30 @@ def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
                         T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                                  w.access_ptr("r"), y.access_ptr("w"),
                                                  T.Cast("int32", b * s), n))
+
+    return func
+
+
+def _gemm_wgmma(n: int, k: int, out_dtype: str) -> tirx.PrimFunc:
+    extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        y = T.match_buffer(y_handle, (b, s, n), out_dtype)
+        for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
+            for _by in T.thread_binding((n + WG_BN - 1) // WG_BN, thread="blockIdx.y"):
+                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                    with T.sblock("gemm"):
+                        T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k])
+                        T.writes(y[0:b, 0:s, 0:n])
+                        smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                                 w.access_ptr("r"), y.access_ptr("w"),
+                                                 T.Cast("int32", b * s), n,
+                                                 smem.access_ptr("rw")))
 
     return func

@@ -75,8 +75,9 @@ class MistralLinear(nn.Module):
             args = [x, aux, self.q_weight, self.q_scale]
         else:
             func, args = kernels.gemv(n, k, x.dtype, x.dtype, mode, eps), [x, aux, self.weight]
+        outputs = kernels.gemv_shapes(n, k, mode)[1]
         return op.tensor_ir_op(func, f"gemv_{mode}", args=args,
-                               out=Tensor.placeholder((1, 1, n), x.dtype))
+                               out=Tensor.placeholder((1, 1, outputs), x.dtype))
 
 
 def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
@@ -99,7 +100,8 @@ def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
                                out=Tensor.placeholder((1, 1, n), out_dtype))
     if _on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
         b, s, _ = x.shape
-        return op.tensor_ir_op(kernels.gemm(n, k, out_dtype), "gemm", args=[x, weight],
+        gemm = kernels.gemm(n, k, out_dtype, Target.current().arch)
+        return op.tensor_ir_op(gemm, "gemm", args=[x, weight],
                                out=Tensor.placeholder((b, s, n), out_dtype))
     return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
 
@@ -211,15 +213,16 @@ class MistralDecoderLayer(nn.Module):
     def _decode(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         """The same layer with 4 GEMVs and no other kernel outside attention.
 
-        RMSNorm is staged inside the qkv and gate_up GEMVs, the residual adds and
-        silu(gate) * up inside the o and down GEMVs.
+        RMSNorm is staged inside the qkv and gate_up GEMVs, silu(gate) * up is the gate_up
+        GEMV's output (a warp reads a gate row and its up row), and the residual adds finish
+        the o and down GEMVs.
         """
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv = attn.qkv_proj.fused(hidden, "norm", norm1.weight, norm1.eps)
         hidden = attn.o_proj.fused(attn.attend(qkv, cache, layer_id), "residual", hidden)
-        gate_up = mlp.gate_up_proj.fused(hidden, "norm", norm2.weight, norm2.eps)
-        return mlp.down_proj.fused(gate_up, "silu_residual", hidden)
+        act = mlp.gate_up_proj.fused(hidden, "norm_silu", norm2.weight, norm2.eps)
+        return mlp.down_proj.fused(act, "residual", hidden)
 
 
 class MistralModel(nn.Module):

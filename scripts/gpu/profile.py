@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,19 @@ def table(prof: torch.profiler.profile, label: str, steps: int) -> None:
     for e in sorted(events, key=lambda e: -e.device_time_total)[:14]:
         print(f"  {e.device_time_total / 1e3 / steps:8.3f} ms  {e.count / steps:6.1f}x  "
               f"{e.key[:90]}")
+
+
+def gaps(prof: torch.profiler.profile, steps: int) -> None:
+    """GPU idle time between consecutive kernels per step, by the pair of kernels around it."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name[:40]) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    idle: dict[tuple[str, str], float] = defaultdict(float)
+    for (_, end, before), (start, _, after) in zip(kernels, kernels[1:], strict=False):
+        if start > end:
+            idle[(before, after)] += start - end
+    print(f"  GPU idle between kernels: {sum(idle.values()) / 1e3 / steps:.3f} ms per step")
+    for (before, after), us in sorted(idle.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {us / 1e3 / steps:8.3f} ms  after {before} before {after}")
 
 
 def main() -> None:
@@ -52,11 +67,18 @@ def main() -> None:
         eng.prefill(ids)
         torch.cuda.synchronize()
     table(prof, f"prefill {args.prefill} tokens", 1)
+    start = time.perf_counter()
+    for t in range(args.steps):
+        eng.decode(t + 7)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / args.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for t in range(args.steps):
             eng.decode(t + 7)
         torch.cuda.synchronize()
+    print(f"decode step without the profiler: {wall * 1e3:.2f} ms")
     table(prof, f"decode at {args.prefill}", args.steps)
+    gaps(prof, args.steps)
 
 
 if __name__ == "__main__":

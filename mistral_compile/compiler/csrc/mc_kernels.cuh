@@ -257,13 +257,14 @@ __device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, 
   if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
 }
 
-// How a decode GEMV stages its input x and finishes its output (the fusions that save the
+// How a decode GEMV stages its input x and finishes its outputs (the fusions that save the
 // small kernels between projections). `aux` is the norm weight [K] or the residual [n].
-constexpr int GEMV_PLAIN = 0;          // y = W x
-constexpr int GEMV_NORM = 1;           // y = W (RMSNorm(x) * aux), as one rms_norm kernel would
-constexpr int GEMV_RESIDUAL = 2;       // y = aux + W x
-constexpr int GEMV_SILU_RESIDUAL = 3;  // y = aux + W (silu(x[:K]) * x[K:])
-constexpr int GEMV_WARPS = 8;          // output rows per CTA, one warp each
+constexpr int GEMV_PLAIN = 0;      // y = W x
+constexpr int GEMV_NORM = 1;       // y = W (RMSNorm(x) * aux), as one rms_norm kernel would
+constexpr int GEMV_RESIDUAL = 2;   // y = aux + W x
+constexpr int GEMV_NORM_SILU = 3;  // W = [gate; up] (2n rows): y = silu(gate x') * (up x'),
+                                   // x' = RMSNorm(x) * aux
+constexpr int GEMV_WARPS = 8;      // warps per CTA; each walks output rows with the grid stride
 
 __device__ __forceinline__ void store16(half* p, const float* f) {
   uint4 r;
@@ -286,16 +287,7 @@ template <typename T, int K, int MODE>
 __device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, const void* aux,
                                              float eps) {
   constexpr int VEC = Vec<T>::N, STRIDE = GEMV_WARPS * 32 * VEC;
-  if (MODE == GEMV_SILU_RESIDUAL) {
-    for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {
-      float g[VEC], u[VEC];
-      load16(x + i, g);
-      load16(x + K + i, u);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.f + __expf(-g[e])) * u[e];
-      store16(xs + i, g);
-    }
-  } else if (MODE == GEMV_NORM) {
+  if (MODE == GEMV_NORM || MODE == GEMV_NORM_SILU) {
     __shared__ float partial[GEMV_WARPS];
     float ss = 0.f;
     for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {
@@ -330,18 +322,37 @@ __device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, con
   __syncthreads();
 }
 
-template <typename OutT, int MODE>
-__device__ __forceinline__ void gemv_finish(OutT* y, const void* aux, int row, float acc) {
-  if (MODE == GEMV_RESIDUAL || MODE == GEMV_SILU_RESIDUAL)
-    acc += to_float(static_cast<const OutT*>(aux)[row]);
-  store(y + row, acc);
+// Runs dot(row) for this warp's rows (grid-strided, so CTAs can be fewer than rows / 8 and
+// the staging above is paid once per CTA), then finishes each output (lane 0 writes).
+template <typename OutT, int MODE, typename Dot>
+__device__ __forceinline__ void gemv_rows(OutT* y, const void* aux, int n, Dot dot) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int row = blockIdx.x * GEMV_WARPS + warp; row < n; row += gridDim.x * GEMV_WARPS) {
+    float acc, up = 0.f;
+    if constexpr (MODE == GEMV_NORM_SILU) {
+      dot(row, row + n, &acc, &up);
+    } else {
+      acc = dot(row);
+    }
+    if (lane == 0) {
+      if (MODE == GEMV_RESIDUAL) acc += to_float(static_cast<const OutT*>(aux)[row]);
+      if (MODE == GEMV_NORM_SILU) acc = acc / (1.f + __expf(-acc)) * up;
+      store(y + row, acc);
+    }
+  }
 }
 
-// Batch-1 GEMV, y = W x: W is [n, K] row-major, x has K elements (2K for GEMV_SILU_RESIDUAL).
-// 256 threads, one warp per output row: x is staged in shared memory once per CTA (see
-// gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the compile-time K
-// unrolls so several loads are in flight), products accumulate in float32 and are reduced
-// across the warp.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int step = 16; step >= 1; step /= 2) v += __shfl_xor_sync(0xffffffffu, v, step);
+  return v;
+}
+
+// Batch-1 GEMV, y = W x: W is [n, K] row-major ([2n, K] for GEMV_NORM_SILU), x has K
+// elements. 256 threads, one warp per output row at a time: x is staged in shared memory once
+// per CTA (gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the
+// compile-time K unrolls so several loads are in flight), products accumulate in float32 and
+// are reduced across the warp.
 template <typename T, typename OutT, int K, int MODE = GEMV_PLAIN>
 __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
                                      const T* __restrict__ w, OutT* __restrict__ y, int n,
@@ -351,74 +362,107 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
   __shared__ __align__(16) T xs[K];
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * GEMV_WARPS + warp;
-  if (row >= n) return;
-  const T* wr = w + static_cast<int64_t>(row) * K + lane * VEC;
+  const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
-  float acc = 0.f;
+  auto partial = [&](const T* wr, float* acc) {  // this lane's share of one row
 #pragma unroll 8
-  for (int it = 0; it < K / STEP; ++it) {
-    float wf[VEC], xf[VEC];
-    load16(wr + it * STEP, wf);
-    load16_shared(xr + it * STEP, xf);
+    for (int it = 0; it < K / STEP; ++it) {
+      float wf[VEC], xf[VEC];
+      load16(wr + it * STEP, wf);
+      load16_shared(xr + it * STEP, xf);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) acc += wf[e] * xf[e];
+      for (int e = 0; e < VEC; ++e) *acc += wf[e] * xf[e];
+    }
+    if (K % STEP != 0 && (K / STEP) * STEP + lane * VEC < K) {
+      float wf[VEC], xf[VEC];
+      load16(wr + (K / STEP) * STEP, wf);
+      load16_shared(xr + (K / STEP) * STEP, xf);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) *acc += wf[e] * xf[e];
+    }
+  };
+  auto row_ptr = [&](int r) { return w + static_cast<int64_t>(r) * K + lane * VEC; };
+  if constexpr (MODE == GEMV_NORM_SILU) {
+    gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
+      *ga = *ua = 0.f;
+      partial(row_ptr(g), ga);
+      partial(row_ptr(u), ua);
+      *ga = warp_sum(*ga);
+      *ua = warp_sum(*ua);
+    });
+  } else {
+    gemv_rows<OutT, MODE>(y, aux, n, [&](int r) {
+      float acc = 0.f;
+      partial(row_ptr(r), &acc);
+      return warp_sum(acc);
+    });
   }
-  if (K % STEP != 0 && (K / STEP) * STEP + lane * VEC < K) {
-    float wf[VEC], xf[VEC];
-    load16(wr + (K / STEP) * STEP, wf);
-    load16_shared(xr + (K / STEP) * STEP, xf);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc += wf[e] * xf[e];
-  }
-#pragma unroll
-  for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
-  if (lane == 0) gemv_finish<OutT, MODE>(y, aux, row, acc);
 }
 
 // Batch-1 GEMV over q4f16_1 weights (weights/quantize.py): qw is [n, K/8] uint32, qs is
-// [n, K/32] half; x and the modes as in gemv. Lanes read consecutive words (8 weights each,
-// coalesced) and the matching 16 bytes of x from shared memory. A word's nibbles 2i, 2i+1 sit at
-// bits 4i and 16+4i, so OR-ing them into the exponent of 1024.0 gives a half2 (1024 + q) pair
-// in two operations; subtracting 1031 leaves q - 7 exactly. The 8 products accumulate in
-// half2, each word's sum in float32.
+// [n, K/32] half; x and the modes as in gemv. Each lane reads 16 bytes of a row at a time (four
+// words, 32 weights, one group: one scale) and the matching 64 bytes of x from shared memory,
+// the four 16-byte pieces in a lane-rotated order so that a quarter-warp's loads hit distinct
+// banks. A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i, so OR-ing them into the exponent
+// of 1024.0 gives a half2 (1024 + q) pair in two operations; subtracting 1031 leaves q - 7
+// exactly. The 8 products of a word accumulate in half2, each group's sum in float32.
 template <typename OutT, int K, int MODE = GEMV_PLAIN>
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
                                         const half* __restrict__ qs, OutT* __restrict__ y,
                                         int n, float eps) {
-  constexpr int WORDS = K / 8;
+  constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
   gemv_stage_x<half, K, MODE>(xs, x, aux, eps);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * GEMV_WARPS + warp;
-  if (row >= n) return;
-  const uint32_t* wr = qw + static_cast<int64_t>(row) * WORDS;
-  const half* sr = qs + static_cast<int64_t>(row) * (K / 32);
+  const int lane = threadIdx.x & 31;
   const half2 bias = __float2half2_rn(1031.f);
-  float acc = 0.f;
-  auto word = [&](int wi) {
-    uint32_t w = __ldg(wr + wi);
-    float s = __half2float(__ldg(sr + wi / 4));
-    uint4 xr = *reinterpret_cast<const uint4*>(xs + wi * 8);
-    const half2* xh = reinterpret_cast<const half2*>(&xr);
+  auto group = [&](const uint4& wv, half s, int gi) {
+    const uint32_t* wq = reinterpret_cast<const uint32_t*>(&wv);
     half2 sum = __float2half2_rn(0.f);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint32_t v = ((w >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
-      sum = __hfma2(__hsub2(*reinterpret_cast<half2*>(&v), bias), xh[i], sum);
+    for (int j = 0; j < 4; ++j) {
+      const int jj = (j + (lane >> 1)) & 3;  // rotate the pieces across lanes (banks)
+      uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + jj * 8);
+      const half2* xh = reinterpret_cast<const half2*>(&xr);
+      const uint32_t word = wq[jj];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t v = ((word >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+        sum = __hfma2(__hsub2(*reinterpret_cast<half2*>(&v), bias), xh[i], sum);
+      }
     }
     float2 f = __half22float2(sum);
-    acc += s * (f.x + f.y);
+    return __half2float(s) * (f.x + f.y);
   };
-#pragma unroll 8
-  for (int it = 0; it < WORDS / 32; ++it) word(it * 32 + lane);
-  if (WORDS % 32 != 0 && (WORDS / 32) * 32 + lane < WORDS) word((WORDS / 32) * 32 + lane);
-#pragma unroll
-  for (int step = 16; step >= 1; step /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, step);
-  if (lane == 0) gemv_finish<OutT, MODE>(y, aux, row, acc);
+  auto partial = [&](int r, float* acc) {
+    const uint4* wr = reinterpret_cast<const uint4*>(qw + static_cast<int64_t>(r) * (K / 8));
+    const half* sr = qs + static_cast<int64_t>(r) * GROUPS;
+#pragma unroll 4
+    for (int it = 0; it < GROUPS / 32; ++it) {
+      const int gi = it * 32 + lane;
+      *acc += group(__ldg(wr + gi), __ldg(sr + gi), gi);
+    }
+    if (GROUPS % 32 != 0 && (GROUPS / 32) * 32 + lane < GROUPS) {
+      const int gi = (GROUPS / 32) * 32 + lane;
+      *acc += group(__ldg(wr + gi), __ldg(sr + gi), gi);
+    }
+  };
+  if constexpr (MODE == GEMV_NORM_SILU) {
+    gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
+      *ga = *ua = 0.f;
+      partial(g, ga);
+      partial(u, ua);
+      *ga = warp_sum(*ga);
+      *ua = warp_sum(*ua);
+    });
+  } else {
+    gemv_rows<OutT, MODE>(y, aux, n, [&](int r) {
+      float acc = 0.f;
+      partial(r, &acc);
+      return warp_sum(acc);
+    });
+  }
 }
 
 // Tensor-core GEMM for prefill: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
@@ -507,6 +551,154 @@ __device__ __forceinline__ void gemm_nt(const half* __restrict__ x, const half* 
         if (r < m && c < n) store(y + static_cast<int64_t>(r) * n + c, stage[e]);
       }
       __syncwarp();
+    }
+  }
+}
+
+// ---- Hopper (sm_90a) warpgroup-MMA GEMM for prefill ----
+// Shared-memory matrix descriptor of a K-major tile stored with the 128-byte swizzle: rows of
+// 64 halves (128 bytes), 8-row atoms of 1024 bytes, atoms stacked along M/N.
+__device__ __forceinline__ uint64_t wg_desc(const half* p) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(p));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// d (64 x 256 per warpgroup, float) += A (64 x 16, from desc_a) * B (256 x 16, from desc_b)^T
+__device__ __forceinline__ void wgmma_64x256x16(float* d, uint64_t desc_a, uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, 1, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  asm volatile("trap;");  // built without sm_90a: this kernel must not be selected
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Tensor-core GEMM for prefill on Hopper: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
+// accumulation, OutT out. CTA tile 128 x 256 x 64, two warpgroups (64 rows each) issuing
+// wgmma m64n256k16 from shared memory; tiles arrive by cp.async into WG_STAGES buffers laid out
+// with the 128-byte swizzle the descriptors name (16-byte chunk c of row r at c ^ (r % 8)).
+// Grid (M tiles, N tiles), 256 threads: M is walked fastest, so CTAs running together share one
+// weight tile. Needs sm_90a (nvcc -gencode arch=compute_90a,code=sm_90a) and
+// WG_SMEM_BYTES + 1024 bytes of dynamic shared memory at smem_raw.
+constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4;
+constexpr int WG_STAGE_HALVES = (WG_BM + WG_BN) * WG_BK;
+constexpr int WG_SMEM_BYTES = WG_STAGES * WG_STAGE_HALVES * 2;  // plus 1024 for alignment
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename OutT, int K>
+__device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const half* __restrict__ w,
+                                           OutT* __restrict__ y, int m, int n, half* smem_raw) {
+  // the swizzle atoms need 1024-byte alignment; the buffer has WG_SMEM_BYTES + 1024 bytes
+  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  half* smem = smem_raw + ((1024 - base % 1024) % 1024) / 2;
+  static_assert(K % WG_BK == 0, "K must be a multiple of 64");
+  constexpr int TILES = K / WG_BK;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int row0 = blockIdx.x * WG_BM, col0 = blockIdx.y * WG_BN;
+
+  auto load = [&](int slot, int kt) {
+    half* sa = smem + slot * WG_STAGE_HALVES;
+    half* sb = sa + WG_BM * WG_BK;
+    const int k0 = kt * WG_BK;
+#pragma unroll
+    for (int i = 0; i < (WG_BM + WG_BN) * 8 / 256; ++i) {  // 16-byte chunks, 8 per row
+      int piece = tid + i * 256, r = piece >> 3, c = piece & 7;
+      if (r < WG_BM) {
+        int g = row0 + r;
+        cp_async16(sa + r * WG_BK + ((c ^ (r & 7)) << 3),
+                   x + static_cast<int64_t>(min(g, m - 1)) * K + k0 + c * 8, g < m);
+      } else {
+        int rb = r - WG_BM, g = col0 + rb;
+        cp_async16(sb + rb * WG_BK + ((c ^ (rb & 7)) << 3),
+                   w + static_cast<int64_t>(min(g, n - 1)) * K + k0 + c * 8, g < n);
+      }
+    }
+  };
+
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+
+  // one wgmma group stays in flight while the next tile's is issued, so a slot is refilled
+  // two tiles after its group was issued (after the barrier that follows that group's wait)
+  constexpr int AHEAD = WG_STAGES - 2;  // tiles loading ahead
+#pragma unroll
+  for (int s = 0; s < AHEAD; ++s) {
+    if (s < TILES) load(s, s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  for (int kt = 0; kt < TILES; ++kt) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(AHEAD - 1));
+    fence_proxy_async();
+    __syncthreads();  // tile kt is in shared memory; the slot refilled below is free
+    if (kt + AHEAD < TILES) load((kt + AHEAD) % WG_STAGES, kt + AHEAD);
+    asm volatile("cp.async.commit_group;\n" ::);
+    const half* sa = smem + (kt % WG_STAGES) * WG_STAGE_HALVES + wg * 64 * WG_BK;
+    const half* sb = smem + (kt % WG_STAGES) * WG_STAGE_HALVES + WG_BM * WG_BK;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wgmma_64x256x16(d, wg_desc(sa + kk * 16), wg_desc(sb + kk * 16));
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+
+  // accumulator layout: warp (tid / 32) % 4 owns rows 16 w .. 16 w + 15 of its warpgroup's 64;
+  // d[4 j + e] is (row gid + 8 (e / 2), column 8 j + 2 tig + e % 2)
+  const int lane = tid & 31, wq = (tid >> 5) & 3, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + wg * 64 + wq * 16 + gid + 8 * h, c = col0 + 8 * j + 2 * tig;
+      if (r < m && c < n) {
+        store(y + static_cast<int64_t>(r) * n + c, d[4 * j + 2 * h]);
+        if (c + 1 < n) store(y + static_cast<int64_t>(r) * n + c + 1, d[4 * j + 2 * h + 1]);
+      }
     }
   }
 }
