@@ -27,10 +27,12 @@ def converted(tmp_path_factory):
     return root
 
 
-def test_fp16_library_holds_sm90_machine_code(run_cli, tmp_path):
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     # TVM 0.27's tensor-core matmul schedule segfaulted on these fp16 shapes (hidden 256, MLP
     # 512); our GEMM/GEMV kernels now carry every fp16 projection (and dlight.do_not_tensorize
-    # stays as a guard). The driver stand-in is built fresh into an empty cache.
+    # stays as a guard): sm_90 builds as sm_90a with the wgmma GEMM, sm_80 with the WMMA one.
+    # The driver stand-in is built fresh into an empty cache.
     from conftest import CONFIGS
 
     cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
@@ -38,10 +40,14 @@ def test_fp16_library_holds_sm90_machine_code(run_cli, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
     proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q0f16",
-                   "-o", tmp_path / "l.so", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+                   "--arch", arch, "-o", tmp_path / "l.so",
+                   env={"XDG_CACHE_HOME": str(tmp_path / "cache"),
+                        "MISTRAL_COMPILE_DUMP_CUDA": str(tmp_path / "k.cu")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "export library" in proc.stdout and "wrote" in proc.stdout
-    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", 90)]
+    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", int(arch[3:]))]
+    gemm = "mc::gemm_wgmma<" if arch == "sm_90" else "mc::gemm_nt<"
+    assert gemm in (tmp_path / "k.cu").read_text()
     assert list((tmp_path / "cache").rglob("libcuda.so.1"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,7 +239,11 @@ def own_attention_kernels() -> Iterator[None]:
 
 
 GEMV_WARPS = 8  # warps per CTA (each walks output rows)
-GEMV_MAX_CTAS = 512  # beyond this, warps take several rows: x is staged once per CTA
+# q4 GEMVs: beyond this many CTAs, warps take several rows, so x (staged once per CTA) is
+# reused over more weight bytes. Measured on the H100 at batch-1 decode (7B, 1k context):
+# 3.28 ms at 512 and 3.27 at 264, 3.55 with one row per warp, 4.29 at 132. The float16 GEMVs
+# read 4x the bytes per row and are fastest with one row per warp (6.46 vs 6.58 ms at 512).
+GEMV_Q4_MAX_CTAS = 512
 GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3}  # GEMV_* in the header
 
 
@@ -259,10 +264,12 @@ def gemv_shapes(n: int, k: int, mode: str) -> tuple[tuple[int, ...], int]:
     return aux, n // 2 if mode == "norm_silu" else n
 
 
-def _gemv_ctas(outputs: int) -> int:
-    return min((outputs + GEMV_WARPS - 1) // GEMV_WARPS, GEMV_MAX_CTAS)
+def _gemv_ctas(outputs: int, limit: int | None = None) -> int:
+    ctas = (outputs + GEMV_WARPS - 1) // GEMV_WARPS
+    return ctas if limit is None else min(ctas, limit)
 
 
+@functools.cache  # each linear of each exported function asks; parse once
 def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: str = "plain",
          eps: float = 0.0) -> tirx.PrimFunc:
     """y[1, 1, N] = x[1, 1, K] @ W[N, K]^T for batch-1 decode, float32 accumulation.
@@ -290,6 +297,7 @@ def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: 
     return func
 
 
+@functools.cache
 def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "plain",
             eps: float = 0.0) -> tirx.PrimFunc:
     """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T at decode (gemv's modes)."""
@@ -303,7 +311,7 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
              q_scale: T.Buffer((n, k // 32), "float16"),
              y: T.Buffer((1, 1, outputs), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding(_gemv_ctas(outputs), thread="blockIdx.x"):
+        for _bx in T.thread_binding(_gemv_ctas(outputs, GEMV_Q4_MAX_CTAS), thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv_q4"):
                     T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
@@ -325,16 +333,13 @@ def gemm_supported(out_features: int, in_features: int, dtype: str) -> bool:
     return dtype == "float16" and in_features % 32 == 0 and out_features % 8 == 0
 
 
-def gemm(out_features: int, in_features: int, out_dtype: str,
-         arch: str = "") -> tirx.PrimFunc:
+@functools.cache
+def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
     """y[b, s, N] = x[b, s, K] @ W[N, K]^T on tensor cores (float16 in, float32 accumulation).
 
-    On sm_90 (built as sm_90a) with K a multiple of 64: Hopper's warpgroup MMA (gemm_wgmma,
-    128 x 256 tiles, 4 cp.async stages in dynamic shared memory); elsewhere WMMA (gemm_nt).
+    WMMA (gemm_nt), for any CUDA arch; on sm_90 the model uses gemm_wgmma instead.
     """
     n, k = out_features, in_features
-    if arch == "sm_90" and k % 64 == 0:
-        return _gemm_wgmma(n, k, out_dtype)
     extern = f"mc::gemm_nt<{CTYPES[out_dtype]}, {k}>"
 
     @T.prim_func(private=True, s_tir=True)
@@ -357,8 +362,53 @@ def gemm(out_features: int, in_features: int, out_dtype: str,
     return func
 
 
-def _gemm_wgmma(n: int, k: int, out_dtype: str) -> tirx.PrimFunc:
-    extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}>"
+GEMM_EPILOGUES = {"plain": 0, "residual": 1, "silu": 2}  # GEMM_* in the header
+
+
+def wgmma_supported(in_features: int, dtype: str) -> bool:
+    """Whether gemm_wgmma applies: a CUDA sm_90 target, float16, K a multiple of 64."""
+    target = Target.current(allow_none=True)
+    return (target is not None and target.kind.name == "cuda" and target.arch == "sm_90"
+            and dtype == "float16" and in_features % 64 == 0)
+
+
+@functools.cache
+def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
+               epilogue: str = "plain") -> tirx.PrimFunc:
+    """y[b, s, N'] = x[b, s, K] @ W[N, K]^T on Hopper's warpgroup MMA (sm_90a).
+
+    128 x 256 tiles, 4 cp.async stages in dynamic shared memory, float32 accumulation. The
+    epilogue "residual" adds res[b, s, N] (an extra argument before y); "silu" takes
+    W = [gate; up] and writes silu(x gate^T) * (x up^T), N' = N / 2.
+    """
+    n, k = out_features, in_features
+    outputs = n // 2 if epilogue == "silu" else n
+    cols = WG_BN // 2 if epilogue == "silu" else WG_BN
+    extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
+
+    grid_m = lambda b, s: (b * s + WG_BM - 1) // WG_BM  # noqa: E731
+    grid_n = (outputs + cols - 1) // cols
+
+    @T.prim_func(private=True, s_tir=True)
+    def with_residual(x_handle: T.handle, w: T.Buffer((n, k), "float16"), res_handle: T.handle,
+                      y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        res = T.match_buffer(res_handle, (b, s, outputs), out_dtype)
+        y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
+            for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
+                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                    with T.sblock("gemm"):
+                        T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k], res[0:b, 0:s, 0:outputs])
+                        T.writes(y[0:b, 0:s, 0:outputs])
+                        smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                                 w.access_ptr("r"), y.access_ptr("w"),
+                                                 T.Cast("int32", b * s), outputs,
+                                                 smem.access_ptr("rw"), res.access_ptr("r")))
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
@@ -366,17 +416,17 @@ def _gemm_wgmma(n: int, k: int, out_dtype: str) -> tirx.PrimFunc:
         b = T.int64()
         s = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
-        y = T.match_buffer(y_handle, (b, s, n), out_dtype)
-        for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
-            for _by in T.thread_binding((n + WG_BN - 1) // WG_BN, thread="blockIdx.y"):
+        y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
+            for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(256, thread="threadIdx.x"):
                     with T.sblock("gemm"):
                         T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k])
-                        T.writes(y[0:b, 0:s, 0:n])
+                        T.writes(y[0:b, 0:s, 0:outputs])
                         smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                                  w.access_ptr("r"), y.access_ptr("w"),
-                                                 T.Cast("int32", b * s), n,
+                                                 T.Cast("int32", b * s), outputs,
                                                  smem.access_ptr("rw")))
 
-    return func
+    return with_residual if epilogue == "residual" else func

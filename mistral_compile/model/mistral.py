@@ -16,13 +16,7 @@ from mistral_compile.errors import ConfigError
 from mistral_compile.model import kernels
 from mistral_compile.model.kernels import own_attention_kernels
 from mistral_compile.model.window import exact_window_kernels
-from mistral_compile.weights.quantize import (
-    GROUP,
-    MAX_INT,
-    PER_WORD,
-    quantizable,
-    quantized_shapes,
-)
+from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, quantizable, quantized_shapes
 
 
 class MistralLinear(nn.Module):
@@ -58,8 +52,31 @@ class MistralLinear(nn.Module):
             return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype), "gemv_q4",
                                    args=[x, x, self.q_weight, self.q_scale],
                                    out=Tensor.placeholder((1, 1, n), out_dtype))
-        weight = op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale])
-        return project(x, _to(weight, x.dtype), out_dtype)
+        return project(x, self._dense(x.dtype), out_dtype)
+
+    def _dense(self, dtype: str) -> Tensor:
+        """The weight as a dense [out, in] tensor (q4f16_1: dequantized by a TE kernel)."""
+        if not self.quantized:
+            return self.weight
+        return _to(op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale]),
+                   dtype)
+
+    def _wgmma(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
+        """Hopper GEMM with a fused epilogue (kernels.gemm_wgmma), None where it does not apply."""
+        n, k = self.out_features, self.in_features
+        if (not kernels.wgmma_supported(k, x.dtype) or not kernels.gemm_supported(n, k, x.dtype)
+                or _decode_gemv(x, k, x.dtype) or any(e.dtype != x.dtype for e in extra)):
+            return None
+        b, s, _ = x.shape
+        out = n // 2 if epilogue == "silu" else n
+        return op.tensor_ir_op(kernels.gemm_wgmma(n, k, x.dtype, epilogue), f"gemm_{epilogue}",
+                               args=[x, self._dense(x.dtype), *extra],
+                               out=Tensor.placeholder((b, s, out), x.dtype))
+
+    def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + self(x)``, the add in the GEMM's epilogue where gemm_wgmma applies."""
+        fused = self._wgmma(x, "residual", residual)
+        return residual + self(x) if fused is None else fused
 
     def takes_fused_decode(self, dtype: str) -> bool:
         """Whether ``fused`` applies: CUDA, and our GEMV takes this weight and input dtype."""
@@ -100,7 +117,8 @@ def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
                                out=Tensor.placeholder((1, 1, n), out_dtype))
     if _on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
         b, s, _ = x.shape
-        gemm = kernels.gemm(n, k, out_dtype, Target.current().arch)
+        gemm = kernels.gemm_wgmma(n, k, out_dtype) if kernels.wgmma_supported(k, x.dtype) \
+            else kernels.gemm(n, k, out_dtype)
         return op.tensor_ir_op(gemm, "gemm", args=[x, weight],
                                out=Tensor.placeholder((b, s, n), out_dtype))
     return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
@@ -148,7 +166,10 @@ def _rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
 
 
 class MistralAttention(nn.Module):
-    """GQA self-attention with fused q/k/v projection; RoPE and the cache live in the KV cache."""
+    """GQA self-attention with fused q/k/v projection; RoPE and the cache live in the KV cache.
+
+    The decoder layer calls qkv_proj, attend and o_proj itself (o_proj fuses the residual add).
+    """
 
     def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         self.num_heads = config.num_attention_heads
@@ -158,9 +179,6 @@ class MistralAttention(nn.Module):
         self.qkv_proj = MistralLinear(config.hidden_size, qkv_out, quantization)
         self.o_proj = MistralLinear(self.num_heads * self.head_dim, config.hidden_size,
                                     quantization)
-
-    def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(hidden), cache, layer_id))
 
     def attend(self, qkv: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         """Attention of the fused q/k/v projection through the cache: [b, s, heads * head_dim]."""
@@ -172,7 +190,7 @@ class MistralAttention(nn.Module):
 
 
 class MistralMLP(nn.Module):
-    """SiLU-gated MLP with fused gate/up projection."""
+    """SiLU-gated MLP with fused gate/up projection (the layer calls act, then down_proj)."""
 
     def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         self.intermediate_size = config.intermediate_size
@@ -181,9 +199,13 @@ class MistralMLP(nn.Module):
         self.down_proj = MistralLinear(config.intermediate_size, config.hidden_size,
                                        quantization)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def act(self, x: Tensor) -> Tensor:
+        """silu(gate) * up, in the gate_up GEMM's epilogue where gemm_wgmma applies."""
+        fused = self.gate_up_proj._wgmma(x, "silu")
+        if fused is not None:
+            return fused
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return op.silu(gate) * up
 
 
 class MistralDecoderLayer(nn.Module):
@@ -199,8 +221,10 @@ class MistralDecoderLayer(nn.Module):
     def forward(self, hidden: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         if self._fused_decode(hidden):
             return self._decode(hidden, cache, layer_id)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cache, layer_id)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn, mlp = self.self_attn, self.mlp
+        out = attn.attend(attn.qkv_proj(self.input_layernorm(hidden)), cache, layer_id)
+        hidden = attn.o_proj.add_to(out, hidden)
+        return mlp.down_proj.add_to(mlp.act(self.post_attention_layernorm(hidden)), hidden)
 
     def _fused_decode(self, hidden: Tensor) -> bool:
         """Batch-1 decode on CUDA, where every projection is one of our GEMVs."""

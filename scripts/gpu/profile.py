@@ -67,6 +67,7 @@ def main() -> None:
         eng.prefill(ids)
         torch.cuda.synchronize()
     table(prof, f"prefill {args.prefill} tokens", 1)
+    gaps(prof, 1)
     start = time.perf_counter()
     for t in range(args.steps):
         eng.decode(t + 7)

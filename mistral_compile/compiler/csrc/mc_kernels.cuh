@@ -628,16 +628,24 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-template <typename OutT, int K>
+// Epilogues of gemm_wgmma (the prefill twins of the decode GEMV fusions).
+constexpr int GEMM_PLAIN = 0;     // y = x w^T
+constexpr int GEMM_RESIDUAL = 1;  // y = aux + x w^T (aux [m, n], the residual)
+constexpr int GEMM_SILU = 2;      // w = [gate; up] (2n rows): y = silu(x gate^T) * (x up^T); a
+                                  // CTA's 256 B rows are 128 gate rows and the same 128 up rows
+
+template <typename OutT, int K, int EPI = GEMM_PLAIN>
 __device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const half* __restrict__ w,
-                                           OutT* __restrict__ y, int m, int n, half* smem_raw) {
+                                           OutT* __restrict__ y, int m, int n, half* smem_raw,
+                                           const OutT* __restrict__ aux = nullptr) {
   // the swizzle atoms need 1024-byte alignment; the buffer has WG_SMEM_BYTES + 1024 bytes
   const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
   half* smem = smem_raw + ((1024 - base % 1024) % 1024) / 2;
   static_assert(K % WG_BK == 0, "K must be a multiple of 64");
   constexpr int TILES = K / WG_BK;
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int row0 = blockIdx.x * WG_BM, col0 = blockIdx.y * WG_BN;
+  constexpr int COLS = EPI == GEMM_SILU ? WG_BN / 2 : WG_BN;  // output columns per CTA
+  const int row0 = blockIdx.x * WG_BM, col0 = blockIdx.y * COLS;
 
   auto load = [&](int slot, int kt) {
     half* sa = smem + slot * WG_STAGE_HALVES;
@@ -651,9 +659,15 @@ __device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const hal
         cp_async16(sa + r * WG_BK + ((c ^ (r & 7)) << 3),
                    x + static_cast<int64_t>(min(g, m - 1)) * K + k0 + c * 8, g < m);
       } else {
-        int rb = r - WG_BM, g = col0 + rb;
+        int rb = r - WG_BM, g = col0 + rb, ok = g < n;
+        if (EPI == GEMM_SILU) {  // rows 0..127: gate rows col0.., rows 128..255: up rows
+          g = col0 + (rb & (COLS - 1));
+          ok = g < n;
+          g = min(g, n - 1) + (rb >= COLS ? n : 0);
+        }
         cp_async16(sb + rb * WG_BK + ((c ^ (rb & 7)) << 3),
-                   w + static_cast<int64_t>(min(g, n - 1)) * K + k0 + c * 8, g < n);
+                   w + static_cast<int64_t>(EPI == GEMM_SILU ? g : min(g, n - 1)) * K + k0 +
+                       c * 8, ok);
       }
     }
   };
@@ -690,14 +704,24 @@ __device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const hal
   // accumulator layout: warp (tid / 32) % 4 owns rows 16 w .. 16 w + 15 of its warpgroup's 64;
   // d[4 j + e] is (row gid + 8 (e / 2), column 8 j + 2 tig + e % 2)
   const int lane = tid & 31, wq = (tid >> 5) & 3, gid = lane >> 2, tig = lane & 3;
+  constexpr int JS = EPI == GEMM_SILU ? 16 : 32;  // gate column j pairs with up column j + 16
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < JS; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = row0 + wg * 64 + wq * 16 + gid + 8 * h, c = col0 + 8 * j + 2 * tig;
-      if (r < m && c < n) {
-        store(y + static_cast<int64_t>(r) * n + c, d[4 * j + 2 * h]);
-        if (c + 1 < n) store(y + static_cast<int64_t>(r) * n + c + 1, d[4 * j + 2 * h + 1]);
+      if (r >= m) continue;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (c + e >= n) continue;
+        float v = d[4 * j + 2 * h + e];
+        const int64_t at = static_cast<int64_t>(r) * n + c + e;
+        if (EPI == GEMM_RESIDUAL) v += to_float(aux[at]);
+        if (EPI == GEMM_SILU) {
+          const float up = d[4 * (j + 16) + 2 * h + e];
+          v = v / (1.f + __expf(-v)) * up;
+        }
+        store(y + at, v);
       }
     }
   }
