@@ -8,6 +8,8 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace mc {
 
 template <typename T> struct Vec;               // one 16-byte load of T, widened to float
@@ -364,37 +366,47 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
-  auto partial = [&](const T* wr, float* acc) {  // this lane's share of one row
+  // this lane's share of R rows at once (R = 2: a gate row and its up row, both streams in
+  // flight together)
+  auto partial = [&](const T* const* wr, float* acc, auto rows) {
+    constexpr int R = decltype(rows)::value;
 #pragma unroll 8
     for (int it = 0; it < K / STEP; ++it) {
-      float wf[VEC], xf[VEC];
-      load16(wr + it * STEP, wf);
+      float xf[VEC], wf[R][VEC];
+#pragma unroll
+      for (int q = 0; q < R; ++q) load16(wr[q] + it * STEP, wf[q]);
       load16_shared(xr + it * STEP, xf);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) *acc += wf[e] * xf[e];
+      for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[q] += wf[q][e] * xf[e];
     }
     if (K % STEP != 0 && (K / STEP) * STEP + lane * VEC < K) {
-      float wf[VEC], xf[VEC];
-      load16(wr + (K / STEP) * STEP, wf);
+      float xf[VEC], wf[VEC];
       load16_shared(xr + (K / STEP) * STEP, xf);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) *acc += wf[e] * xf[e];
+      for (int q = 0; q < R; ++q) {
+        load16(wr[q] + (K / STEP) * STEP, wf);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[q] += wf[e] * xf[e];
+      }
     }
   };
   auto row_ptr = [&](int r) { return w + static_cast<int64_t>(r) * K + lane * VEC; };
   if constexpr (MODE == GEMV_NORM_SILU) {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
-      *ga = *ua = 0.f;
-      partial(row_ptr(g), ga);
-      partial(row_ptr(u), ua);
-      *ga = warp_sum(*ga);
-      *ua = warp_sum(*ua);
+      const T* rows[2] = {row_ptr(g), row_ptr(u)};
+      float acc[2] = {0.f, 0.f};
+      partial(rows, acc, std::integral_constant<int, 2>{});
+      *ga = warp_sum(acc[0]);
+      *ua = warp_sum(acc[1]);
     });
   } else {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int r) {
-      float acc = 0.f;
-      partial(row_ptr(r), &acc);
-      return warp_sum(acc);
+      const T* rows[1] = {row_ptr(r)};
+      float acc[1] = {0.f};
+      partial(rows, acc, std::integral_constant<int, 1>{});
+      return warp_sum(acc[0]);
     });
   }
 }
@@ -435,32 +447,49 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
     float2 f = __half22float2(sum);
     return __half2float(s) * (f.x + f.y);
   };
-  auto partial = [&](int r, float* acc) {
-    const uint4* wr = reinterpret_cast<const uint4*>(qw + static_cast<int64_t>(r) * (K / 8));
-    const half* sr = qs + static_cast<int64_t>(r) * GROUPS;
+  // this lane's share of R rows at once (R = 2: a gate row and its up row)
+  auto partial = [&](const int* r, float* acc, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    const uint4* wr[R];
+    const half* sr[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      wr[q] = reinterpret_cast<const uint4*>(qw + static_cast<int64_t>(r[q]) * (K / 8));
+      sr[q] = qs + static_cast<int64_t>(r[q]) * GROUPS;
+    }
 #pragma unroll 4
     for (int it = 0; it < GROUPS / 32; ++it) {
       const int gi = it * 32 + lane;
-      *acc += group(__ldg(wr + gi), __ldg(sr + gi), gi);
+      uint4 wv[R];
+      half sv[R];
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        wv[q] = __ldg(wr[q] + gi);
+        sv[q] = __ldg(sr[q] + gi);
+      }
+#pragma unroll
+      for (int q = 0; q < R; ++q) acc[q] += group(wv[q], sv[q], gi);
     }
     if (GROUPS % 32 != 0 && (GROUPS / 32) * 32 + lane < GROUPS) {
       const int gi = (GROUPS / 32) * 32 + lane;
-      *acc += group(__ldg(wr + gi), __ldg(sr + gi), gi);
+#pragma unroll
+      for (int q = 0; q < R; ++q) acc[q] += group(__ldg(wr[q] + gi), __ldg(sr[q] + gi), gi);
     }
   };
   if constexpr (MODE == GEMV_NORM_SILU) {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
-      *ga = *ua = 0.f;
-      partial(g, ga);
-      partial(u, ua);
-      *ga = warp_sum(*ga);
-      *ua = warp_sum(*ua);
+      const int rows[2] = {g, u};
+      float acc[2] = {0.f, 0.f};
+      partial(rows, acc, std::integral_constant<int, 2>{});
+      *ga = warp_sum(acc[0]);
+      *ua = warp_sum(acc[1]);
     });
   } else {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int r) {
-      float acc = 0.f;
-      partial(r, &acc);
-      return warp_sum(acc);
+      const int rows[1] = {r};
+      float acc[1] = {0.f};
+      partial(rows, acc, std::integral_constant<int, 1>{});
+      return warp_sum(acc[0]);
     });
   }
 }
