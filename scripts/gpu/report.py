@@ -34,10 +34,10 @@ python scripts/gpu/report.py gpu-tests.log gpu.txt DATE > docs/verification.md
 
 - GPU: `{gpu[0]}` (name, driver, memory)
 - TVM on the GPU machine: `{gpu[1]}` (the runtime-only wheel prepare.py repacks)
-- Libraries compiled here for `sm_90` with nvcc 13.0 and no GPU; weights fp32 (`q0f32`), fp16
-  (`q0f16`) or 4-bit (`q4f16_1`). Tiny models: 64 hidden, 4 heads / 2 KV heads, 2-3 layers,
-  vocab 256, window W = 16. fp16 and q4f16_1 libraries run our CUDA kernels (docs/cuda.md);
-  all are default builds, so decode runs in CUDA graphs.
+- Libraries compiled here for `sm_90` (built as sm_90a) with nvcc 13.0 and no GPU; weights fp32
+  (`q0f32`), fp16 (`q0f16`) or 4-bit (`q4f16_1`). Tiny models: 64 hidden, 4 heads / 2 KV heads,
+  2-3 layers, vocab 256, window W = 16. fp16 and q4f16_1 libraries run our CUDA kernels
+  (docs/cuda.md); all are default builds, so decode runs in CUDA graphs.
 - Reference: Hugging Face transformers (the GPU machine's) `MistralForCausalLM` /
   `MinistralForCausalLM`, eager attention, same dtype, same GPU (for q4f16_1: fp16 with the
   dequantized weights); for sinks, the float64 numpy reference of docs/attention.md. Each tiny
