@@ -113,8 +113,8 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return decode
 
 
-FA_ROWS = 128  # query rows per CTA of the flash-attention prefill kernel (FA_BR in the header)
-FA_THREADS = 256
+FA_ROWS = 64  # query rows per CTA of the flash-attention prefill kernel (FA_BR in the header)
+FA_THREADS = 128
 
 
 def prefill_ragged_supported(num_kv_heads: int, num_qo_heads: int, d_qk: int, d_v: int,
@@ -129,7 +129,7 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     """Flash-attention prefill with the signature of TVM's ``batch_prefill_ragged_kv``.
 
     Two launches: with inline RoPE (``rotary_mode == 1``) the keys are first rotated once into
-    a workspace; then one CTA per (128 query rows, query head) runs the tensor-core kernel.
+    a workspace; then one CTA per (64 query rows, query head) runs the tensor-core kernel.
     """
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     attn = f"mc::prefill_attn_ragged<{d}, {h_qo // h_kv}>"

@@ -13,13 +13,14 @@ __global__ void __launch_bounds__(256) rope_keys(const half* k, const int* indpt
                           theta);
 }
 
-template <int D, int G>
-__global__ void __launch_bounds__(mc::FA_THREADS) ragged(
+template <int D, int G, int BR>
+__global__ void __launch_bounds__(BR * 2) ragged(
     const half* q, const int* q_indptr, const half* k, const half* k_rot, const half* v,
     const int* kv_indptr, const int* q_rope_pos, half* out, float* lse, int batch, int causal,
     int rotary_mode, float rope_scale, float rope_theta, float sm_scale) {
-  mc::prefill_attn_ragged<D, G>(q, q_indptr, k, k_rot, v, kv_indptr, q_rope_pos, out, lse,
-                                batch, causal, rotary_mode, rope_scale, rope_theta, sm_scale);
+  mc::prefill_attn_ragged<D, G, BR>(q, q_indptr, k, k_rot, v, kv_indptr, q_rope_pos, out, lse,
+                                    batch, causal, rotary_mode, rope_scale, rope_theta,
+                                    sm_scale);
 }
 
 // k_rot: scratch of k's size (written only when rotary_mode == 1)
@@ -38,7 +39,7 @@ extern "C" int launch_ragged(int d, int group, int h_qo, int total_q, int total_
       rope_keys<D_><<<((long)total_kv * h_kv * (D_ / 16) + 255) / 256, 256>>>(              \
           (const half*)k, kv_indptr, k_rope_offset, batch, total_kv, h_kv, (half*)k_rot,    \
           rotary_mode, rope_scale, rope_theta);                                             \
-    ragged<D_, G_><<<grid, mc::FA_THREADS>>>(                                                \
+    ragged<D_, G_, mc::FA_BR><<<grid, mc::FA_THREADS>>>(                                    \
         (const half*)q, q_indptr, (const half*)k, (const half*)k_rot, (const half*)v,        \
         kv_indptr, q_rope_pos, (half*)out, lse, batch, causal, rotary_mode, rope_scale,      \
         rope_theta, sm_scale);                                                              \
