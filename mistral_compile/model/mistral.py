@@ -61,7 +61,7 @@ class MistralLinear(nn.Module):
         return _to(op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale]),
                    dtype)
 
-    def _wgmma(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
+    def gemm_epilogue(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
         """Hopper GEMM with a fused epilogue (kernels.gemm_wgmma), None where it does not apply."""
         n, k = self.out_features, self.in_features
         if (not kernels.wgmma_supported(k, x.dtype) or not kernels.gemm_supported(n, k, x.dtype)
@@ -75,7 +75,7 @@ class MistralLinear(nn.Module):
 
     def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + self(x)``, the add in the GEMM's epilogue where gemm_wgmma applies."""
-        fused = self._wgmma(x, "residual", residual)
+        fused = self.gemm_epilogue(x, "residual", residual)
         return residual + self(x) if fused is None else fused
 
     def takes_fused_decode(self, dtype: str) -> bool:
@@ -201,7 +201,7 @@ class MistralMLP(nn.Module):
 
     def act(self, x: Tensor) -> Tensor:
         """silu(gate) * up, in the gate_up GEMM's epilogue where gemm_wgmma applies."""
-        fused = self.gate_up_proj._wgmma(x, "silu")
+        fused = self.gate_up_proj.gemm_epilogue(x, "silu")
         if fused is not None:
             return fused
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
