@@ -31,7 +31,8 @@ def converted(tmp_path_factory):
 def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     # TVM 0.27's tensor-core matmul schedule segfaulted on these fp16 shapes (hidden 256, MLP
     # 512); our GEMM/GEMV kernels now carry every fp16 projection (and dlight.do_not_tensorize
-    # stays as a guard): sm_90 builds as sm_90a with the wgmma GEMM, sm_80 with the WMMA one.
+    # stays as a guard): sm_90 builds as sm_90a with the TMA + wgmma GEMM, sm_80 with the WMMA
+    # one.
     # The driver stand-in is built fresh into an empty cache.
     from conftest import CONFIGS
 
@@ -52,8 +53,10 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     for mode in (1, 2, 3):
         assert f"mc::gemv<half, half, 256, {mode}>" in code
     assert "mc::prefill_attn_ragged<64, 2>" in code and "mc::decode_attn_partial<" in code
-    if arch == "sm_90":  # prefill GEMMs plain (0), with the residual (1), with silu (2)
+    if arch == "sm_90":  # prefill GEMMs plain (0), with the residual (1), with silu (2), fed by
+        # TMA through descriptors that a launch before each GEMM writes
         assert all(f"mc::gemm_wgmma<half, 256, {e}>" in code for e in (0, 1, 2))
+        assert code.count("mc::gemm_wgmma_maps<256>") >= 3
     else:
         assert "mc::gemm_nt<" in code and "gemm_wgmma<" not in code
     assert list((tmp_path / "cache").rglob("libcuda.so.1"))

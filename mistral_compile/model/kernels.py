@@ -325,7 +325,11 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
 
 
 GEMM_TILE = 128  # rows and columns of y per CTA (compiler/csrc/mc_kernels.cuh gemm_nt)
-WG_BM, WG_BN, WG_SMEM = 128, 256, 4 * (128 + 256) * 64 * 2 + 1024  # gemm_wgmma (sm_90a)
+# gemm_wgmma (sm_90a): tile, threads and dynamic shared memory (WG_* in the header), and the
+# workspace of its two TMA descriptors
+WG_BM, WG_BN, WG_THREADS = 128, 256, 288
+WG_SMEM = 4 * (128 + 256) * 64 * 2 + 1024 + 2 * 4 * 8
+TMA_MAPS_BYTES = 2 * 128
 
 
 def gemm_supported(out_features: int, in_features: int, dtype: str) -> bool:
@@ -377,7 +381,8 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
                epilogue: str = "plain") -> tirx.PrimFunc:
     """y[b, s, N'] = x[b, s, K] @ W[N, K]^T on Hopper's warpgroup MMA (sm_90a).
 
-    128 x 256 tiles, 4 cp.async stages in dynamic shared memory, float32 accumulation. The
+    Two launches: one warp writes the TMA descriptors of x and W into a 256-byte workspace;
+    then 128 x 256 tiles, fed by TMA through 4 shared-memory stages, float32 accumulation. The
     epilogue "residual" adds res[b, s, N] (an extra argument before y); "silu" takes
     W = [gate; up] and writes silu(x gate^T) * (x up^T), N' = N / 2.
     """
@@ -385,7 +390,7 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     outputs = n // 2 if epilogue == "silu" else n
     cols = WG_BN // 2 if epilogue == "silu" else WG_BN
     extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
-
+    maps_extern = f"mc::gemm_wgmma_maps<{k}>"
     grid_m = lambda b, s: (b * s + WG_BM - 1) // WG_BM  # noqa: E731
     grid_n = (outputs + cols - 1) // cols
 
@@ -398,17 +403,27 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         res = T.match_buffer(res_handle, (b, s, outputs), out_dtype)
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_maps"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAPS_BYTES])
+                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
+                                             maps.access_ptr("w")))
         for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
             for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
-                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
                     with T.sblock("gemm"):
-                        T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k], res[0:b, 0:s, 0:outputs])
+                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k],
+                                res[0:b, 0:s, 0:outputs])
                         T.writes(y[0:b, 0:s, 0:outputs])
                         smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
-                                                 w.access_ptr("r"), y.access_ptr("w"),
-                                                 T.Cast("int32", b * s), outputs,
-                                                 smem.access_ptr("rw"), res.access_ptr("r")))
+                        T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
+                                                 y.access_ptr("w"), T.Cast("int32", b * s),
+                                                 outputs, smem.access_ptr("rw"),
+                                                 res.access_ptr("r")))
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
@@ -417,16 +432,24 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         s = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_maps"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAPS_BYTES])
+                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
+                                             maps.access_ptr("w")))
         for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
             for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
-                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
                     with T.sblock("gemm"):
-                        T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:k])
+                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k])
                         T.writes(y[0:b, 0:s, 0:outputs])
                         smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
-                                                 w.access_ptr("r"), y.access_ptr("w"),
-                                                 T.Cast("int32", b * s), outputs,
-                                                 smem.access_ptr("rw")))
+                        T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
+                                                 y.access_ptr("w"), T.Cast("int32", b * s),
+                                                 outputs, smem.access_ptr("rw")))
 
     return with_residual if epilogue == "residual" else func

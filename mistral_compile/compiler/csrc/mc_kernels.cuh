@@ -640,24 +640,114 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 
-// Tensor-core GEMM for prefill on Hopper: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
-// accumulation, OutT out. CTA tile 128 x 256 x 64, two warpgroups (64 rows each) issuing
-// wgmma m64n256k16 from shared memory; tiles arrive by cp.async into WG_STAGES buffers laid out
-// with the 128-byte swizzle the descriptors name (16-byte chunk c of row r at c ^ (r % 8)).
-// Grid (M tiles, N tiles), 256 threads: M is walked fastest, so CTAs running together share one
-// weight tile. Needs sm_90a (nvcc -gencode arch=compute_90a,code=sm_90a) and
-// WG_SMEM_BYTES + 1024 bytes of dynamic shared memory at smem_raw.
-constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4;
+// ---- Hopper (sm_90a) GEMM for prefill: TMA loads, warp-specialized, warpgroup MMA ----
+// y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32 accumulation, OutT out. A CTA computes a
+// 128 x 256 tile: warp 8 is the producer, whose lane 0 issues the TMA copies of each 64-deep
+// step (x: 128 rows, w: two boxes of 128 rows) into one of WG_STAGES shared-memory stages,
+// written with the 128-byte swizzle the wgmma descriptors name; warps 0-7 are two consumer
+// warpgroups (64 rows each) issuing wgmma m64n256k16. Each stage has a "full" mbarrier (the
+// copies' bytes) and an "empty" one, which each consumer warpgroup arrives on once, when the
+// wgmma group that read the stage has completed. One wgmma group stays in flight.
+// Measured alone on the H100 (scripts/gpu/gemm_check.py): 480-650 TFLOP/s on the Mistral-7B
+// shapes; the cp.async kernel it replaced, with __syncthreads per step, ran at 330-370.
+constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_GROUP = 16;
 constexpr int WG_STAGE_HALVES = (WG_BM + WG_BN) * WG_BK;
-constexpr int WG_SMEM_BYTES = WG_STAGES * WG_STAGE_HALVES * 2;  // plus 1024 for alignment
+constexpr int WG_THREADS = 288;  // 2 consumer warpgroups + 1 producer warp
+// the stages, 1024 bytes to align them for the swizzle, and the 2 x WG_STAGES mbarriers
+constexpr int WG_SMEM_BYTES = WG_STAGES * WG_STAGE_HALVES * 2 + 1024 + 2 * WG_STAGES * 8;
+constexpr int TMA_MAP_WORDS = 16;  // a TMA descriptor is 128 opaque bytes
 
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+}
+// TMA: the box of the descriptor `map` at element (c0 along a row, c1 rows) into `dst`, its
+// bytes counted on `bar`
+__device__ __forceinline__ void tma_load(void* dst, const void* map, int c0, int c1,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
+}
+#endif
+
+// Encodes, on the device, the TMA descriptor of a row-major float16 [rows, cols] matrix read in
+// boxes of 128 rows x 64 columns with the 128-byte swizzle, into 128 bytes at `out` (global,
+// 64-byte aligned): zeroed in shared memory, each field set with tensormap.replace, then copied
+// out with the proxy fence. TVM launches the kernels, so a host-made descriptor cannot be
+// passed as a kernel parameter. Called by a whole warp.
+__device__ __forceinline__ void tma_make_map(void* out, const half* base, int rows, int cols) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ alignas(128) uint64_t tm[TMA_MAP_WORDS];
+  const int lane = threadIdx.x & 31;
+  if (lane < TMA_MAP_WORDS) tm[lane] = 0;
+  __syncwarp();
+  if (lane == 0) {
+    const uint32_t a = smem_u32(tm);
+    const uint64_t stride = static_cast<uint64_t>(cols) * 2;
+    asm volatile(  // dimension 0 is the contiguous one; rank is written as rank - 1
+        "tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;\n"
+        "tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], 1;\n"
+        "tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 0, %2;\n"
+        "tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 1, %3;\n"
+        "tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 0, %4;\n"
+        "tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 1, %5;\n"
+        "tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], 0, %6;\n"
+        "tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 0, %7;\n"
+        "tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 1, %7;\n"
+        "tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;\n"       // float16
+        "tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;\n"  // 128 bytes
+        ::"r"(a), "l"(base), "r"(WG_BK), "r"(WG_BM), "r"(cols), "r"(rows), "l"(stride), "r"(1)
+        : "memory");
+  }
+  __syncwarp();
+  asm volatile(
+      "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned"
+      " [%0], [%1], 128;\n" ::"l"(out),
+      "r"(smem_u32(tm))
+      : "memory");
+#else
+  asm volatile("trap;");
+#endif
+}
+
+// The two descriptors gemm_wgmma reads (x's, then w's, 2 x 128 bytes at maps), made by one warp
+// in a launch of its own before the GEMM's.
+template <int K>
+__device__ __forceinline__ void gemm_wgmma_maps(const half* x, const half* w, int m, int w_rows,
+                                                void* maps) {
+  tma_make_map(maps, x, m, K);
+  tma_make_map(static_cast<uint64_t*>(maps) + TMA_MAP_WORDS, w, w_rows, K);
 }
 
 // Epilogues of gemm_wgmma (the prefill twins of the decode GEMV fusions).
@@ -666,76 +756,25 @@ constexpr int GEMM_RESIDUAL = 1;  // y = aux + x w^T (aux [m, n], the residual)
 constexpr int GEMM_SILU = 2;      // w = [gate; up] (2n rows): y = silu(x gate^T) * (x up^T); a
                                   // CTA's 256 B rows are 128 gate rows and the same 128 up rows
 
-template <typename OutT, int K, int EPI = GEMM_PLAIN>
-__device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const half* __restrict__ w,
-                                           OutT* __restrict__ y, int m, int n, half* smem_raw,
-                                           const OutT* __restrict__ aux = nullptr) {
-  // the swizzle atoms need 1024-byte alignment; the buffer has WG_SMEM_BYTES + 1024 bytes
-  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
-  half* smem = smem_raw + ((1024 - base % 1024) % 1024) / 2;
-  static_assert(K % WG_BK == 0, "K must be a multiple of 64");
-  constexpr int TILES = K / WG_BK;
-  const int tid = threadIdx.x, wg = tid >> 7;
-  constexpr int COLS = EPI == GEMM_SILU ? WG_BN / 2 : WG_BN;  // output columns per CTA
-  const int row0 = blockIdx.x * WG_BM, col0 = blockIdx.y * COLS;
+// Grouped tile order: consecutive CTAs walk WG_GROUP M tiles fastest, then N, so the CTAs
+// resident together share a few weight tiles and WG_GROUP tiles of x rows, which stay in L2
+// between waves (all M tiles of a few weight tiles, the launch order, is 3-5% slower).
+__device__ __forceinline__ int2 grouped_tile() {
+  const int mt = gridDim.x, nt = gridDim.y;
+  const int id = blockIdx.x + blockIdx.y * mt, per_group = WG_GROUP * nt;
+  const int first = id / per_group * WG_GROUP, size = min(mt - first, WG_GROUP);
+  const int in = id % per_group;
+  return make_int2(first + in % size, in / size);
+}
 
-  auto load = [&](int slot, int kt) {
-    half* sa = smem + slot * WG_STAGE_HALVES;
-    half* sb = sa + WG_BM * WG_BK;
-    const int k0 = kt * WG_BK;
-#pragma unroll
-    for (int i = 0; i < (WG_BM + WG_BN) * 8 / 256; ++i) {  // 16-byte chunks, 8 per row
-      int piece = tid + i * 256, r = piece >> 3, c = piece & 7;
-      if (r < WG_BM) {
-        int g = row0 + r;
-        cp_async16(sa + r * WG_BK + ((c ^ (r & 7)) << 3),
-                   x + static_cast<int64_t>(min(g, m - 1)) * K + k0 + c * 8, g < m);
-      } else {
-        int rb = r - WG_BM, g = col0 + rb, ok = g < n;
-        if (EPI == GEMM_SILU) {  // rows 0..127: gate rows col0.., rows 128..255: up rows
-          g = col0 + (rb & (COLS - 1));
-          ok = g < n;
-          g = min(g, n - 1) + (rb >= COLS ? n : 0);
-        }
-        cp_async16(sb + rb * WG_BK + ((c ^ (rb & 7)) << 3),
-                   w + static_cast<int64_t>(EPI == GEMM_SILU ? g : min(g, n - 1)) * K + k0 +
-                       c * 8, ok);
-      }
-    }
-  };
-
-  float d[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.f;
-
-  // one wgmma group stays in flight while the next tile's is issued, so a slot is refilled
-  // two tiles after its group was issued (after the barrier that follows that group's wait)
-  constexpr int AHEAD = WG_STAGES - 2;  // tiles loading ahead
-#pragma unroll
-  for (int s = 0; s < AHEAD; ++s) {
-    if (s < TILES) load(s, s);
-    asm volatile("cp.async.commit_group;\n" ::);
-  }
-  for (int kt = 0; kt < TILES; ++kt) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(AHEAD - 1));
-    fence_proxy_async();
-    __syncthreads();  // tile kt is in shared memory; the slot refilled below is free
-    if (kt + AHEAD < TILES) load((kt + AHEAD) % WG_STAGES, kt + AHEAD);
-    asm volatile("cp.async.commit_group;\n" ::);
-    const half* sa = smem + (kt % WG_STAGES) * WG_STAGE_HALVES + wg * 64 * WG_BK;
-    const half* sb = smem + (kt % WG_STAGES) * WG_STAGE_HALVES + WG_BM * WG_BK;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk)
-      wgmma_64x256x16(d, wg_desc(sa + kk * 16), wg_desc(sb + kk * 16));
-    wgmma_commit();
-    wgmma_wait<1>();
-  }
-  wgmma_wait<0>();
-
-  // accumulator layout: warp (tid / 32) % 4 owns rows 16 w .. 16 w + 15 of its warpgroup's 64;
-  // d[4 j + e] is (row gid + 8 (e / 2), column 8 j + 2 tig + e % 2)
-  const int lane = tid & 31, wq = (tid >> 5) & 3, gid = lane >> 2, tig = lane & 3;
+// Writes a CTA's 128 x 256 accumulators (two warpgroups, tid 0..255) with the epilogue.
+// Layout: warp (tid / 32) % 4 owns rows 16 w .. 16 w + 15 of its warpgroup's 64; d[4 j + e] is
+// (row gid + 8 (e / 2), column 8 j + 2 tig + e % 2).
+template <typename OutT, int EPI>
+__device__ __forceinline__ void wg_store(const float* d, OutT* __restrict__ y,
+                                         const OutT* __restrict__ aux, int m, int n, int row0,
+                                         int col0, int tid) {
+  const int wg = tid >> 7, lane = tid & 31, wq = (tid >> 5) & 3, gid = lane >> 2, tig = lane & 3;
   constexpr int JS = EPI == GEMM_SILU ? 16 : 32;  // gate column j pairs with up column j + 16
 #pragma unroll
   for (int j = 0; j < JS; ++j) {
@@ -757,6 +796,75 @@ __device__ __forceinline__ void gemm_wgmma(const half* __restrict__ x, const hal
       }
     }
   }
+}
+
+// Launch: grid (M tiles, N tiles of 256 outputs, 128 for silu), WG_THREADS threads,
+// WG_SMEM_BYTES of dynamic shared memory at smem_raw; maps from gemm_wgmma_maps on x and w.
+// Edges: TMA fills rows past m (x) or past the weight's rows with zeros; stores are guarded.
+template <typename OutT, int K, int EPI = GEMM_PLAIN>
+__device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* __restrict__ y,
+                                           int m, int n, half* smem_raw,
+                                           const OutT* __restrict__ aux = nullptr) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const unsigned base = smem_u32(smem_raw);
+  half* smem = smem_raw + ((1024 - base % 1024) % 1024) / 2;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + WG_STAGES * WG_STAGE_HALVES);
+  uint64_t* empty = full + WG_STAGES;
+  static_assert(K % WG_BK == 0, "K must be a multiple of 64");
+  constexpr int TILES = K / WG_BK, HALF = WG_BN / 2;
+  constexpr int COLS = EPI == GEMM_SILU ? WG_BN / 2 : WG_BN;  // output columns per CTA
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int2 tile = grouped_tile();
+  const int row0 = tile.x * WG_BM, col0 = tile.y * COLS;
+  if (tid == 0) {
+    for (int s = 0; s < WG_STAGES; ++s) {
+      mbar_init(full + s, 1);   // the producer's arrive, plus the copies' bytes
+      mbar_init(empty + s, 2);  // one arrive per consumer warpgroup
+    }
+  }
+  __syncthreads();
+
+  if (warp == 8) {  // producer
+    if (lane == 0) {
+      const char* map_x = static_cast<const char*>(maps);
+      const char* map_w = map_x + TMA_MAP_WORDS * 8;
+      // the weight tile's two boxes: gate and up rows for silu, else rows col0 and col0 + 128
+      const int w0 = col0, w1 = EPI == GEMM_SILU ? col0 + n : col0 + HALF;
+      for (int kt = 0; kt < TILES; ++kt) {
+        const int s = kt % WG_STAGES;
+        if (kt >= WG_STAGES) mbar_wait(empty + s, ((kt / WG_STAGES) - 1) & 1);
+        half* sa = smem + s * WG_STAGE_HALVES;
+        half* sb = sa + WG_BM * WG_BK;
+        mbar_expect_tx(full + s, WG_STAGE_HALVES * 2);
+        tma_load(sa, map_x, kt * WG_BK, row0, full + s);
+        tma_load(sb, map_w, kt * WG_BK, w0, full + s);
+        tma_load(sb + HALF * WG_BK, map_w, kt * WG_BK, w1, full + s);
+      }
+    }
+    return;
+  }
+  const int wg = warp >> 2;  // consumers
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+  for (int kt = 0; kt < TILES; ++kt) {
+    const int s = kt % WG_STAGES;
+    mbar_wait(full + s, (kt / WG_STAGES) & 1);
+    const half* sa = smem + s * WG_STAGE_HALVES + wg * 64 * WG_BK;
+    const half* sb = smem + s * WG_STAGE_HALVES + WG_BM * WG_BK;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wgmma_64x256x16(d, wg_desc(sa + kk * 16), wg_desc(sb + kk * 16));
+    wgmma_commit();
+    wgmma_wait<1>();  // the group of step kt - 1 is done: its stage is free
+    if (kt > 0 && (tid & 127) == 0) mbar_arrive(empty + (kt - 1) % WG_STAGES);
+  }
+  wgmma_wait<0>();
+  wg_store<OutT, EPI>(d, y, aux, m, n, row0, col0, tid);
+#else
+  asm volatile("trap;");
+#endif
 }
 
 // ---- Tensor-core flash attention for prefill (mma.sync m16n8k16, float32 accumulation) ----

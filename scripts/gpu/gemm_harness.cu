@@ -1,0 +1,46 @@
+// Stand-alone launcher for the prefill GEMM mc::gemm_wgmma (no TVM), so scripts/gpu/gemm_check.py
+// can test and time it from torch on the GPU machine. Built here by nvcc:
+//   nvcc -shared -Xcompiler -fPIC -O3 -gencode arch=compute_90a,code=sm_90a \
+//        -I mistral_compile/compiler/csrc scripts/gpu/gemm_harness.cu -o gemm_harness.so
+#include "mc_kernels.cuh"
+
+template <int K>
+__global__ void __launch_bounds__(32) gemm_maps(const half* x, const half* w, int m, int w_rows,
+                                                void* maps) {
+  mc::gemm_wgmma_maps<K>(x, w, m, w_rows, maps);
+}
+
+template <int K, int EPI>
+__global__ void __launch_bounds__(mc::WG_THREADS) gemm(const void* maps, half* y, int m, int n,
+                                                       const half* aux) {
+  extern __shared__ __align__(16) half smem[];
+  mc::gemm_wgmma<half, K, EPI>(maps, y, m, n, smem, aux);
+}
+
+// n: output columns (silu: w has 2 n rows); maps: 256 bytes of device scratch
+template <int K, int EPI>
+static int launch(int m, int n, const void* x, const void* w, void* y, const void* aux,
+                  void* maps) {
+  const int cols = EPI == mc::GEMM_SILU ? mc::WG_BN / 2 : mc::WG_BN;
+  const dim3 grid((m + mc::WG_BM - 1) / mc::WG_BM, (n + cols - 1) / cols);
+  gemm_maps<K><<<1, 32>>>((const half*)x, (const half*)w, m, EPI == mc::GEMM_SILU ? 2 * n : n,
+                          maps);
+  cudaFuncSetAttribute(gemm<K, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       mc::WG_SMEM_BYTES);
+  gemm<K, EPI><<<grid, mc::WG_THREADS, mc::WG_SMEM_BYTES>>>(maps, (half*)y, m, n,
+                                                             (const half*)aux);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int launch_gemm(int k, int epi, int m, int n, const void* x, const void* w, void* y,
+                           const void* aux, void* maps) {
+#define MC_CASE(K_, E_) \
+  if (k == K_ && epi == E_) return launch<K_, E_>(m, n, x, w, y, aux, maps);
+  MC_CASE(4096, 0)
+  MC_CASE(4096, 1)
+  MC_CASE(4096, 2)
+  MC_CASE(14336, 1)
+  MC_CASE(128, 0)
+  MC_CASE(128, 2)
+  return -1;
+}
