@@ -53,6 +53,8 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     for mode in (1, 2, 3):
         assert f"mc::gemv<half, half, 256, {mode}>" in code
     assert "mc::prefill_attn_ragged<64, 2>" in code and "mc::decode_attn_partial<" in code
+    # the KV cache's split + RoPE, and the prefill RMSNorm
+    assert "mc::split_rope<half, 64, 4, 2>" in code and "mc::rms_norm_rows<half, 256>" in code
     if arch == "sm_90":  # prefill GEMMs plain (0), with the residual (1), with silu (2), fed by
         # TMA through descriptors that a launch before each GEMM writes
         assert all(f"mc::gemm_wgmma<half, 256, {e}>" in code for e in (0, 1, 2))

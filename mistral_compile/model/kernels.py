@@ -188,6 +188,42 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return prefill
 
 
+def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int,
+                 num_kv_heads: int, dtype: str) -> tirx.PrimFunc:
+    """TVM's ``tir_split_rotary`` (same signature): split the fused q/k/v and rotate q and k.
+
+    One thread per 8 low-half elements of a (row, head) and their rotate-half partners. TVM's
+    generated kernel took 150 us per 7B layer at 4096 tokens (4.8 ms of a prefill).
+    """
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+    heads = hq + 2 * hkv
+    extern = f"mc::split_rope<{CTYPES[dtype]}, {d}, {hq}, {hkv}>"
+
+    @T.prim_func(s_tir=True)
+    def split(qkv_handle: T.handle, pos_handle: T.handle, q_handle: T.handle,
+              k_handle: T.handle, v_handle: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.is_scheduled": True, "tirx.noalias": True})
+        rows = T.int32()
+        pos_off = T.int32()
+        qkv = T.match_buffer(qkv_handle, (rows, heads, d), dtype)
+        pos = T.match_buffer(pos_handle, (rows,), "int32", elem_offset=pos_off)
+        q = T.match_buffer(q_handle, (rows, hq, d), dtype)
+        k = T.match_buffer(k_handle, (rows, hkv, d), dtype)
+        v = T.match_buffer(v_handle, (rows, hkv, d), dtype)
+        for _bx in T.thread_binding(T.max(1, T.ceildiv(rows * heads * (d // 16), 256)),
+                                    thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("split_rope"):
+                    T.reads(qkv[0:rows, 0:heads, 0:d], pos[0:rows])
+                    T.writes(q[0:rows, 0:hq, 0:d], k[0:rows, 0:hkv, 0:d], v[0:rows, 0:hkv, 0:d])
+                    T.evaluate(T.call_extern(
+                        "void", extern, qkv.access_ptr("r"), T.address_of(pos[0]),
+                        q.access_ptr("w"), k.access_ptr("w"), v.access_ptr("w"), rows,
+                        T.Cast("int32", apply_rope), T.float32(scale), T.float32(theta)))
+
+    return split
+
+
 PREFILL_BLOCKS = 128  # CTAs per KV head for TVM's prefill attention kernels (TVM uses 16)
 
 
@@ -195,15 +231,16 @@ PREFILL_BLOCKS = 128  # CTAs per KV head for TVM's prefill attention kernels (TV
 def own_attention_kernels() -> Iterator[None]:
     """While the block runs, TVM's paged KV cache generates CUDA kernels our way.
 
-    Decode attention and the ragged (new tokens against themselves) prefill attention are ours,
-    with TVM's signatures; TVM's paged prefill kernel (new tokens against cached pages) launches
-    PREFILL_BLOCKS CTAs per KV head. TVM's prefill attention walks its query tiles with 16
-    persistent CTAs per KV head: 128 CTAs of 4 warps for Mistral-7B, one per SM, which left a
-    4096-token prefill 85% in attention.
+    Decode attention, the ragged (new tokens against themselves) prefill attention and the
+    split + RoPE of the fused projection are ours, with TVM's signatures; TVM's paged prefill
+    kernel (new tokens against cached pages) launches PREFILL_BLOCKS CTAs per KV head. TVM's
+    prefill attention walks its query tiles with 16 persistent CTAs per KV head: 128 CTAs of 4
+    warps for Mistral-7B, one per SM, which left a 4096-token prefill 85% in attention.
     """
     original = kv_cache._attention_decode
     original_ragged = kv_cache._attention_prefill_ragged
     original_config = _prefill_kernels._get_prefill_kernel_config
+    original_rope = kv_cache.llama_rope_with_position_map
 
     def choose(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                sliding_window: bool, rope_scaling: dict[str, Any], target: Target,
@@ -227,15 +264,26 @@ def own_attention_kernels() -> Iterator[None]:
         blocks, *rest = original_config(h_kv, h_q, d, dtype, target, **kw)
         return (max(blocks, PREFILL_BLOCKS) if target.kind.name == "cuda" else blocks, *rest)
 
+    def rope(theta: float, scale: float, head_dim: int, num_q_heads: int, num_kv_heads: int,
+             dtype: str, rope_scaling: dict[str, Any], rotary_dim: int | None = None) -> Any:
+        target = Target.current(allow_none=True)
+        if (target is not None and target.kind.name == "cuda" and not rope_scaling
+                and rotary_dim in (None, head_dim) and head_dim % 16 == 0 and dtype in CTYPES):
+            return split_rotary(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype)
+        return original_rope(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype,
+                             rope_scaling, rotary_dim)
+
     kv_cache._attention_decode = choose
     kv_cache._attention_prefill_ragged = ragged
     _prefill_kernels._get_prefill_kernel_config = config
+    kv_cache.llama_rope_with_position_map = rope
     try:
         yield
     finally:
         kv_cache._attention_decode = original
         kv_cache._attention_prefill_ragged = original_ragged
         _prefill_kernels._get_prefill_kernel_config = original_config
+        kv_cache.llama_rope_with_position_map = original_rope
 
 
 GEMV_WARPS = 8  # warps per CTA (each walks output rows)
@@ -320,6 +368,37 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
                                              aux.access_ptr("r"), q_weight.access_ptr("r"),
                                              q_scale.access_ptr("r"), y.access_ptr("w"),
                                              outputs, T.float32(eps)))
+
+    return func
+
+
+def rms_norm_supported(hidden: int, dtype: str) -> bool:
+    """Whether rms_norm takes rows of this width and dtype (on a CUDA target)."""
+    target = Target.current(allow_none=True)
+    return (target is not None and target.kind.name == "cuda" and dtype in CTYPES
+            and hidden % 8 == 0 and hidden <= 16384)
+
+
+@functools.cache
+def rms_norm(hidden: int, dtype: str, eps: float) -> tirx.PrimFunc:
+    """RMSNorm of x[b, s, hidden] with weight w, one CTA per row (float32 inside)."""
+    extern = f"mc::rms_norm_rows<{CTYPES[dtype]}, {hidden}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, w: T.Buffer((hidden,), dtype), y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, hidden), dtype)
+        y = T.match_buffer(y_handle, (b, s, hidden), dtype)
+        for _bx in T.thread_binding(b * s, thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("rms_norm"):
+                    T.reads(x[0:b, 0:s, 0:hidden], w[0:hidden])
+                    T.writes(y[0:b, 0:s, 0:hidden])
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), y.access_ptr("w"),
+                                             T.float32(eps)))
 
     return func
 

@@ -24,7 +24,7 @@ def ptr(t):
 
 
 def gemm(x, w, epi, aux=None):
-    """y = x w^T with the epilogue, by the harness."""
+    """Compute y = x w^T with the epilogue, by the harness."""
     m, k = x.shape
     n = w.shape[0] // 2 if epi == "silu" else w.shape[0]
     y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
@@ -91,8 +91,8 @@ for name, nw, k, epi in shapes:
     n = nw // 2 if epi == "silu" else nw
     aux = torch.randn(m, n, device="cuda", dtype=torch.float16) if epi == "residual" else None
     flops = 2 * m * nw * k
-    t = median_ms(lambda: gemm(x, w, epi, aux))
-    ref = median_ms(lambda: F.linear(x, w))
+    t = median_ms(lambda x=x, w=w, epi=epi, aux=aux: gemm(x, w, epi, aux))
+    ref = median_ms(lambda x=x, w=w: F.linear(x, w))
     ours, theirs = ours + t, theirs + ref
     print(f"{name:8s} ours {t:.3f} ms {flops / t / 1e9:4.0f} | torch (no epilogue) "
           f"{ref:.3f} ms {flops / ref / 1e9:4.0f}", flush=True)

@@ -353,6 +353,47 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// RMSNorm of rows of H elements, one CTA of 256 threads per row (blockIdx.x): the sum of
+// squares in float32 (each thread holds its 16-byte slices in registers), then
+// y = x * rsqrt(mean(x^2) + eps) * w rounded once, as the model's TE RMSNorm computes it.
+template <typename T, int H>
+__device__ __forceinline__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w,
+                                              T* __restrict__ y, float eps) {
+  constexpr int V = Vec<T>::N, SLICES = H / V, PER = (SLICES + 255) / 256;
+  static_assert(H % V == 0, "rows must be whole 16-byte slices");
+  __shared__ float partial[8];
+  const int tid = threadIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * H;
+  float v[PER][V], sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = tid + i * 256;
+    if (c < SLICES) {
+      load16(x + row + c * V, v[i]);
+#pragma unroll
+      for (int e = 0; e < V; ++e) sum += v[i][e] * v[i][e];
+    }
+  }
+  sum = warp_sum(sum);
+  if ((tid & 31) == 0) partial[tid >> 5] = sum;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) total += partial[i];
+  const float scale = rsqrtf(total / static_cast<float>(H) + eps);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = tid + i * 256;
+    if (c < SLICES) {
+      float g[V];
+      load16(w + c * V, g);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[i][e] = v[i][e] * scale * g[e];
+      store16(y + row + c * V, v[i]);
+    }
+  }
+}
+
 // Batch-1 GEMV, y = W x: W is [n, K] row-major ([2n, K] for GEMV_NORM_SILU), x has K
 // elements. 256 threads, one warp per output row at a time: x is staged in shared memory once
 // per CTA (gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the
@@ -908,6 +949,38 @@ __device__ __forceinline__ void rope_pair(float* lo, float* hi, int c, float pos
     float a = lo[e], b = hi[e];
     lo[e] = a * co - b * s;
     hi[e] = b * co + a * s;
+  }
+}
+
+// TVM's split + RoPE of the fused projection (the KV cache's tir_split_rotary, same arguments):
+// qkv [S, HQ + 2 HKV, D] into q [S, HQ, D], k and v [S, HKV, D], q and k rotated (rotate-half,
+// TVM's frequencies) at position pos[s] * scale when apply_rope. A thread moves 8 elements of
+// the low half of one (row, head) and their 8 partners: grid ceil(S (HQ + 2 HKV) D / 16 / 256)
+// of 256 threads.
+template <typename T, int D, int HQ, int HKV>
+__device__ __forceinline__ void split_rope(const T* __restrict__ qkv, const int* __restrict__ pos,
+                                           T* __restrict__ q, T* __restrict__ k,
+                                           T* __restrict__ v, int rows, int apply_rope,
+                                           float scale, float theta) {
+  constexpr int H = HQ + 2 * HKV, C = D / 16;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= static_cast<int64_t>(rows) * H * C) return;
+  const int c = static_cast<int>(i % C) * 8, h = static_cast<int>(i / C % H);
+  const int64_t r = i / C / H;
+  const T* src = qkv + (r * H + h) * D;
+  T* dst = h < HQ ? q + (r * HQ + h) * D
+                  : h < HQ + HKV ? k + (r * HKV + h - HQ) * D : v + (r * HKV + h - HQ - HKV) * D;
+  float lo[8], hi[8];
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    load16(src + c + j, lo + j);
+    load16(src + D / 2 + c + j, hi + j);
+  }
+  if (apply_rope && h < HQ + HKV) rope_pair<D>(lo, hi, c, static_cast<float>(pos[r]) * scale, theta);
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    store16(dst + c + j, lo + j);
+    store16(dst + D / 2 + c + j, hi + j);
   }
 }
 
