@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -33,6 +34,7 @@ PAGE_SIZE = 16  # TVM 0.27's CPU attention kernels are generated for 16-token pa
 SEQ_ID = 0
 
 
+@functools.cache
 def _builtin(name: str):  # noqa: ANN202
     return tvm.get_global_func(f"vm.builtin.{name}")
 
@@ -123,6 +125,11 @@ class Engine:
         if self.window > 1:
             chunk = min(chunk, self.window - 1 - self.attention_sink_size)
         self.chunk_size = chunk
+        # per-step host work, done once: the VM functions, and a device buffer for token ids
+        # (a fresh device array each step cost an allocation and a free on the decode path)
+        self._fn = {name: self.vm[name] for name in ("embed", "prefill", "decode")}
+        self._ids = tvm.runtime.empty((chunk,), "int32", self.device)
+        self._seq = _shape(SEQ_ID)
         self.cache = None
         self.length = 0
         self.reset()
@@ -198,12 +205,13 @@ class Engine:
                                       f"the context window ({limit})")
 
     def _forward(self, token_ids: list[int], func: str) -> np.ndarray:
-        n = len(token_ids)
-        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
-        embed = self.vm["embed"](ids, self.params)  # [n, hidden], stays on the device
+        n = len(token_ids)  # at most chunk_size
+        ids = self._ids._create_view((n,))
+        ids.copyfrom(np.asarray(token_ids, dtype="int32"))
+        embed = self._fn["embed"](ids, self.params)  # [n, hidden], stays on the device
         embed = embed._create_view((1, n, int(embed.shape[-1])))
-        _builtin("kv_state_begin_forward")(self.cache, _shape(SEQ_ID), _shape(n))
-        out = self.vm[func](embed, self.cache, self.params)
+        _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
+        out = self._fn[func](embed, self.cache, self.params)
         _builtin("kv_state_end_forward")(self.cache)
         self.length += n
         self.tokens.extend(int(t) for t in token_ids)
