@@ -690,8 +690,8 @@ __device__ __forceinline__ void wgmma_commit() {
 // warpgroups (64 rows each) issuing wgmma m64n256k16. Each stage has a "full" mbarrier (the
 // copies' bytes) and an "empty" one, which each consumer warpgroup arrives on once, when the
 // wgmma group that read the stage has completed. One wgmma group stays in flight.
-// Measured alone on the H100 (scripts/gpu/gemm_check.py): 480-650 TFLOP/s on the Mistral-7B
-// shapes; the cp.async kernel it replaced, with __syncthreads per step, ran at 330-370.
+// Measured alone on the H100 (scripts/gpu/gemm_check.py): 410-640 TFLOP/s on the Mistral-7B
+// shapes; the cp.async kernel it replaced, with __syncthreads per step, ran at 300-410.
 constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_GROUP = 16;
 constexpr int WG_STAGE_HALVES = (WG_BM + WG_BN) * WG_BK;
 constexpr int WG_THREADS = 288;  // 2 consumer warpgroups + 1 producer warp
@@ -869,6 +869,17 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
     if (lane == 0) {
       const char* map_x = static_cast<const char*>(maps);
       const char* map_w = map_x + TMA_MAP_WORDS * 8;
+      // the descriptors were written by another launch: stream order does not order the
+      // tensormap proxy, so each CTA acquires them before its first copy (CUDA programming
+      // guide, "Usage of a Modified Tensor Map"); the empty bulk group after the fences keeps
+      // ptxas from moving the first copy above them
+      asm volatile(
+          "fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n"
+          "fence.proxy.tensormap::generic.acquire.gpu [%1], 128;\n"
+          "cp.async.bulk.commit_group;\n"
+          "cp.async.bulk.wait_group.read 0;\n" ::"l"(map_x),
+          "l"(map_w)
+          : "memory");
       // the weight tile's two boxes: gate and up rows for silu, else rows col0 and col0 + 128
       const int w0 = col0, w1 = EPI == GEMM_SILU ? col0 + n : col0 + HALF;
       for (int kt = 0; kt < TILES; ++kt) {
