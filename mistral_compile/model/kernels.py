@@ -470,8 +470,32 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     cols = WG_BN // 2 if epilogue == "silu" else WG_BN
     extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
     maps_extern = f"mc::gemm_wgmma_maps<{k}>"
-    grid_m = lambda b, s: (b * s + WG_BM - 1) // WG_BM  # noqa: E731
     grid_n = (outputs + cols - 1) // cols
+
+    @T.macro
+    def launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        # TVMScript has no optional parameter: the two prim_funcs below share these launches
+        b, s = x.shape[0], x.shape[1]
+        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_maps"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAPS_BYTES])
+                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
+                                             maps.access_ptr("w")))
+        for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
+            for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
+                for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
+                    with T.sblock("gemm"):
+                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k],
+                                *extra_reads)
+                        T.writes(y[0:b, 0:s, 0:outputs])
+                        smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
+                                                 y.access_ptr("w"), T.Cast("int32", b * s),
+                                                 outputs, smem.access_ptr("rw"), *extra_args))
 
     @T.prim_func(private=True, s_tir=True)
     def with_residual(x_handle: T.handle, w: T.Buffer((n, k), "float16"), res_handle: T.handle,
@@ -482,27 +506,7 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         res = T.match_buffer(res_handle, (b, s, outputs), out_dtype)
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
-        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
-        for _bx in T.thread_binding(1, thread="blockIdx.x"):
-            for _tx in T.thread_binding(32, thread="threadIdx.x"):
-                with T.sblock("tma_maps"):
-                    T.reads()
-                    T.writes(maps[0:TMA_MAPS_BYTES])
-                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
-                                             maps.access_ptr("w")))
-        for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
-            for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
-                for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
-                    with T.sblock("gemm"):
-                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k],
-                                res[0:b, 0:s, 0:outputs])
-                        T.writes(y[0:b, 0:s, 0:outputs])
-                        smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
-                                                 y.access_ptr("w"), T.Cast("int32", b * s),
-                                                 outputs, smem.access_ptr("rw"),
-                                                 res.access_ptr("r")))
+        launches(x, w, y, [res[0:b, 0:s, 0:outputs]], res.access_ptr("r"))
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
@@ -511,24 +515,6 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         s = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
-        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
-        for _bx in T.thread_binding(1, thread="blockIdx.x"):
-            for _tx in T.thread_binding(32, thread="threadIdx.x"):
-                with T.sblock("tma_maps"):
-                    T.reads()
-                    T.writes(maps[0:TMA_MAPS_BYTES])
-                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
-                                             maps.access_ptr("w")))
-        for _bx in T.thread_binding(grid_m(b, s), thread="blockIdx.x"):
-            for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
-                for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
-                    with T.sblock("gemm"):
-                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k])
-                        T.writes(y[0:b, 0:s, 0:outputs])
-                        smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
-                                                 y.access_ptr("w"), T.Cast("int32", b * s),
-                                                 outputs, smem.access_ptr("rw")))
+        launches(x, w, y, [])
 
     return with_residual if epilogue == "residual" else func

@@ -11,6 +11,7 @@ import math
 import sys
 
 import torch
+from cuda_timing import median_ms
 
 lib = ctypes.CDLL(sys.argv[1])
 P = ctypes.c_void_p
@@ -122,28 +123,15 @@ def main():
     v = torch.randn(s, h_kv, d, device="cuda").half()
     flops = 4 * s * s * d * h_qo / 2
 
-    def timed(fn, reps=20):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
     for rotary in (0, 1):
         pos = torch.arange(s, device="cuda", dtype=torch.int32)
         off = torch.zeros(1, device="cuda", dtype=torch.int32)
         out, lse = run(q, k, v, [s], [s], True, rotary, h_qo, h_kv, d, pos, off)
-        ms = timed(lambda r=rotary, p=pos, o=off, y=out, e=lse: run(
+        ms = median_ms(lambda r=rotary, p=pos, o=off, y=out, e=lse: run(
             q, k, v, [s], [s], True, r, h_qo, h_kv, d, p, o, y, e))
         print(f"ours rotary={rotary}: {ms:.3f} ms per layer, {flops / ms / 1e9:.0f} TFLOP/s")
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+    ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
         qt, kt, vt, is_causal=True, enable_gqa=True))
     print(f"torch sdpa (causal, gqa): {ms:.3f} ms per layer, {flops / ms / 1e9:.0f} TFLOP/s")
     sys.exit(0 if ok else 1)

@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms
 
 lib = ctypes.CDLL(sys.argv[1])
 P = ctypes.c_void_p
@@ -42,21 +43,6 @@ def reference(x, w, epi, aux):
         g, u = y.chunk(2, dim=1)
         y = F.silu(g) * u
     return y
-
-
-def median_ms(fn, reps=20):
-    """Median time of fn in ms (CUDA events), after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 torch.manual_seed(0)
