@@ -55,6 +55,7 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     assert "mc::prefill_attn_ragged<64, 2>" in code and "mc::decode_attn_partial<" in code
     # the KV cache's split + RoPE, and the prefill RMSNorm
     assert "mc::split_rope<half, 64, 4, 2>" in code and "mc::rms_norm_rows<half, 256>" in code
+    assert "mc::argmax_rows" in code  # greedy decoding on the device
     if arch == "sm_90":  # prefill GEMMs plain (0), with the residual (1), with silu (2), fed by
         # TMA through descriptors that a launch before each GEMM writes
         assert all(f"mc::gemm_wgmma<half, 256, {e}>" in code for e in (0, 1, 2))

@@ -116,6 +116,33 @@ def test_per_layer_windows_match_hf(per_layer, n):
     assert compare(ref, engine, n) <= TOL
 
 
+@pytest.mark.parametrize("fixture", ["windowed", "full"])
+def test_device_greedy_matches_hf_generate(request, fixture):
+    # Engine.greedy picks each token on the device and feeds it to the next step without the
+    # host; the tokens must be Hugging Face's own greedy generation, through the window
+    ref, root = request.getfixturevalue(fixture)
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    ids = np.random.default_rng(7).integers(3, 256, W + 3).tolist()
+    steps = 3 * W
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
+                            min_new_tokens=steps)[0, len(ids):].tolist()
+    got = engine.generate(ids, max_new_tokens=steps)
+    assert got == want
+    assert engine.tokens == ids + got[:-1]  # the last token is returned, not yet fed
+    # and the device argmax equals the host's argmax of the same step's logits
+    engine.reset()
+    first = int(np.argmax(engine.prefill(ids)))
+    device = engine.greedy(first)
+    host = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    logits = host.prefill(ids)
+    token = first
+    for _ in range(8):
+        logits = host.decode(token)
+        token = int(np.argmax(logits))
+        assert next(device) == token
+
+
 def test_memory_bounded_by_window(windowed):
     # the cache holds W + chunk + 2 pages of token slots; 5W tokens must still run
     ref, root = windowed

@@ -379,6 +379,35 @@ def rms_norm_supported(hidden: int, dtype: str) -> bool:
             and hidden % 8 == 0 and hidden <= 16384)
 
 
+ARGMAX_THREADS = 1024
+
+
+def argmax_supported(vocab: int) -> bool:
+    """Whether the device argmax applies (a CUDA target; any row length)."""
+    target = Target.current(allow_none=True)
+    return target is not None and target.kind.name == "cuda" and vocab > 0
+
+
+@functools.cache
+def argmax(vocab: int) -> tirx.PrimFunc:
+    """Each row's first index of its largest logit: greedy decoding on the device."""
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        x = T.match_buffer(x_handle, (b, 1, vocab), "float32")
+        out = T.match_buffer(out_handle, (b,), "int32")
+        for _bx in T.thread_binding(b, thread="blockIdx.x"):
+            for _tx in T.thread_binding(ARGMAX_THREADS, thread="threadIdx.x"):
+                with T.sblock("argmax"):
+                    T.reads(x[0:b, 0, 0:vocab])
+                    T.writes(out[0:b])
+                    T.evaluate(T.call_extern("void", "mc::argmax_rows", x.access_ptr("r"),
+                                             vocab, out.access_ptr("w")))
+
+    return func
+
+
 @functools.cache
 def rms_norm(hidden: int, dtype: str, eps: float) -> tirx.PrimFunc:
     """RMSNorm of x[b, s, hidden] with weight w, one CTA per row (float32 inside)."""

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.errors import ConfigError
 from mistral_compile.model import kernels
-from mistral_compile.model.kernels import own_attention_kernels
-from mistral_compile.model.window import exact_window_kernels
+from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, quantizable, quantized_shapes
 
 
@@ -267,26 +263,6 @@ class MistralModel(nn.Module):
         return self.norm(hidden)
 
 
-def attention_kinds(config: MistralConfig) -> tuple[list[str], int]:
-    """Per-layer attention kinds for TVM's cache and the window its kernels mask with.
-
-    Every layer windowed: all "mha" with the cache's per-sequence sliding window (which evicts
-    pages, bounding memory). Mixed full/windowed layers: "mha_sliding" on windowed layers, which
-    masks with absolute positions but keeps every page (the full layers bound the context anyway).
-    TVM supports one window size for all windowed layers.
-    """
-    windows = config.layer_sliding_window_sizes
-    sliding = sorted({w for w in windows if w > 0})
-    if not sliding:
-        return ["mha"] * len(windows), 1  # the cache requires a positive value even if unused
-    if len(sliding) > 1:
-        raise ConfigError("layer_sliding_window_sizes", f"layers use several window sizes "
-                          f"{sliding}; only one window size is supported")
-    if min(windows) > 0:
-        return ["mha"] * len(windows), sliding[0]
-    return ["mha_sliding" if w > 0 else "mha" for w in windows], sliding[0]
-
-
 class MistralForCausalLM(nn.Module):
     """The exported model: embed, prefill, decode, batch_* and create_paged_kv_cache."""
 
@@ -315,8 +291,12 @@ class MistralForCausalLM(nn.Module):
     def prefill(self, input_embed: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         return self.get_logits(_take_last(self.model(input_embed, cache))), cache
 
-    def decode(self, input_embed: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self.get_logits(self.model(input_embed, cache)), cache
+    def decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, Tensor,
+                                                                     PagedKVCache]:
+        """One token in (on the device): its logits [1, 1, vocab] and their argmax [1]."""
+        embed = op.reshape(self.embed(input_ids), (1, 1, self.config.hidden_size))
+        logits = self.get_logits(self.model(embed, cache))
+        return logits, _argmax(logits), cache
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor,
                       cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
@@ -335,59 +315,11 @@ class MistralForCausalLM(nn.Module):
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
-        cfg = self.config
-        kinds, window = attention_kinds(cfg)
-        with exact_window_kernels(), own_attention_kernels():
-            return self._cache(kinds, window, max_batch_size, max_total_seq_len,
-                               prefill_chunk_size, page_size, support_sliding_window)
-
-    def _cache(self, kinds: list[str], window: int, max_batch_size: tirx.Var,
-               max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var, page_size: tirx.Var,
-               support_sliding_window: tirx.Var) -> PagedKVCache:
-        cfg = self.config
-        return TIRPagedKVCache(
-            attn_kind=kinds, max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, qk_head_dim=cfg.head_dim,
-            v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=cfg.position_embedding_base,
-            rope_scaling={}, rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim,
-            enable_disaggregation=False, dtype=self.dtype, target=Target.current(),
-            layer_sliding_window_size=window)
+        return paged_kv_cache(self.config, self.dtype, max_batch_size, max_total_seq_len,
+                              prefill_chunk_size, page_size, support_sliding_window)
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
-        hidden = self.config.hidden_size
-        cache = nn.spec.Object(object_type=PagedKVCache)
-        packed = {"param_mode": "packed", "effect_mode": "none"}
-        mod_spec: dict[str, Any] = {
-            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"),
-                      "$": packed},
-            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
-                        "cache": cache,
-                        "$": packed},
-            "decode": {"input_embed": nn.spec.Tensor([1, 1, hidden], self.dtype),
-                       "cache": cache,
-                       "$": packed},
-            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
-                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-                              "cache": cache,
-                              "$": packed},
-            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden],
-                                                            self.dtype),
-                             "cache": cache,
-                             "$": packed},
-            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
-                             "cache": cache,
-                             "$": packed},
-            "create_paged_kv_cache": {
-                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
-                "page_size": int, "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"}},
-        }
-        return nn.spec.ModuleSpec.from_raw(mod_spec, self)
+        return module_spec(self, self.config, self.dtype)
 
 
 def _take_last(hidden: Tensor) -> Tensor:
@@ -397,3 +329,13 @@ def _take_last(hidden: Tensor) -> Tensor:
         return te.compute((b, 1, h), lambda i, _, k: x[i, s - 1, k], name="take_last")
 
     return op.tensor_expr_op(last, "take_last", [hidden])
+
+
+def _argmax(logits: Tensor) -> Tensor:
+    """The first index of each row's largest logit ([b, 1, vocab] float32 -> [b] int32)."""
+    b, _, vocab = logits.shape
+    if kernels.argmax_supported(vocab):
+        return op.tensor_ir_op(kernels.argmax(vocab), "argmax", args=[logits],
+                               out=Tensor.placeholder((b,), "int32"))
+    flat = op.reshape(logits, (b, vocab))
+    return op.wrap_nested(rx.op.astype(rx.op.argmax(flat._expr, axis=-1), "int32"), "argmax")

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ class Engine:
         # (a fresh device array each step cost an allocation and a free on the decode path)
         self._fn = {name: self.vm[name] for name in ("embed", "prefill", "decode")}
         self._ids = tvm.runtime.empty((chunk,), "int32", self.device)
-        self._seq = _shape(SEQ_ID)
+        self._seq, self._one = _shape(SEQ_ID), _shape(1)
         self.cache = None
         self.length = 0
         self.reset()
@@ -204,18 +204,29 @@ class Engine:
             raise MistralCompileError(f"sequence of {self.length + len(token_ids)} tokens exceeds "
                                       f"the context window ({limit})")
 
-    def _forward(self, token_ids: list[int], func: str) -> np.ndarray:
+    def _forward(self, token_ids: list[int]) -> np.ndarray:
         n = len(token_ids)  # at most chunk_size
         ids = self._ids._create_view((n,))
         ids.copyfrom(np.asarray(token_ids, dtype="int32"))
         embed = self._fn["embed"](ids, self.params)  # [n, hidden], stays on the device
         embed = embed._create_view((1, n, int(embed.shape[-1])))
         _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
-        out = self._fn[func](embed, self.cache, self.params)
+        out = self._fn["prefill"](embed, self.cache, self.params)
         _builtin("kv_state_end_forward")(self.cache)
-        self.length += n
-        self.tokens.extend(int(t) for t in token_ids)
+        self._appended(token_ids)
         return out[0].numpy().reshape(-1)
+
+    def _appended(self, token_ids: list[int]) -> None:
+        self.length += len(token_ids)
+        self.tokens.extend(int(t) for t in token_ids)
+
+    def _decode_step(self, ids: tvm.runtime.Tensor, token_id: int) -> tuple:
+        """Run ``decode`` on the id already in ``ids`` (device): (logits, argmax), on the device."""
+        _builtin("kv_state_begin_forward")(self.cache, self._seq, self._one)
+        logits, best = self._fn["decode"](ids, self.cache, self.params)[:2]
+        _builtin("kv_state_end_forward")(self.cache)
+        self._appended([token_id])
+        return logits, best
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
         """Append a prompt (split into chunks); logits of its last token."""
@@ -224,7 +235,7 @@ class Engine:
         self._check_tokens(token_ids)
         logits, start = None, 0
         for size in self.prefill_chunks(len(token_ids)):
-            logits = self._forward(list(token_ids[start:start + size]), "prefill")
+            logits = self._forward(list(token_ids[start:start + size]))
             start += size
         return logits
 
@@ -245,7 +256,26 @@ class Engine:
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token; its logits."""
         self._check_tokens([token_id])
-        return self._forward([int(token_id)], "decode")
+        ids = self._ids._create_view((1,))
+        ids.copyfrom(np.asarray([token_id], dtype="int32"))
+        return self._decode_step(ids, int(token_id))[0].numpy().reshape(-1)
+
+    def greedy(self, token_id: int) -> Iterator[int]:
+        """Decode greedily from ``token_id``: yields the argmax after it, then after that, ...
+
+        Each step's argmax is computed on the device and fed to the next step where it lies, so
+        the logits never leave the GPU and no id is uploaded: the host reads back one int32 per
+        step, which is also the step's synchronisation. A step runs when the next token is asked
+        for; a generator that is not advanced leaves the cache holding what it has yielded.
+        """
+        self._check_tokens([token_id])
+        ids = self._ids._create_view((1,))
+        ids.copyfrom(np.asarray([token_id], dtype="int32"))
+        while True:
+            _, ids = self._decode_step(ids, token_id)
+            token_id = int(ids.numpy()[0])
+            yield token_id
+            self._check_tokens([token_id])  # the context limit, before the next step
 
     @property
     def capacity(self) -> int:
@@ -330,9 +360,12 @@ class Engine:
 
         rng = np.random.default_rng(params.seed)
         logits = self.prefill(list(prompt))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            out.append(sample(logits, params, rng, list(prompt) + out))
-            if len(out) < max_new_tokens:
+        out = [sample(logits, params, rng, list(prompt))]
+        steps = self.greedy(out[0]) if params.greedy else None
+        while len(out) < max_new_tokens:
+            if steps is not None:
+                out.append(next(steps))
+            else:
                 logits = self.decode(out[-1])
+                out.append(sample(logits, params, rng, list(prompt) + out))
         return out

@@ -16,7 +16,8 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 
 METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 4  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes"
+LIBRARY_FORMAT_VERSION = 5  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes";
+# 5: decode takes the token id and also returns its argmax
 _loaded: set[str] = set()
 
 

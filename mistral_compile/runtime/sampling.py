@@ -22,6 +22,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: the engine can pick tokens on the device (Engine.greedy)."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
     def __post_init__(self) -> None:
         checks = (("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),

@@ -106,12 +106,13 @@ class TextStream:
         emitted = 0
         start = time.perf_counter()
         reason = ""
+        token = sample(logits, params, rng, prompt)
+        steps = engine.greedy(token) if params.greedy else None  # argmax on the device
         try:
             while not reason:
                 if engine.interrupted.is_set():
                     reason = "interrupted"
                     break
-                token = sample(logits, params, rng, prompt + self.tokens)
                 if token == eos:
                     reason = "eos"
                     break
@@ -129,8 +130,13 @@ class TextStream:
                 if safe > emitted:
                     piece, emitted = self.text[emitted:safe], safe
                     yield piece
-                if not reason:
+                if reason:
+                    break
+                if steps is not None:
+                    token = next(steps)
+                else:
                     logits = engine.decode(token)
+                    token = sample(logits, params, rng, prompt + self.tokens)
         finally:
             self.usage.completion_tokens = len(self.tokens)
             self.usage.decode_seconds = time.perf_counter() - start

@@ -60,22 +60,24 @@ def main() -> None:
                  attention_sink_size=0, prefill_chunk_size=args.prefill, progress=False)
     ids = np.random.default_rng(0).integers(3, 30000, args.prefill).tolist()
     eng.prefill(ids)  # warm-up (and CUDA-graph capture for decode below)
-    for t in range(3):
-        eng.decode(t + 5)
+    steps = eng.greedy(5)  # greedy decoding as chat/bench run it (argmax on the device)
+    for _ in range(3):
+        next(steps)
     eng.reset()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         eng.prefill(ids)
         torch.cuda.synchronize()
     table(prof, f"prefill {args.prefill} tokens", 1)
     gaps(prof, 1)
+    steps = eng.greedy(7)
     start = time.perf_counter()
-    for t in range(args.steps):
-        eng.decode(t + 7)
+    for _ in range(args.steps):
+        next(steps)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / args.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for t in range(args.steps):
-            eng.decode(t + 7)
+        for _ in range(args.steps):
+            next(steps)
         torch.cuda.synchronize()
     print(f"decode step without the profiler: {wall * 1e3:.2f} ms")
     table(prof, f"decode at {args.prefill}", args.steps)

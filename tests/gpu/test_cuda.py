@@ -126,6 +126,26 @@ def test_other_models_match_hf(name, n, quant):
         assert delta <= TOL[quant] and same
 
 
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f16_1"])
+def test_device_greedy_matches_host_argmax(quant):
+    # Engine.greedy: our argmax kernel on the device, its output fed to the next step (inside
+    # the decode function, CUDA graph and all), never the host; the host path reads the logits
+    # of the same steps and takes numpy's argmax. Through the window (3W steps).
+    dev = engine("windowed", quant, attention_sink_size=0, prefill_chunk_size=W)
+    host = engine("windowed", quant, attention_sink_size=0, prefill_chunk_size=W)
+    ids = np.random.default_rng(11).integers(3, 256, W + 3).tolist()
+    first = int(np.argmax(dev.prefill(ids)))
+    host.prefill(ids)
+    steps, token, got, want = dev.greedy(first), first, [], []
+    for _ in range(3 * W):
+        logits = host.decode(token)
+        token = int(np.argmax(logits))
+        want.append(token)
+        got.append(next(steps))
+    report(f"device greedy {quant}, {3 * W} steps", 0.0, got == want)
+    assert got == want
+
+
 @pytest.mark.parametrize("chunk", list(CHUNKS.values()), ids=list(CHUNKS))
 @pytest.mark.parametrize("n", LENGTHS)
 def test_sinks_fp32_match_reference(n, chunk):

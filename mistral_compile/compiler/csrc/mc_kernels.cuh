@@ -394,6 +394,44 @@ __device__ __forceinline__ void rms_norm_rows(const T* __restrict__ x, const T* 
   }
 }
 
+// Greedy sampling on the device: out[row] = the first index of the largest of x[row, 0:n]
+// (float32 logits, one CTA of 1024 threads per row). Larger value wins, a tie goes to the
+// smaller index, so the reduction order does not matter and the result is numpy's argmax.
+__device__ __forceinline__ void argmax_better(float& v, int& i, float ov, int oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+__device__ __forceinline__ void argmax_rows(const float* __restrict__ x, int n,
+                                            int32_t* __restrict__ out) {
+  __shared__ float vals[32];
+  __shared__ int idxs[32];
+  const int tid = threadIdx.x;
+  const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
+  float v = -INFINITY;
+  int i = n;  // no element yet: loses every comparison against a real one
+  for (int c = tid; c < n; c += blockDim.x) argmax_better(v, i, row[c], c);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    argmax_better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+  if ((tid & 31) == 0) {
+    vals[tid >> 5] = v;
+    idxs[tid >> 5] = i;
+  }
+  __syncthreads();
+  if (tid < 32) {
+    const int warps = blockDim.x >> 5;
+    v = tid < warps ? vals[tid] : -INFINITY;
+    i = tid < warps ? idxs[tid] : n;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+    if (tid == 0) out[blockIdx.x] = i < n ? i : 0;  // all NaN: token 0
+  }
+}
+
 // Batch-1 GEMV, y = W x: W is [n, K] row-major ([2n, K] for GEMV_NORM_SILU), x has K
 // elements. 256 threads, one warp per output row at a time: x is staged in shared memory once
 // per CTA (gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the
