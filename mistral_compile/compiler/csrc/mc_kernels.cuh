@@ -78,18 +78,27 @@ __device__ __forceinline__ void rope(float* x, const float* partner, const float
   }
 }
 
-// Split-KV decode attention, pass 1. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads one
-// KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the group:
-// L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a time.
-// Writes the unnormalized output and (max, sum) of base-2 scores per (b, head, split).
-// Page layout and length_info follow TVM's paged KV cache (see its _decode_kernels.py).
+// Split-KV decode attention in one launch. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads
+// one KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the
+// group: L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a
+// time. It writes its unnormalized output and (max, sum) of base-2 scores to ws; the last CTA
+// of a (sequence, KV head) to finish (a ticket counter per pair) merges the splits and writes
+// the normalized output and the base-2 log-sum-exp (TVM's lse convention), so no second
+// launch waits on the first. Page layout and length_info follow TVM's paged KV cache (see its
+// _decode_kernels.py).
+// The counters live in module memory (zero when the module loads); the merging CTA puts its
+// counter back to zero, so every launch starts from zeros. Launches on one stream never
+// overlap, and a split count above 1 implies B * H_kv < DECODE_TICKETS (kernels.py _splits).
+constexpr int DECODE_TICKETS = 256;
+__device__ unsigned int decode_tickets[DECODE_TICKETS];
+
 template <typename T, int D, int G, int PAGE, bool SW>
 __device__ __forceinline__ void decode_attn_partial(
     const T* __restrict__ q, const T* __restrict__ pages, const int* __restrict__ page_indptr,
     const int* __restrict__ page_values, const int* __restrict__ length_info, int batch,
     const int* __restrict__ k_rope_pos, const int* __restrict__ q_rope_pos,
     float* __restrict__ ws, int nsplit, int rotary_mode, float rope_scale, float rope_theta,
-    float sm_scale) {
+    float sm_scale, T* __restrict__ out, float* __restrict__ lse) {
   constexpr int VEC = Vec<T>::N;
   constexpr int L = D / VEC;
   constexpr int RPW = 32 / L;
@@ -233,30 +242,33 @@ __device__ __forceinline__ void decode_attn_partial(
       ws[n_out + slot * 2 + 1] = den;
     }
   }
-}
-
-// Split-KV decode attention, pass 2. Grid (H_qo, B), D threads: merges the splits, writes the
-// normalized output and the base-2 log-sum-exp (TVM's lse convention).
-template <typename T, int D>
-__device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, int batch,
-                                                  int nsplit, T* __restrict__ out,
-                                                  float* __restrict__ lse) {
-  const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, d = threadIdx.x;
-  const int64_t n_out = static_cast<int64_t>(batch) * h_qo * nsplit * D;
-  const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * nsplit;
-  float mx = -INFINITY;
-  for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, ws[n_out + (slot0 + s) * 2]);
-  float acc = 0.f, den = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < nsplit; ++s) {
-      float w = exp2f(ws[n_out + (slot0 + s) * 2] - mx);
-      acc += w * ws[(slot0 + s) * D + d];
-      den += w * ws[n_out + (slot0 + s) * 2 + 1];
+  // the last CTA of this (sequence, KV head) merges: release our partials, take a ticket
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  unsigned int* ticket = &decode_tickets[b * h_kv + kvh];
+  if (threadIdx.x == 0) last = nsplit == 1 || atomicAdd(ticket, 1u) == nsplit - 1u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // acquire the other CTAs' partials (read past L1 below)
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D, h = kvh * G + g;
+    const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * nsplit;
+    float mx = -INFINITY;
+    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(ws + n_out + (slot0 + s) * 2));
+    float acc = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+      for (int s = 0; s < nsplit; ++s) {
+        const float w = exp2f(__ldcg(ws + n_out + (slot0 + s) * 2) - mx);
+        acc += w * __ldcg(ws + (slot0 + s) * D + d);
+        den += w * __ldcg(ws + n_out + (slot0 + s) * 2 + 1);
+      }
     }
+    const int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
+    store(out + o, den > 0.f ? acc / den : 0.f);
+    if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
   }
-  int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
-  store(out + o, den > 0.f ? acc / den : 0.f);
-  if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
+  if (threadIdx.x == 0 && nsplit > 1) *ticket = 0u;  // for the next launch
 }
 
 // How a decode GEMV stages its input x and finishes its outputs (the fusions that save the
@@ -432,6 +444,23 @@ __device__ __forceinline__ void argmax_rows(const float* __restrict__ x, int n,
   }
 }
 
+// Asks L2 for the first bytes of this warp's first row before the CTA stages x: in a kernel
+// of one wave (qkv, o, down at batch 1) every CTA would otherwise wait out the x staging (two
+// dependent global reads and two barriers) and then a DRAM latency before its first weight
+// arrives. `row_bytes` of the row (and of its partner row `pair`, GEMV_NORM_SILU) from `w`.
+template <int PIECES>
+__device__ __forceinline__ void gemv_prefetch(const char* w, int64_t row_bytes, int n,
+                                              int pair) {
+  const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= n) return;
+  const int pieces = row_bytes / 512 < PIECES ? static_cast<int>(row_bytes / 512) : PIECES;
+#pragma unroll 1
+  for (int r = 0; r < (pair ? 2 : 1); ++r) {
+    const char* base = w + (row + r * pair) * row_bytes + lane * 16;
+    for (int i = 0; i < pieces; ++i) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 512));
+  }
+}
+
 // Batch-1 GEMV, y = W x: W is [n, K] row-major ([2n, K] for GEMV_NORM_SILU), x has K
 // elements. 256 threads, one warp per output row at a time: x is staged in shared memory once
 // per CTA (gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the
@@ -445,6 +474,8 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   constexpr int STEP = 32 * VEC;
   static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
   __shared__ __align__(16) T xs[K];
+  gemv_prefetch<16>(reinterpret_cast<const char*>(w), int64_t{K} * sizeof(T), n,
+                    MODE == GEMV_NORM_SILU ? n : 0);
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
@@ -508,6 +539,8 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
+  gemv_prefetch<16>(reinterpret_cast<const char*>(qw), int64_t{K} / 2, n,
+                    MODE == GEMV_NORM_SILU ? n : 0);
   gemv_stage_x<half, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const half2 bias = __float2half2_rn(1031.f);
