@@ -16,7 +16,7 @@ CTYPES = {"float16": "half", "float32": "float"}
 VEC = {"float16": 8, "float32": 4}  # elements per 16-byte load
 THREADS = 128
 TARGET_CTAS = 256  # enough CTAs to fill an H100's 132 SMs twice at batch 1
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # DECODE_MAX_SPLITS in the header
 
 
 def _splits(batch: tirx.PrimExpr, num_kv_heads: int) -> tirx.PrimExpr:

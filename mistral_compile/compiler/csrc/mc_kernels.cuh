@@ -90,6 +90,7 @@ __device__ __forceinline__ void rope(float* x, const float* partner, const float
 // counter back to zero, so every launch starts from zeros. Launches on one stream never
 // overlap, and a split count above 1 implies B * H_kv < DECODE_TICKETS (kernels.py _splits).
 constexpr int DECODE_TICKETS = 256;
+constexpr int DECODE_MAX_SPLITS = 64;  // kernels.py MAX_SPLITS
 __device__ unsigned int decode_tickets[DECODE_TICKETS];
 
 template <typename T, int D, int G, int PAGE, bool SW>
@@ -251,22 +252,36 @@ __device__ __forceinline__ void decode_attn_partial(
   __syncthreads();
   if (!last) return;
   __threadfence();  // acquire the other CTAs' partials (read past L1 below)
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D, h = kvh * G + g;
-    const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * nsplit;
-    float mx = -INFINITY;
-    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(ws + n_out + (slot0 + s) * 2));
-    float acc = 0.f, den = 0.f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < nsplit; ++s) {
-        const float w = exp2f(__ldcg(ws + n_out + (slot0 + s) * 2) - mx);
-        acc += w * __ldcg(ws + (slot0 + s) * D + d);
-        den += w * __ldcg(ws + n_out + (slot0 + s) * 2 + 1);
-      }
+  // each split's weight exp2(m_s - max) per query head once, in shared memory; then every
+  // thread's outputs are independent sums over the splits
+  __shared__ float sm_w[G][DECODE_MAX_SPLITS], sm_sum[G][DECODE_MAX_SPLITS];
+  __shared__ float sm_den[G];
+  const int64_t slot_b = static_cast<int64_t>(b) * h_qo + kvh * G;
+  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
+    const int g = i / nsplit, s = i % nsplit;
+    sm_w[g][s] = __ldcg(ws + n_out + ((slot_b + g) * nsplit + s) * 2);
+    sm_sum[g][s] = __ldcg(ws + n_out + ((slot_b + g) * nsplit + s) * 2 + 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float mx = -INFINITY, den = 0.f;
+    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, sm_w[g][s]);
+    for (int s = 0; s < nsplit; ++s) {
+      const float w = mx == -INFINITY ? 0.f : exp2f(sm_w[g][s] - mx);
+      sm_w[g][s] = w;
+      den += w * sm_sum[g][s];
     }
-    const int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
-    store(out + o, den > 0.f ? acc / den : 0.f);
-    if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
+    sm_den[g] = den;
+    lse[slot_b + g] = den > 0.f ? mx + log2f(den) : -5e4f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    const float* src = ws + (slot_b + g) * nsplit * D + d;
+    float acc = 0.f;
+    for (int s = 0; s < nsplit; ++s) acc += sm_w[g][s] * __ldcg(src + s * D);
+    store(out + (slot_b + g) * D + d, sm_den[g] > 0.f ? acc / sm_den[g] : 0.f);
   }
   if (threadIdx.x == 0 && nsplit > 1) *ticket = 0u;  // for the next launch
 }
@@ -444,23 +459,6 @@ __device__ __forceinline__ void argmax_rows(const float* __restrict__ x, int n,
   }
 }
 
-// Asks L2 for the first bytes of this warp's first row before the CTA stages x: in a kernel
-// of one wave (qkv, o, down at batch 1) every CTA would otherwise wait out the x staging (two
-// dependent global reads and two barriers) and then a DRAM latency before its first weight
-// arrives. `row_bytes` of the row (and of its partner row `pair`, GEMV_NORM_SILU) from `w`.
-template <int PIECES>
-__device__ __forceinline__ void gemv_prefetch(const char* w, int64_t row_bytes, int n,
-                                              int pair) {
-  const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (row >= n) return;
-  const int pieces = row_bytes / 512 < PIECES ? static_cast<int>(row_bytes / 512) : PIECES;
-#pragma unroll 1
-  for (int r = 0; r < (pair ? 2 : 1); ++r) {
-    const char* base = w + (row + r * pair) * row_bytes + lane * 16;
-    for (int i = 0; i < pieces; ++i) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 512));
-  }
-}
-
 // Batch-1 GEMV, y = W x: W is [n, K] row-major ([2n, K] for GEMV_NORM_SILU), x has K
 // elements. 256 threads, one warp per output row at a time: x is staged in shared memory once
 // per CTA (gemv_stage_x), each lane streams 16-byte slices of its row (the loop over the
@@ -474,8 +472,6 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   constexpr int STEP = 32 * VEC;
   static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
   __shared__ __align__(16) T xs[K];
-  gemv_prefetch<16>(reinterpret_cast<const char*>(w), int64_t{K} * sizeof(T), n,
-                    MODE == GEMV_NORM_SILU ? n : 0);
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
@@ -539,8 +535,6 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
-  gemv_prefetch<16>(reinterpret_cast<const char*>(qw), int64_t{K} / 2, n,
-                    MODE == GEMV_NORM_SILU ? n : 0);
   gemv_stage_x<half, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const half2 bias = __float2half2_rn(1031.f);
