@@ -16,15 +16,11 @@ CTYPES = {"float16": "half", "float32": "float"}
 VEC = {"float16": 8, "float32": 4}  # elements per 16-byte load
 THREADS = 128
 TARGET_CTAS = 256  # enough CTAs to fill an H100's 132 SMs twice at batch 1
-MAX_SPLITS = 64  # DECODE_MAX_SPLITS in the header
+MAX_SPLITS = 64
 
 
 def _splits(batch: tirx.PrimExpr, num_kv_heads: int) -> tirx.PrimExpr:
-    """How many CTAs share one sequence's KV rows for one KV head.
-
-    More than one only while batch * num_kv_heads < TARGET_CTAS, the number of merge tickets
-    (DECODE_TICKETS in the header).
-    """
+    """How many CTAs share one sequence's KV rows for one KV head."""
     return T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, batch * num_kv_heads)))
 
 
@@ -45,16 +41,16 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                      sliding_window: bool, page_size: int = 16) -> tirx.PrimFunc:
     """Paged-KV decode attention with the signature of TVM's ``_attention_decode``.
 
-    One launch: each sequence's KV rows are split over ``nsplit`` CTAs per KV head (so a batch-1
-    decode keeps every SM busy), and the last CTA of each (sequence, KV head) merges the splits.
-    RoPE is applied inline when the cache asks for it (``rotary_mode == 1``, TVM's per-sequence
-    sliding window).
+    Two launches: pass 1 splits each sequence's KV rows over ``nsplit`` CTAs per KV head (so a
+    batch-1 decode keeps every SM busy), pass 2 merges the splits. RoPE is applied inline when
+    the cache asks for it (``rotary_mode == 1``, TVM's per-sequence sliding window).
     """
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     ctype = CTYPES[dtype]
-    kernel = (f"mc::decode_attn_partial<{ctype}, {d}, {group}, {page_size}, "
-              f"{'true' if sliding_window else 'false'}>")
+    partial = (f"mc::decode_attn_partial<{ctype}, {d}, {group}, {page_size}, "
+               f"{'true' if sliding_window else 'false'}>")
+    merge = f"mc::decode_attn_merge<{ctype}, {d}>"
     symbol = "mc_batch_decode_paged_kv" + ("_sliding_window" if sliding_window else "")
     info_shape = (3,) if sliding_window else ()
 
@@ -92,18 +88,27 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
                 for _bz in T.thread_binding(B, thread="blockIdx.z"):
                     for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        with T.sblock("attention"):
+                        with T.sblock("partial"):
                             T.reads()
                             T.writes(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
-                                "void", kernel, T.address_of(Q[0, 0, 0]),
+                                "void", partial, T.address_of(Q[0, 0, 0]),
                                 T.address_of(pages[0, 0, 0, 0, 0]), T.address_of(indptr[0]),
                                 T.address_of(values[0]), length_info.access_ptr("r"), B,
                                 T.address_of(k_rope[0]), T.address_of(q_rope[0]),
                                 ws.access_ptr("rw"),
                                 _splits(B, h_kv), rotary_mode, rope_scale,
-                                rope_theta, sm_scale, T.address_of(output[0, 0, 0]),
-                                T.address_of(lse[0, 0])))
+                                rope_theta, sm_scale))
+        for _hx in T.thread_binding(h_qo, thread="blockIdx.x"):
+            for _by in T.thread_binding(B, thread="blockIdx.y"):
+                for _tx in T.thread_binding(d, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
+                        T.writes()
+                        T.evaluate(T.call_extern(
+                            "void", merge, ws.access_ptr("rw"), B,
+                            _splits(B, h_kv),
+                            T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0])))
 
     return decode
 

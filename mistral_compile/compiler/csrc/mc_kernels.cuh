@@ -78,28 +78,18 @@ __device__ __forceinline__ void rope(float* x, const float* partner, const float
   }
 }
 
-// Split-KV decode attention in one launch. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads
-// one KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the
-// group: L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a
-// time. It writes its unnormalized output and (max, sum) of base-2 scores to ws; the last CTA
-// of a (sequence, KV head) to finish (a ticket counter per pair) merges the splits and writes
-// the normalized output and the base-2 log-sum-exp (TVM's lse convention), so no second
-// launch waits on the first. Page layout and length_info follow TVM's paged KV cache (see its
-// _decode_kernels.py).
-// The counters live in module memory (zero when the module loads); the merging CTA puts its
-// counter back to zero, so every launch starts from zeros. Launches on one stream never
-// overlap, and a split count above 1 implies B * H_kv < DECODE_TICKETS (kernels.py _splits).
-constexpr int DECODE_TICKETS = 256;
-constexpr int DECODE_MAX_SPLITS = 64;  // kernels.py MAX_SPLITS
-__device__ unsigned int decode_tickets[DECODE_TICKETS];
-
+// Split-KV decode attention, pass 1. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads one
+// KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the group:
+// L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a time.
+// Writes the unnormalized output and (max, sum) of base-2 scores per (b, head, split).
+// Page layout and length_info follow TVM's paged KV cache (see its _decode_kernels.py).
 template <typename T, int D, int G, int PAGE, bool SW>
 __device__ __forceinline__ void decode_attn_partial(
     const T* __restrict__ q, const T* __restrict__ pages, const int* __restrict__ page_indptr,
     const int* __restrict__ page_values, const int* __restrict__ length_info, int batch,
     const int* __restrict__ k_rope_pos, const int* __restrict__ q_rope_pos,
     float* __restrict__ ws, int nsplit, int rotary_mode, float rope_scale, float rope_theta,
-    float sm_scale, T* __restrict__ out, float* __restrict__ lse) {
+    float sm_scale) {
   constexpr int VEC = Vec<T>::N;
   constexpr int L = D / VEC;
   constexpr int RPW = 32 / L;
@@ -243,47 +233,30 @@ __device__ __forceinline__ void decode_attn_partial(
       ws[n_out + slot * 2 + 1] = den;
     }
   }
-  // the last CTA of this (sequence, KV head) merges: release our partials, take a ticket
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  unsigned int* ticket = &decode_tickets[b * h_kv + kvh];
-  if (threadIdx.x == 0) last = nsplit == 1 || atomicAdd(ticket, 1u) == nsplit - 1u;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // acquire the other CTAs' partials (read past L1 below)
-  // each split's weight exp2(m_s - max) per query head once, in shared memory; then every
-  // thread's outputs are independent sums over the splits
-  __shared__ float sm_w[G][DECODE_MAX_SPLITS], sm_sum[G][DECODE_MAX_SPLITS];
-  __shared__ float sm_den[G];
-  const int64_t slot_b = static_cast<int64_t>(b) * h_qo + kvh * G;
-  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
-    const int g = i / nsplit, s = i % nsplit;
-    sm_w[g][s] = __ldcg(ws + n_out + ((slot_b + g) * nsplit + s) * 2);
-    sm_sum[g][s] = __ldcg(ws + n_out + ((slot_b + g) * nsplit + s) * 2 + 1);
-  }
-  __syncthreads();
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    float mx = -INFINITY, den = 0.f;
-    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, sm_w[g][s]);
+}
+
+// Split-KV decode attention, pass 2. Grid (H_qo, B), D threads: merges the splits, writes the
+// normalized output and the base-2 log-sum-exp (TVM's lse convention).
+template <typename T, int D>
+__device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, int batch,
+                                                  int nsplit, T* __restrict__ out,
+                                                  float* __restrict__ lse) {
+  const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, d = threadIdx.x;
+  const int64_t n_out = static_cast<int64_t>(batch) * h_qo * nsplit * D;
+  const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * nsplit;
+  float mx = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, ws[n_out + (slot0 + s) * 2]);
+  float acc = 0.f, den = 0.f;
+  if (mx != -INFINITY) {
     for (int s = 0; s < nsplit; ++s) {
-      const float w = mx == -INFINITY ? 0.f : exp2f(sm_w[g][s] - mx);
-      sm_w[g][s] = w;
-      den += w * sm_sum[g][s];
+      float w = exp2f(ws[n_out + (slot0 + s) * 2] - mx);
+      acc += w * ws[(slot0 + s) * D + d];
+      den += w * ws[n_out + (slot0 + s) * 2 + 1];
     }
-    sm_den[g] = den;
-    lse[slot_b + g] = den > 0.f ? mx + log2f(den) : -5e4f;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    const float* src = ws + (slot_b + g) * nsplit * D + d;
-    float acc = 0.f;
-    for (int s = 0; s < nsplit; ++s) acc += sm_w[g][s] * __ldcg(src + s * D);
-    store(out + (slot_b + g) * D + d, sm_den[g] > 0.f ? acc / sm_den[g] : 0.f);
-  }
-  if (threadIdx.x == 0 && nsplit > 1) *ticket = 0u;  // for the next launch
+  int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
+  store(out + o, den > 0.f ? acc / den : 0.f);
+  if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
 }
 
 // How a decode GEMV stages its input x and finishes its outputs (the fusions that save the
