@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tvm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -141,6 +142,21 @@ def test_device_greedy_matches_hf_generate(request, fixture):
         logits = host.decode(token)
         token = int(np.argmax(logits))
         assert next(device) == token
+
+
+def test_decode_unpacks_weights_where_used(full):
+    # the packed weights are unpacked next to their first use (compiler unpack_params_late),
+    # so a decode step's first kernel is not queued behind one VM instruction per weight
+    from tvm import relax
+
+    _, root = full
+    text = relax.VMExecutable(tvm.runtime.load_module(str(root / "lib.so"))).as_text()
+    lines = text[text.index("@decode:"):].splitlines()[1:]
+    packed = next(ln for ln in lines if "check_tuple_info" in ln).split("in: ")[1].split(",")[0]
+    first_kernel = next(i for i, ln in enumerate(lines) if "vm.builtin" not in ln)
+    unpacks = [i for i, ln in enumerate(lines) if f"tuple_getitem in: {packed}," in ln]
+    assert len(unpacks) > 10  # 2 layers' weights
+    assert sum(i < first_kernel for i in unpacks) == 1  # the embedding table only
 
 
 def test_memory_bounded_by_window(windowed):
