@@ -142,7 +142,8 @@ def test_device_greedy_matches_host_argmax(quant):
         token = int(np.argmax(logits))
         want.append(token)
         got.append(next(steps))
-    report(f"device greedy {quant}, {3 * W} steps", 0.0, got == want)
+    print(f"RESULT device greedy {quant}, {3 * W} steps: tokens identical to the host "
+          f"argmax of the same steps' logits: {got == want}")
     assert got == want
 
 
