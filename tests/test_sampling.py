@@ -44,6 +44,22 @@ def test_probabilities_match_reference(temperature, top_k, top_p):
     assert np.allclose(got, reference(LOGITS.tolist(), temperature, top_k, top_p), atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_probabilities_match_reference_on_large_vocabularies(seed):
+    # top-p sorts only the largest candidates (64, then x4): vocabularies of hundreds of tokens,
+    # flat and peaky, with ties (rounded logits), and cuts that need the candidate set to grow
+    rng = np.random.default_rng(seed)
+    logits = np.round(rng.standard_normal(int(rng.integers(70, 700))) * rng.uniform(0.3, 6),
+                      int(rng.integers(0, 3))).astype(np.float32)
+    params = SamplingParams(temperature=float(rng.uniform(0.3, 1.5)),
+                            top_p=float(rng.choice([0.5, 0.9, 0.99, 0.999])),
+                            top_k=int(rng.choice([0, 0, 50, 300])))
+    got = token_probabilities(logits, params)
+    want = reference(logits.tolist(), params.temperature, params.top_k, params.top_p)
+    assert np.array_equal(got > 0, want > 0)
+    assert np.allclose(got, want, atol=1e-12)
+
+
 def test_repetition_penalty_matches_definition():
     got = apply_repetition_penalty(LOGITS, [0, 1, 1, 5], 2.0)
     want = LOGITS.copy()

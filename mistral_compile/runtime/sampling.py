@@ -56,21 +56,46 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int],
 
 def token_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution sampled from (temperature > 0): softmax, then top-k, then top-p."""
+    index, weight = _candidates(logits, params)
+    probs = np.zeros(logits.size)
+    probs[index] = weight / weight.sum()
+    return probs
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens that may be drawn and their unnormalised probabilities.
+
+    Top-p keeps the smallest prefix of the tokens in descending probability (ties in index
+    order) whose mass reaches top_p of the mass left after top-k. Only the largest candidates
+    are sorted: the k largest (k = 64, then x4 until their mass reaches the cut), with every
+    token tied with the k-th; a full sort of a 32k vocabulary cost 3 ms a token.
+    """
     z = logits.astype(np.float64) / params.temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
-    if params.top_k and params.top_k < probs.size:
-        kth = np.partition(probs, -params.top_k)[-params.top_k]
-        probs = np.where(probs >= kth, probs, 0.0)
+    n = probs.size
+    index = np.arange(n)
+    if params.top_k and params.top_k < n:
+        kth = np.partition(probs, n - params.top_k)[n - params.top_k]
+        index = np.flatnonzero(probs >= kth)
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # keep the smallest prefix whose mass reaches top_p (at least one token)
-        keep = int(np.searchsorted(cumulative, params.top_p * cumulative[-1])) + 1
-        mask = np.zeros_like(probs)
-        mask[order[:keep]] = 1.0
-        probs = probs * mask
-    return probs / probs.sum()
+        pool = probs[index]
+        cut = params.top_p * pool.sum()
+        k = min(pool.size, 64)
+        while True:
+            if k < pool.size:
+                kth = np.partition(pool, pool.size - k)[pool.size - k]
+                cand = np.flatnonzero(pool >= kth)
+            else:
+                cand = np.arange(pool.size)
+            order = cand[np.argsort(-pool[cand], kind="stable")]
+            mass = np.cumsum(pool[order])
+            if mass[-1] >= cut or cand.size == pool.size:
+                keep = min(int(np.searchsorted(mass, cut)) + 1, order.size)
+                index = index[order[:keep]]
+                break
+            k *= 4
+    return index, probs[index]
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
@@ -79,5 +104,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    probs = token_probabilities(logits, params)
-    return int(rng.choice(probs.size, p=probs))
+    index, weight = _candidates(logits, params)
+    cdf = np.cumsum(weight)
+    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return int(index[min(pick, index.size - 1)])
