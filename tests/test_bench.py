@@ -47,4 +47,5 @@ def test_bench_runs_on_cpu_with_random_weights(run_cli, tmp_path):
     assert [r["tokens"] for r in out["prefill"]] == [8, 15]
     assert [r["context"] for r in out["decode"]] == [20, 100]
     assert out["decode"][1]["cache_tokens_held"] < 100  # the window bounds the cache
+    assert out["decode_sampled"]["context"] == 20 and out["decode_sampled"]["ms_per_token"] > 0
     assert out["copy_bandwidth_GBps"] > 0 and out["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
