@@ -46,8 +46,8 @@ def test_probabilities_match_reference(temperature, top_k, top_p):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_probabilities_match_reference_on_large_vocabularies(seed):
-    # top-p sorts only the largest candidates (64, then x4): vocabularies of hundreds of tokens,
-    # flat and peaky, with ties (rounded logits), and cuts that need the candidate set to grow
+    # top-p sorts values and takes the cut value's ties in index order: vocabularies of
+    # hundreds of tokens, flat and peaky, with ties (rounded logits) at the cut
     rng = np.random.default_rng(seed)
     logits = np.round(rng.standard_normal(int(rng.integers(70, 700))) * rng.uniform(0.3, 6),
                       int(rng.integers(0, 3))).astype(np.float32)

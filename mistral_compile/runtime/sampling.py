@@ -57,45 +57,40 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int],
 def token_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution sampled from (temperature > 0): softmax, then top-k, then top-p."""
     index, weight = _candidates(logits, params)
+    if index is None:
+        return weight / weight.sum()
     probs = np.zeros(logits.size)
     probs[index] = weight / weight.sum()
     return probs
 
 
-def _candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens that may be drawn and their unnormalised probabilities.
+def _candidates(logits: np.ndarray,
+                params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
+    """The tokens that may be drawn (None: all) and their unnormalised probabilities.
 
     Top-p keeps the smallest prefix of the tokens in descending probability (ties in index
-    order) whose mass reaches top_p of the mass left after top-k. Only the largest candidates
-    are sorted: the k largest (k = 64, then x4 until their mass reaches the cut), with every
-    token tied with the k-th; a full sort of a 32k vocabulary cost 3 ms a token.
+    order) whose mass reaches top_p of the mass left after top-k. It sorts the values only
+    (0.25 ms for 32k; an index sort that keeps ties in order took 3.2 ms): the cut's value v
+    then gives every token above v and the first of v's ties in index order.
     """
     z = logits.astype(np.float64) / params.temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     n = probs.size
-    index = np.arange(n)
+    index = None
     if params.top_k and params.top_k < n:
         kth = np.partition(probs, n - params.top_k)[n - params.top_k]
         index = np.flatnonzero(probs >= kth)
     if params.top_p < 1.0:
-        pool = probs[index]
-        cut = params.top_p * pool.sum()
-        k = min(pool.size, 64)
-        while True:
-            if k < pool.size:
-                kth = np.partition(pool, pool.size - k)[pool.size - k]
-                cand = np.flatnonzero(pool >= kth)
-            else:
-                cand = np.arange(pool.size)
-            order = cand[np.argsort(-pool[cand], kind="stable")]
-            mass = np.cumsum(pool[order])
-            if mass[-1] >= cut or cand.size == pool.size:
-                keep = min(int(np.searchsorted(mass, cut)) + 1, order.size)
-                index = index[order[:keep]]
-                break
-            k *= 4
-    return index, probs[index]
+        pool = probs if index is None else probs[index]
+        values = np.sort(pool)[::-1]
+        mass = np.cumsum(values)
+        keep = min(int(np.searchsorted(mass, params.top_p * mass[-1])) + 1, values.size)
+        cut = values[keep - 1]
+        above = np.flatnonzero(pool > cut)
+        chosen = np.concatenate([above, np.flatnonzero(pool == cut)[:keep - above.size]])
+        index = chosen if index is None else index[chosen]
+    return index, probs if index is None else probs[index]
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
@@ -106,5 +101,5 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         return int(np.argmax(logits))
     index, weight = _candidates(logits, params)
     cdf = np.cumsum(weight)
-    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return int(index[min(pick, index.size - 1)])
+    pick = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)
+    return pick if index is None else int(index[pick])
