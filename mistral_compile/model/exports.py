@@ -57,13 +57,13 @@ def paged_kv_cache(config: MistralConfig, dtype: str, max_batch_size: tirx.Var,
             layer_sliding_window_size=window)
 
 
-def module_spec(model: nn.Module, config: MistralConfig, dtype: str) -> nn.spec.ModuleSpec:
-    """The exported functions and their argument shapes.
+def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
+    """The exported functions of ``model`` (MistralForCausalLM) and their argument shapes.
 
     ``decode`` takes the token id on the device and returns its logits and their argmax (also
     on the device), so a greedy loop feeds each step's output to the next without the host.
     """
-    hidden = config.hidden_size
+    hidden, dtype = model.config.hidden_size, model.dtype
     cache = nn.spec.Object(object_type=PagedKVCache)
     packed = {"param_mode": "packed", "effect_mode": "none"}
     embeds = nn.spec.Tensor([1, "seq_len", hidden], dtype)

@@ -319,7 +319,7 @@ class MistralForCausalLM(nn.Module):
                               prefill_chunk_size, page_size, support_sliding_window)
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
-        return module_spec(self, self.config, self.dtype)
+        return module_spec(self)
 
 
 def _take_last(hidden: Tensor) -> Tensor:

@@ -207,11 +207,15 @@ class Engine:
             raise MistralCompileError(f"sequence of {self.length + len(token_ids)} tokens exceeds "
                                       f"the context window ({limit})")
 
+    def _upload(self, token_ids: list[int]) -> tvm.runtime.Tensor:
+        """The ids in the device buffer made once (at most chunk_size of them)."""
+        ids = self._ids._create_view((len(token_ids),))
+        ids.copyfrom(np.asarray(token_ids, dtype="int32"))
+        return ids
+
     def _forward(self, token_ids: list[int]) -> np.ndarray:
         n = len(token_ids)  # at most chunk_size
-        ids = self._ids._create_view((n,))
-        ids.copyfrom(np.asarray(token_ids, dtype="int32"))
-        embed = self._fn["embed"](ids, self.params)  # [n, hidden], stays on the device
+        embed = self._fn["embed"](self._upload(token_ids), self.params)  # [n, hidden], on GPU
         embed = embed._create_view((1, n, int(embed.shape[-1])))
         _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
         out = self._fn["prefill"](embed, self.cache, self.params)
@@ -259,9 +263,7 @@ class Engine:
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token; its logits."""
         self._check_tokens([token_id])
-        ids = self._ids._create_view((1,))
-        ids.copyfrom(np.asarray([token_id], dtype="int32"))
-        return self._decode_step(ids, int(token_id))[0].numpy().reshape(-1)
+        return self._decode_step(self._upload([token_id]), int(token_id))[0].numpy().reshape(-1)
 
     def greedy(self, token_id: int) -> Iterator[int]:
         """Decode greedily from ``token_id``: yields the argmax after it, then after that, ...
@@ -269,11 +271,11 @@ class Engine:
         Each step's argmax is computed on the device and fed to the next step where it lies, so
         the logits never leave the GPU and no id is uploaded: the host reads back one int32 per
         step, which is also the step's synchronisation. A step runs when the next token is asked
-        for; a generator that is not advanced leaves the cache holding what it has yielded.
+        for: the cache holds every token fed so far, and the last one yielded joins it only when
+        the generator is advanced again.
         """
         self._check_tokens([token_id])
-        ids = self._ids._create_view((1,))
-        ids.copyfrom(np.asarray([token_id], dtype="int32"))
+        ids = self._upload([token_id])
         while True:
             _, ids = self._decode_step(ids, token_id)
             token_id = int(ids.numpy()[0])
