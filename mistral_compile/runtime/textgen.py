@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.runtime.sampling import SamplingParams, sample
+from mistral_compile.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from mistral_compile.runtime.engine import Engine
@@ -106,8 +106,8 @@ class TextStream:
         emitted = 0
         start = time.perf_counter()
         reason = ""
-        token = sample(logits, params, rng, prompt)
-        steps = engine.greedy(token) if params.greedy else None  # argmax on the device
+        steps = engine.continue_from(logits, params, rng, prompt)
+        token = next(steps)
         try:
             while not reason:
                 if engine.interrupted.is_set():
@@ -132,11 +132,7 @@ class TextStream:
                     yield piece
                 if reason:
                     break
-                if steps is not None:
-                    token = next(steps)
-                else:
-                    logits = engine.decode(token)
-                    token = sample(logits, params, rng, prompt + self.tokens)
+                token = next(steps)
         finally:
             self.usage.completion_tokens = len(self.tokens)
             self.usage.decode_seconds = time.perf_counter() - start

@@ -82,6 +82,35 @@ def main() -> None:
     print(f"decode step without the profiler: {wall * 1e3:.2f} ms")
     table(prof, f"decode at {args.prefill}", args.steps)
     gaps(prof, args.steps)
+    host_side(eng, args.steps)
+
+
+def host_side(eng: Engine, steps: int) -> None:
+    """Host time of each call of a greedy step, medians.
+
+    begin_forward, the decode VM call (it returns once every kernel of the step is queued),
+    end_forward, and the wait for the step's token.
+    """
+    from mistral_compile.runtime.engine import _builtin
+
+    begin, end = _builtin("kv_state_begin_forward"), _builtin("kv_state_end_forward")
+    ids = eng._upload([7])
+    spans: dict[str, list[float]] = defaultdict(list)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        begin(eng.cache, eng._seq, eng._one)
+        t1 = time.perf_counter()
+        ids = eng._fn["decode"](ids, eng.cache, eng.params)[1]
+        t2 = time.perf_counter()
+        end(eng.cache)
+        t3 = time.perf_counter()
+        ids.numpy()
+        t4 = time.perf_counter()
+        for name, span in (("begin_forward", t1 - t0), ("decode VM call", t2 - t1),
+                           ("end_forward", t3 - t2), ("wait for the token", t4 - t3)):
+            spans[name].append(span * 1e6)
+    print("  host side of a step (median): " + ", ".join(
+        f"{name} {np.median(us):.0f} us" for name, us in spans.items()))
 
 
 if __name__ == "__main__":
