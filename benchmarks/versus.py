@@ -20,7 +20,8 @@ def main() -> None:
     for path in ours_files:
         ours = json.load(open(path))
         label = f"{ours.get('quantization') or ours['dtype']}, window {ours['window']}" + (
-            ", CUDA graph" if ours.get("cuda_graph") else "")
+            ", CUDA graph" if ours.get("cuda_graph") else "") + (
+            f", {ours['kv_cache']} KV cache" if ours.get("kv_cache") else "")
         for row in ours["decode"]:
             ctx = row["context"]
             compiled = peer.get(("StaticCache + torch.compile", ctx))

@@ -56,6 +56,15 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     # the KV cache's split + RoPE, and the prefill RMSNorm
     assert "mc::split_rope<half, 64, 4, 2>" in code and "mc::rms_norm_rows<half, 256>" in code
     assert "mc::argmax_rows" in code  # greedy decoding on the device
+    # the model-owned KV cache: decode attention with the append fused in, prefill append and
+    # tensor-core attention, and the step's argmax that also advances the cache's length
+    assert "mc::owned_attn_partial<half, 64, 2, 2, true>" in code
+    assert "mc::owned_append<half, 64, 4, 2>" in code and "mc::prefill_attn_owned<64, 2, 2>" in code
+    assert "mc::argmax_advance" in code
+    # and a decode step is one CUDA graph: every layer's attention inside, no call to TVM's cache
+    decode, capture = _vm_functions(tmp_path / "l.so", "decode", "decode_cuda_graph_capture")
+    assert "run_or_capture" in decode and "attention_kv_cache" not in decode
+    assert "owned_decode" in capture and "gemv_norm_silu" in capture
     if arch == "sm_90":  # prefill GEMMs plain (0), with the residual (1), with silu (2), fed by
         # TMA through descriptors that a launch before each GEMM writes
         assert all(f"mc::gemm_wgmma<half, 256, {e}>" in code for e in (0, 1, 2))
@@ -63,6 +72,18 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     else:
         assert "mc::gemm_nt<" in code and "gemm_wgmma<" not in code
     assert list((tmp_path / "cache").rglob("libcuda.so.1"))
+
+
+def _vm_functions(lib, *names):
+    """The VM bytecode of each named function of a CUDA library (loaded without a GPU)."""
+    import tvm
+    from tvm import relax
+
+    from mistral_compile.compiler.cuda import load_cuda_runtime
+
+    load_cuda_runtime()
+    text = relax.VMExecutable(tvm.runtime.load_module(str(lib))).as_text()
+    return [text[text.index(f"@{name}:"):].split("\n\n")[0] for name in names]
 
 
 def test_arch_flag_selects_the_machine_code(run_cli, converted, tmp_path):

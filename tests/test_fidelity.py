@@ -82,13 +82,52 @@ def compare(ref, engine, prompt_len, seed=0):
 LENGTHS = [1, W - 1, W, W + 1, 3 * W + 5]
 
 
+@pytest.mark.parametrize("kv", ["owned", "paged"])
 @pytest.mark.parametrize("chunk", [W // 2 - 1, W, 2 * W], ids=["below", "equal", "above"])
 @pytest.mark.parametrize("n", LENGTHS)
-def test_sliding_window_matches_hf(windowed, n, chunk):
+def test_sliding_window_matches_hf(windowed, n, chunk, kv):
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0,
+                    prefill_chunk_size=chunk, kv_cache=kv)
+    assert engine.kv_cache == kv
+    assert compare(ref, engine, n) <= TOL
+
+
+@pytest.mark.parametrize("chunk", [W // 2 - 1, W - 1])
+def test_owned_ring_wraps_inside_prefill(windowed, chunk):
+    # the owned cache of a windowed model is a ring of W - 1 + chunk slots rounded up to 64:
+    # 6W tokens of prompt go round it in prefill, then decode steps go round it again
     ref, root = windowed
     engine = Engine(root / "model", root / "lib.so", attention_sink_size=0,
                     prefill_chunk_size=chunk)
-    assert compare(ref, engine, n) <= TOL
+    assert engine.kv_cache == "owned" and engine.capacity == 64
+    assert compare(ref, engine, 6 * W + 3) <= TOL
+
+
+def test_owned_rollback_on_the_ring(windowed):
+    # dropping n tokens is possible while the window before the new end was not overwritten:
+    # n <= slots - (W - 1); the continuation then equals Hugging Face's on the shorter sequence
+    ref, root = windowed
+    engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    ids = np.random.default_rng(9).integers(3, 256, 5 * W).tolist()
+    engine.prefill(ids)
+    limit = engine.capacity - (W - 1)
+    assert not engine.rollback(limit + 1) and engine.length == 5 * W
+    assert engine.rollback(limit) and engine.length == 5 * W - limit
+    kept = ids[:5 * W - limit]
+    got = [engine.decode(t) for t in ids[5 * W - limit:5 * W - limit + 8]]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids[:5 * W - limit + 8]])).logits[0].numpy()[len(kept):]
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) <= TOL
+
+
+def test_kv_cache_choice(windowed):
+    _, root = windowed
+    assert Engine(root / "model", root / "lib.so", attention_sink_size=4).kv_cache == "paged"
+    with pytest.raises(MistralCompileError, match="kv_cache='owned' has no attention sinks"):
+        Engine(root / "model", root / "lib.so", attention_sink_size=4, kv_cache="owned")
+    with pytest.raises(MistralCompileError, match="kv_cache='ring': must be"):
+        Engine(root / "model", root / "lib.so", kv_cache="ring")
 
 
 def test_window_really_limits_attention(windowed, full):
@@ -104,10 +143,11 @@ def test_window_really_limits_attention(windowed, full):
     assert np.abs(engine.prefill(ids) - unwindowed).max() > 1e-2
 
 
+@pytest.mark.parametrize("kv", ["owned", "paged"])
 @pytest.mark.parametrize("n", [1, 40, 3 * W + 5])
-def test_no_window_matches_hf(full, n):
+def test_no_window_matches_hf(full, n, kv):
     ref, root = full
-    assert compare(ref, Engine(root / "model", root / "lib.so"), n) <= TOL
+    assert compare(ref, Engine(root / "model", root / "lib.so", kv_cache=kv), n) <= TOL
 
 
 @pytest.mark.parametrize("n", [W - 1, W + 1, 3 * W + 5])
@@ -164,7 +204,7 @@ def test_memory_bounded_by_window(windowed):
     ref, root = windowed
     engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
     capacity = engine.window + engine.chunk_size + 32
-    assert capacity < 5 * W
+    assert capacity < 5 * W and engine.capacity < 5 * W
     assert compare(ref, engine, 5 * W - DECODE_STEPS) <= TOL
 
 

@@ -30,6 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prefill-chunks", type=_ints, default=[512, 2048, 4096])
     parser.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384, 32768])
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--kv-cache", choices=["owned", "paged"], default="owned",
+                        help="the model-owned KV cache (default; a decode step is one CUDA "
+                             "graph) or TVM's paged one (what attention sinks use)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(run=run)
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.runtime.bench import run_bench, write_json
 
     result = run_bench(args.model_dir, args.lib, args.device, args.random_weights,
-                       args.prefill_chunks, args.contexts, args.decode_steps)
+                       args.prefill_chunks, args.contexts, args.decode_steps,
+                       kv_cache=args.kv_cache)
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")

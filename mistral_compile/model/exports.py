@@ -62,6 +62,8 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
 
     ``decode`` takes the token id on the device and returns its logits and their argmax (also
     on the device), so a greedy loop feeds each step's output to the next without the host.
+    ``prefill`` and ``decode`` use the model-owned cache (its storage is among the parameters);
+    the ``*_paged`` pair does the same on TVM's paged cache, which the engine uses for sinks.
     """
     hidden, dtype = model.config.hidden_size, model.dtype
     cache = nn.spec.Object(object_type=PagedKVCache)
@@ -69,8 +71,11 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
     embeds = nn.spec.Tensor([1, "seq_len", hidden], dtype)
     mod_spec: dict[str, Any] = {
         "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-        "prefill": {"input_embed": embeds, "cache": cache, "$": packed},
-        "decode": {"input_ids": nn.spec.Tensor([1], "int32"), "cache": cache, "$": packed},
+        "prefill": {"input_embed": embeds, "$": packed},
+        "decode": {"input_ids": nn.spec.Tensor([1], "int32"), "$": packed},
+        "prefill_paged": {"input_embed": embeds, "cache": cache, "$": packed},
+        "decode_paged": {"input_ids": nn.spec.Tensor([1], "int32"), "cache": cache,
+                         "$": packed},
         "batch_prefill": {"input_embeds": embeds,
                           "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
                           "cache": cache, "$": packed},

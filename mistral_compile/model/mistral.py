@@ -12,6 +12,7 @@ from tvm.target import Target
 from mistral_compile.config import MistralConfig
 from mistral_compile.model import kernels
 from mistral_compile.model.exports import module_spec, paged_kv_cache
+from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
 from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, quantizable, quantized_shapes
 
 
@@ -264,7 +265,11 @@ class MistralModel(nn.Module):
 
 
 class MistralForCausalLM(nn.Module):
-    """The exported model: embed, prefill, decode, batch_* and create_paged_kv_cache."""
+    """The exported model (model/exports.py), which holds the model-owned KV cache.
+
+    ``prefill`` and ``decode`` use that cache (model/kv_owned.py); ``*_paged`` and ``batch_*``
+    use TVM's paged one.
+    """
 
     def __init__(self, config: MistralConfig, dtype: str = "float32",
                  quantization: str | None = None) -> None:
@@ -274,6 +279,7 @@ class MistralForCausalLM(nn.Module):
         self.tie_word_embeddings = config.tie_word_embeddings
         if not config.tie_word_embeddings:
             self.lm_head = MistralLinear(config.hidden_size, config.vocab_size, quantization)
+        self.kv_state = KVState(config)
 
     def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
         super().to(dtype=dtype)
@@ -288,12 +294,27 @@ class MistralForCausalLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def prefill(self, input_embed: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+    def prefill(self, input_embed: Tensor) -> Tensor:
+        """Prompt rows after the owned cache's ``length``: the last row's logits."""
+        cache = OwnedKVCache(self.kv_state, self.config)
+        return self.get_logits(_take_last(self.model(input_embed, cache)))
+
+    def decode(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """One token in (on the device): its logits [1, 1, vocab] and their argmax [1].
+
+        The owned cache's ``length`` goes up by one, so greedy steps chain on the device.
+        """
+        embed = op.reshape(self.embed(input_ids), (1, 1, self.config.hidden_size))
+        logits = self.get_logits(self.model(embed, OwnedKVCache(self.kv_state, self.config)))
+        return logits, argmax_advance(logits, self.kv_state)
+
+    def prefill_paged(self, input_embed: Tensor,
+                      cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         return self.get_logits(_take_last(self.model(input_embed, cache))), cache
 
-    def decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, Tensor,
-                                                                     PagedKVCache]:
-        """One token in (on the device): its logits [1, 1, vocab] and their argmax [1]."""
+    def decode_paged(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, Tensor,
+                                                                           PagedKVCache]:
+        """``decode`` on TVM's paged cache (attention sinks)."""
         embed = op.reshape(self.embed(input_ids), (1, 1, self.config.hidden_size))
         logits = self.get_logits(self.model(embed, cache))
         return logits, _argmax(logits), cache

@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from mistral_compile.runtime.library import load_vm, parse_device, read_metadata, tvm_device
+from mistral_compile.runtime.library import (
+    STATE_PREFIX,
+    load_vm,
+    parse_device,
+    read_metadata,
+    tvm_device,
+)
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
 
@@ -56,6 +62,8 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
         gen = torch.Generator(device="cuda" if kind == "cuda" else "cpu").manual_seed(seed)
         tdev = f"cuda:{index}" if kind == "cuda" else "cpu"
     for name, shape in shapes.items():
+        if name.startswith(STATE_PREFIX):  # the KV cache: the engine allocates it
+            continue
         dtype = dtypes[name]
         fill = 1.0 if name.endswith("norm.weight") else 0.02 / 4.3 if name.endswith(
             "q_scale") else None
@@ -121,7 +129,7 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
               random_weights: bool = False, prefill_chunks: Sequence[int] = (512, 2048, 4096),
               contexts: Sequence[int] = (1024, 4096, 16384, 32768), decode_steps: int = 32,
               warmup: int = 3, repeats: int = 5, copy_bytes: int = 1 << 30,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, kv_cache: str | None = None) -> dict[str, Any]:
     """Measure and return a dict of figures (see docs/benchmarks.md for what each means)."""
     from mistral_compile.runtime.engine import Engine
 
@@ -129,15 +137,17 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
     kind, index = parse_device(device)
     params = random_params(lib, device) if random_weights else None
     engine = Engine(model_dir, lib, device=device, attention_sink_size=0,
-                    prefill_chunk_size=max(prefill_chunks), params=params, progress=True)
+                    prefill_chunk_size=max(prefill_chunks), params=params, progress=True,
+                    kv_cache=kv_cache)
     cfg, dev = engine.config, engine.device
-    weight_bytes = sum(int(np.prod(s)) * _BYTES[d] for s, d in zip(
-        engine.meta["param_shapes"], engine.meta["param_dtypes"], strict=True))
+    weight_bytes = sum(int(np.prod(s)) * _BYTES[d] for n, s, d in zip(
+        engine.meta["params"], engine.meta["param_shapes"], engine.meta["param_dtypes"],
+        strict=True) if not n.startswith(STATE_PREFIX))
     kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
                 * _BYTES[engine.dtype])
     result: dict[str, Any] = {
         "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
-        "cuda_graph": bool(engine.meta.get("cuda_graph")),
+        "cuda_graph": bool(engine.meta.get("cuda_graph")), "kv_cache": engine.kv_cache,
         "weights": "random" if random_weights else str(model_dir),
         "weight_bytes": weight_bytes, "window": engine.window,
         "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
@@ -146,7 +156,7 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
         if engine.capacity > 0 else None,
         "batch_decode": "not used by the engine (batch 1 only)"}
     log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}), window {engine.window}, "
-        f"chunk {engine.chunk_size}")
+        f"chunk {engine.chunk_size}, {engine.kv_cache} KV cache")
     result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
     result["matmul_TFLOPs"] = matmul_tflops(kind, index)
     log(f"device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); "

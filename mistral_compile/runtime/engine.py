@@ -18,6 +18,7 @@ from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
 from mistral_compile.runtime.library import (
     LIBRARY_FORMAT_VERSION,
+    STATE_PREFIX,
     load_vm,
     parse_device,
     read_metadata,
@@ -46,16 +47,18 @@ def _shape(*values: int) -> tvm.runtime.ShapeTuple:
 class Engine:
     """One sequence, greedy or driven token by token; logits come back as float32 numpy.
 
-    With a sliding window W and no sinks, TVM's cache keeps the last W-1 tokens of the sequence
-    (evicting pages), and the attention kernels mask keys by absolute distance (query i sees key j
-    iff 0 <= i - j < W), so results equal Hugging Face's at any length. With s sinks the cache
-    keeps the first s tokens and the last W-1-s (StreamingLLM); see docs/attention.md.
+    Without attention sinks the engine uses the model-owned KV cache (model/kv_owned.py): keys
+    at absolute positions, query i sees key j iff 0 <= i - j < W (or j <= i without a window),
+    so results equal Hugging Face's at any length; with a window it is a ring of W - 1 + chunk
+    slots. With s sinks it uses TVM's paged cache, which keeps the first s tokens and the last
+    W-1-s (StreamingLLM); see docs/attention.md. ``kv_cache="paged"`` forces the paged cache.
     """
 
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
                  device: str = "cpu", attention_sink_size: int | None = None,
                  prefill_chunk_size: int | None = None,
-                 params: Mapping[str, Any] | None = None, progress: bool = False) -> None:
+                 params: Mapping[str, Any] | None = None, progress: bool = False,
+                 kv_cache: str | None = None) -> None:
         """Load ``lib`` with the weights in ``model_dir`` on ``device`` (cpu, cuda, cuda:N).
 
         ``params`` (name -> array on the device, anything with DLPack, or numpy) replaces the
@@ -98,18 +101,28 @@ class Engine:
         self.dtype = meta["dtype"]
         self.quantization = meta["quantization"]
         self.param_dtypes = dict(zip(meta["params"], meta["param_dtypes"], strict=True))
+        state = {name: shape for name, shape in zip(meta["params"], meta["param_shapes"],
+                                                    strict=True) if name.startswith(STATE_PREFIX)}
+        weights = [n for n in meta["params"] if n not in state]
         if manifest is not None:
             if manifest["quantization"] != self.quantization:
                 raise MistralCompileError(f"{lib}: library is {self.quantization}, weights are "
                                           f"{manifest['quantization']}")
-            self.params = self._load_params(model_dir, manifest, meta["params"])
+            self.params = self._load_params(model_dir, manifest, weights)
             self.tokenizer_version = (manifest.get("tokenizer") or {}).get("version")
         else:
-            self.params = self._given_params(params, meta["params"])
+            self.params = self._given_params(params, weights)
             self.tokenizer_version = None
+        # the owned cache's storage (zeros) and length, in the library's parameter order
+        self._state = {name: tvm.runtime.tensor(np.zeros(shape, self.param_dtypes[name]),
+                                                self.device) for name, shape in state.items()}
+        loaded = dict(zip(weights, self.params, strict=True))
         # one FFI array, not a Python list: a list (291 tensors for a 7B model) would be
         # converted again on every call
-        self.params = tvm.runtime.convert(list(self.params))
+        self.params = tvm.runtime.convert([loaded[n] if n in loaded else self._state[n]
+                                           for n in meta["params"]])
+        self._kv_length = self._state[STATE_PREFIX + "length"]
+        self._kv_slots = int(state[STATE_PREFIX + "storage"][3])
         sink = self.config.attention_sink_size if attention_sink_size is None \
             else attention_sink_size
         self.window = self.config.sliding_window_size
@@ -121,16 +134,26 @@ class Engine:
             raise MistralCompileError(f"attention_sink_size={sink}: sinks need every layer "
                                       "windowed; use attention_sink_size=0 for this model")
         self.attention_sink_size = sink if self.window > 0 else 0
+        if kv_cache not in (None, "owned", "paged"):
+            raise MistralCompileError(f"kv_cache={kv_cache!r}: must be 'owned' or 'paged'")
+        if kv_cache == "owned" and self.attention_sink_size:
+            raise MistralCompileError("kv_cache='owned' has no attention sinks: use "
+                                      "kv_cache='paged' or attention_sink_size=0")
+        self.kv_cache = kv_cache or ("paged" if self.attention_sink_size else "owned")
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
         # Inside a chunk only the causal mask applies, so a chunk must fit the recent window
         # (W - sink keys); and a chunk of W - sink tokens leaves its last row with no visible
         # cached key, which TVM's state merge turns into NaN. W - 1 - sink avoids both.
         if self.window > 1:
             chunk = min(chunk, self.window - 1 - self.attention_sink_size)
+        if self.kv_cache == "owned" and self.per_sequence_window:  # a chunk's rows see W-1 more
+            chunk = min(chunk, self._kv_slots - (self.window - 1))
         self.chunk_size = chunk
         # per-step host work, done once: the VM functions, and a device buffer for token ids
         # (a fresh device array each step cost an allocation and a free on the decode path)
-        self._fn = {name: self.vm[name] for name in ("embed", "prefill", "decode")}
+        paged = "_paged" if self.kv_cache == "paged" else ""
+        self._fn = {name: self.vm[name + paged] for name in ("prefill", "decode")}
+        self._fn["embed"] = self.vm["embed"]
         self._ids = tvm.runtime.empty((chunk,), "int32", self.device)
         self._seq, self._one = _shape(SEQ_ID), _shape(1)
         self.cache = None
@@ -181,6 +204,11 @@ class Engine:
         self._last_turn = None
 
     def _new_cache(self) -> None:
+        self.length = 0
+        self.tokens = []
+        if self.kv_cache == "owned":  # the storage stays; slots past the length are never read
+            self._set_device_length()
+            return
         cfg = self.config
         if self.per_sequence_window:
             capacity = self.window + self.chunk_size + 2 * PAGE_SIZE
@@ -194,8 +222,11 @@ class Engine:
         if self.per_sequence_window:
             _builtin("attention_kv_cache_enable_sliding_window_for_seq")(
                 self.cache, SEQ_ID, self.window - 1, self.attention_sink_size)
-        self.length = 0
-        self.tokens = []
+
+    def _set_device_length(self) -> None:
+        """The owned cache's length on the device := ``self.length`` (decode steps add one)."""
+        self._kv_length.copyfrom(np.array([self.length], dtype="int32"))
+        self._device_length = self.length
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         vocab = self.config.vocab_size
@@ -217,11 +248,16 @@ class Engine:
         n = len(token_ids)  # at most chunk_size
         embed = self._fn["embed"](self._upload(token_ids), self.params)  # [n, hidden], on GPU
         embed = embed._create_view((1, n, int(embed.shape[-1])))
-        _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
-        out = self._fn["prefill"](embed, self.cache, self.params)
-        _builtin("kv_state_end_forward")(self.cache)
+        if self.kv_cache == "owned":
+            if self._device_length != self.length:
+                self._set_device_length()
+            out = self._fn["prefill"](embed, self.params)
+        else:
+            _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
+            out = self._fn["prefill"](embed, self.cache, self.params)[0]
+            _builtin("kv_state_end_forward")(self.cache)
         self._appended(token_ids)
-        return out[0].numpy().reshape(-1)
+        return out.numpy().reshape(-1)
 
     def _appended(self, token_ids: list[int]) -> None:
         self.length += len(token_ids)
@@ -229,9 +265,15 @@ class Engine:
 
     def _decode_step(self, ids: tvm.runtime.Tensor, token_id: int) -> tuple:
         """Run ``decode`` on the id already in ``ids`` (device): (logits, argmax), on the device."""
-        _builtin("kv_state_begin_forward")(self.cache, self._seq, self._one)
-        logits, best = self._fn["decode"](ids, self.cache, self.params)[:2]
-        _builtin("kv_state_end_forward")(self.cache)
+        if self.kv_cache == "owned":
+            if self._device_length != self.length:
+                self._set_device_length()
+            logits, best = self._fn["decode"](ids, self.params)
+            self._device_length += 1  # the step's last kernel did this on the device
+        else:
+            _builtin("kv_state_begin_forward")(self.cache, self._seq, self._one)
+            logits, best = self._fn["decode"](ids, self.cache, self.params)[:2]
+            _builtin("kv_state_end_forward")(self.cache)
         self._appended([token_id])
         return logits, best
 
@@ -305,6 +347,8 @@ class Engine:
     @property
     def capacity(self) -> int:
         """Token slots one sequence may hold in the cache (its memory bound)."""
+        if self.kv_cache == "owned":
+            return self._kv_slots
         if self.per_sequence_window:
             return self.window - 1 + self.chunk_size
         return self.config.context_window_size
@@ -318,9 +362,15 @@ class Engine:
         """Drop the last ``n`` tokens from the cache if it still holds them all (no eviction)."""
         if n == 0:
             return True
-        if self.per_sequence_window and self.length > self.window - 1:
+        if self.kv_cache == "owned":
+            # ring: the window before the new end must not have been overwritten by the n
+            # tokens dropped (position p is in slot p % slots)
+            if self.per_sequence_window and n > self._kv_slots - (self.window - 1):
+                return False
+        elif self.per_sequence_window and self.length > self.window - 1:
             return False  # the window has slid: TVM cannot pop across evicted pages
-        _builtin("kv_state_popn")(self.cache, SEQ_ID, n)
+        else:
+            _builtin("kv_state_popn")(self.cache, SEQ_ID, n)
         self.length -= n
         del self.tokens[-n:]
         return True

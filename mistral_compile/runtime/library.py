@@ -16,8 +16,10 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 
 METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 5  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes";
-# 5: decode takes the token id and also returns its argmax
+LIBRARY_FORMAT_VERSION = 6  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes";
+# 5: decode takes the token id and also returns its argmax; 6: prefill/decode on the model-owned
+# KV cache (its storage among the parameters), *_paged on TVM's
+STATE_PREFIX = "kv_state."  # parameters that hold the owned KV cache: allocated, never loaded
 _loaded: set[str] = set()
 
 

@@ -126,13 +126,17 @@ def _open(path: Path) -> SafetensorsFile:
 
 def expected_params(config: MistralConfig, dtype: str, quantization: str | None = None
                     ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Parameter name -> (shape, dtype), straight from the model definition."""
+    """Weight name -> (shape, dtype), straight from the model definition.
+
+    The model-owned KV cache, also held as parameters, is the engine's to allocate.
+    """
     from mistral_compile.model import MistralForCausalLM
+    from mistral_compile.runtime.library import STATE_PREFIX
 
     model = MistralForCausalLM(config, quantization=quantization)
     model.to(dtype)
     return {name: (tuple(int(d) for d in p.shape), p.dtype)
-            for name, p in model.named_parameters()}
+            for name, p in model.named_parameters() if not name.startswith(STATE_PREFIX)}
 
 
 def _locate(files: list[SafetensorsFile]) -> dict[str, SafetensorsFile]:

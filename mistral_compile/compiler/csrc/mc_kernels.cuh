@@ -256,7 +256,8 @@ __device__ __forceinline__ void decode_attn_merge(const float* __restrict__ ws, 
   }
   int64_t o = (static_cast<int64_t>(b) * h_qo + h) * D + d;
   store(out + o, den > 0.f ? acc / den : 0.f);
-  if (d == 0) lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
+  if (d == 0 && lse != nullptr)
+    lse[static_cast<int64_t>(b) * h_qo + h] = den > 0.f ? mx + log2f(den) : -5e4f;
 }
 
 // How a decode GEMV stages its input x and finishes its outputs (the fusions that save the
@@ -1265,6 +1266,392 @@ __device__ __forceinline__ void prefill_attn_ragged(
           pack_half2(o[db][2 * half_] * inv, o[db][2 * half_ + 1] * inv);
     if (tig == 0) lse[at] = den > 0.f ? m[half_] + log2f(den) : -5e4f;
   }
+}
+
+// ---- The model-owned KV cache (one sequence; mistral_compile/model/kv_owned.py) ----
+// Storage [layers, 2 (k, v), H_kv, C, D]: the token at absolute position p sits in slot p % C,
+// its key rotated (RoPE at p) when written. len[0] is the number of tokens before this forward.
+
+__device__ __forceinline__ float round_to(half*, float x) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ float round_to(float*, float x) { return x; }
+
+template <typename T, int HKV, int D>
+__device__ __forceinline__ T* owned_rows(T* state, int layer, int kind, int kvh, int cap) {
+  return state + ((static_cast<int64_t>(layer) * 2 + kind) * HKV + kvh) * cap * D;
+}
+
+// Prefill: qkv [n, HQ + 2 HKV, D] at positions len[0] + r. q is rotated into q_out [n, HQ, D];
+// k (rotated) and v go to their slots of layer `layer`. One thread per 8 low-half elements of a
+// (row, head) and their partners: grid ceil(n (HQ + 2 HKV) D / 16 / 256) of 256 threads.
+template <typename T, int D, int HQ, int HKV>
+__device__ __forceinline__ void owned_append(const T* __restrict__ qkv, const int* __restrict__ len,
+                                             int rows, T* __restrict__ state, int layer, int cap,
+                                             T* __restrict__ q_out, float scale, float theta) {
+  constexpr int H = HQ + 2 * HKV, CH = D / 16;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= static_cast<int64_t>(rows) * H * CH) return;
+  const int c = static_cast<int>(i % CH) * 8, h = static_cast<int>(i / CH % H);
+  const int r = static_cast<int>(i / CH / H), pos = len[0] + r;
+  const T* src = qkv + (static_cast<int64_t>(r) * H + h) * D;
+  float lo[8], hi[8];
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    load16(src + c + j, lo + j);
+    load16(src + D / 2 + c + j, hi + j);
+  }
+  if (h < HQ + HKV) rope_pair<D>(lo, hi, c, static_cast<float>(pos) * scale, theta);
+  T* dst;
+  if (h < HQ) {
+    dst = q_out + (static_cast<int64_t>(r) * HQ + h) * D;
+  } else {
+    const int kind = h < HQ + HKV ? 0 : 1;
+    dst = owned_rows<T, HKV, D>(state, layer, kind, h - HQ - kind * HKV, cap) +
+          static_cast<int64_t>(pos % cap) * D;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    store16(dst + c + j, lo + j);
+    store16(dst + D / 2 + c + j, hi + j);
+  }
+}
+
+// Split-KV attention over the owned cache, pass 1 (pass 2 is decode_attn_merge). Grid
+// (nsplit, H_kv, rows), 128 threads, the row and lane layout of decode_attn_partial. Query row b
+// sits at position p = len[0] + b and sees keys [lo, p], lo = max(0, p - window + 1) with a
+// window (else 0), read from their slots.
+// FUSED (decode, one row): q is the un-rotated fused projection [1, HQ + 2 HKV, D]; the kernel
+// rotates q and the new key, reads keys [lo, p) from the cache and the new one from registers
+// (last split), and that split also writes the new k and v to slot p % C. Otherwise q is already
+// rotated ([rows, HQ, D]) and every key, p included, comes from the cache.
+template <typename T, int D, int G, int HKV, bool FUSED>
+__device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
+                                                   const int* __restrict__ len,
+                                                   T* __restrict__ state, int layer, int cap,
+                                                   int window, float* __restrict__ ws, int nsplit,
+                                                   float rope_scale, float rope_theta,
+                                                   float sm_scale) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int L = D / VEC;
+  constexpr int RPW = 32 / L;
+  constexpr int WARPS = 4;
+  constexpr int GROUPS = WARPS * RPW;
+  constexpr int UNROLL = 4;
+  constexpr int HQ = HKV * G;
+  static_assert(L >= 2 && L <= 32 && 32 % L == 0, "unsupported head_dim for this dtype");
+  __shared__ float sm_o[GROUPS][G][D];
+  __shared__ float sm_m[GROUPS][G];
+  __shared__ float sm_d[GROUPS][G];
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, rows = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % L, rg = warp * RPW + lane / L;
+  const int d0 = sub * VEC;
+
+  const int pos = len[0] + b;
+  const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+  const int stored_end = FUSED ? pos : pos + 1;  // keys [lo, stored_end) come from the cache
+  const int n_keys = stored_end - lo;
+  const int chunk = max((n_keys + nsplit - 1) / nsplit, 16);
+  const int row_begin = lo + split * chunk, row_end = min(row_begin + chunk, stored_end);
+  T* kbase = owned_rows<T, HKV, D>(state, layer, 0, kvh, cap);
+  T* vbase = owned_rows<T, HKV, D>(state, layer, 1, kvh, cap);
+
+  const float log2e = 1.4426950408889634f;
+  float inv[VEC];
+  rope_frequencies<VEC, D>(inv, d0, rope_theta);
+  float qv[G][VEC];
+  const int q_heads = FUSED ? HQ + 2 * HKV : HQ;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    load16(q + (static_cast<int64_t>(b) * q_heads + kvh * G + g) * D + d0, qv[g]);
+    if (FUSED) {
+      float partner[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) partner[e] = __shfl_xor_sync(0xffffffffu, qv[g][e], L / 2);
+      rope<VEC, D>(qv[g], partner, inv, d0, pos, rope_scale);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qv[g][e] = round_to(static_cast<T*>(nullptr), qv[g][e]);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qv[g][e] *= sm_scale * log2e;
+  }
+
+  float m[G], dsum[G], o[G][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    dsum[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[g][e] = 0.f;
+  }
+
+  auto accumulate = [&](const float* kf, const float* vf, bool valid) {
+    float s[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc += qv[g][e] * kf[e];
+      s[g] = acc;
+    }
+#pragma unroll
+    for (int step = L / 2; step >= 1; step /= 2) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], step);
+    }
+    if (valid) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float m_new = fmaxf(m[g], s[g]);
+        float scale = exp2f(m[g] - m_new), p = exp2f(s[g] - m_new);
+        dsum[g] = dsum[g] * scale + p;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o[g][e] = o[g][e] * scale + p * vf[e];
+        m[g] = m_new;
+      }
+    }
+  };
+
+  for (int base = row_begin; base < row_end; base += GROUPS * UNROLL) {
+    float kf[UNROLL][VEC], vf[UNROLL][VEC];
+    bool valid[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      int r = base + u * GROUPS + rg;
+      valid[u] = r < row_end;
+      if (valid[u]) {
+        const int64_t at = static_cast<int64_t>(r % cap) * D + d0;
+        load16(kbase + at, kf[u]);
+        load16(vbase + at, vf[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) accumulate(kf[u], vf[u], valid[u]);
+  }
+
+  if (FUSED && split == nsplit - 1) {  // the new token: every row group computes, group 0 counts
+    float kf[VEC], vf[VEC], partner[VEC];
+    load16(q + (static_cast<int64_t>(HQ) + kvh) * D + d0, kf);
+    load16(q + (static_cast<int64_t>(HQ + HKV) + kvh) * D + d0, vf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) partner[e] = __shfl_xor_sync(0xffffffffu, kf[e], L / 2);
+    rope<VEC, D>(kf, partner, inv, d0, pos, rope_scale);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) kf[e] = round_to(static_cast<T*>(nullptr), kf[e]);
+    accumulate(kf, vf, rg == 0);
+    if (rg == 0) {
+      const int64_t at = static_cast<int64_t>(pos % cap) * D + d0;
+      store16(kbase + at, kf);
+      store16(vbase + at, vf);
+    }
+  }
+
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sm_o[rg][g][d0 + e] = o[g][e];
+    if (sub == 0) {
+      sm_m[rg][g] = m[g];
+      sm_d[rg][g] = dsum[g];
+    }
+  }
+  __syncthreads();
+  const int64_t n_out = static_cast<int64_t>(rows) * HQ * nsplit * D;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    int g = i / D, d = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
+    float acc = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int r = 0; r < GROUPS; ++r) {
+        float w = exp2f(sm_m[r][g] - mx);
+        acc += w * sm_o[r][g][d];
+        den += w * sm_d[r][g];
+      }
+    }
+    int64_t slot = (static_cast<int64_t>(b) * HQ + kvh * G + g) * nsplit + split;
+    ws[slot * D + d] = acc;
+    if (d == 0) {
+      ws[n_out + slot * 2] = mx;
+      ws[n_out + slot * 2 + 1] = den;
+    }
+  }
+}
+
+// Tensor-core prefill attention over the owned cache (the keys of this chunk already appended
+// by owned_append): q [n, HQ, D] rotated, row i at position p = len[0] + i sees keys
+// j in [max(0, p - window + 1), p] (window 0: [0, p]). Grid (ceil(n / 64), HQ), 128 threads;
+// the inner loop is prefill_attn_ragged's. Key tiles start at multiples of 64 positions and C is
+// a multiple of 64, so a tile's 64 slots are contiguous.
+template <int D, int G, int HKV, int BR = FA_BR>
+__device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
+                                                   const int* __restrict__ len, int n,
+                                                   const half* __restrict__ state, int layer,
+                                                   int cap, int window, half* __restrict__ out,
+                                                   float sm_scale) {
+  static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
+  constexpr int LD = D + 8, KC = D / 16, NB = FA_BC / 8, DB = D / 8, HQ = HKV * G;
+  __shared__ __align__(128) half smem[(BR > 2 * FA_BC ? BR : 2 * FA_BC) * LD];
+  half* ks = smem;
+  half* vs = smem + FA_BC * LD;
+
+  const int t = gridDim.x - 1 - static_cast<int>(blockIdx.x);  // the latest rows first
+  const int h = blockIdx.y, kvh = h / G;
+  const int base = len[0];
+  const int row0 = t * BR;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+
+  fa_load_rows<D, BR * 2>(smem, q + (static_cast<int64_t>(row0) * HQ + h) * D,
+                          static_cast<int64_t>(HQ) * D, BR, n - row0, nullptr, 0.f, 0.f);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();
+  uint32_t qf[KC][4];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc)
+    ldmatrix_x4(qf[kc], smem + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + kc * 16 +
+                            8 * (lane >> 4));
+  __syncthreads();
+
+  const int last_row = min(row0 + BR, n) - 1;
+  const int kv_end = base + last_row + 1;  // exclusive, in positions
+  int kv_begin = window > 0 ? max(0, base + row0 - window + 1) : 0;
+  kv_begin = kv_begin / FA_BC * FA_BC;
+  const int tiles = (kv_end - kv_begin + FA_BC - 1) / FA_BC;
+  const half* kbase = owned_rows<const half, HKV, D>(state, layer, 0, kvh, cap);
+  const half* vbase = owned_rows<const half, HKV, D>(state, layer, 1, kvh, cap);
+  auto slot_of = [&](int j) { return static_cast<int64_t>(j % cap) * D; };
+
+  const float qk_scale = sm_scale * 1.4426950408889634f;
+  const int my_row = row0 + warp * 16 + gid;  // rows my_row and my_row + 8 of the chunk
+  const int warp_first = base + row0 + warp * 16, warp_last = warp_first + 15;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DB][4];
+#pragma unroll
+  for (int i = 0; i < DB; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  if (tiles > 0)
+    fa_load_rows<D, BR * 2>(ks, kbase + slot_of(kv_begin), D, FA_BC, kv_end - kv_begin, nullptr,
+                            0.f, 0.f);
+  for (int it = 0; it < tiles; ++it) {
+    const int j0 = kv_begin + it * FA_BC;
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    fa_load_rows<D, BR * 2>(vs, vbase + slot_of(j0), D, FA_BC, kv_end - j0, nullptr, 0.f, 0.f);
+
+    float s[NB][4];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int p = 0; p < NB / 2; ++p) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, ks + (p * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kc * 16 +
+                            8 * ((lane >> 3) & 1));
+        mma_16816(s[2 * p], qf[kc], kb);
+        mma_16816(s[2 * p + 1], qf[kc], kb + 2);
+      }
+    }
+
+    const bool edge = j0 + FA_BC - 1 > warp_first ||
+                      (window > 0 && j0 < warp_last - window + 1);
+#pragma unroll
+    for (int half_ = 0; half_ < 2; ++half_) {
+      const int p = base + my_row + 8 * half_;
+      const int hi = p + 1, lo_key = window > 0 ? p - window + 1 : 0;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[nb][2 * half_ + e] * qk_scale;
+          const int j = j0 + nb * 8 + 2 * tig + e;
+          if (edge && (j >= hi || j < lo_key)) x = -INFINITY;
+          s[nb][2 * half_ + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half_], mx);
+      const float mbase = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[half_] - mbase);
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float pr = exp2f(s[nb][2 * half_ + e] - mbase);
+          s[nb][2 * half_ + e] = pr;
+          sum += pr;
+        }
+      }
+      l[half_] = l[half_] * alpha + sum;
+      m[half_] = m_new;
+#pragma unroll
+      for (int db = 0; db < DB; ++db) {
+        o[db][2 * half_] *= alpha;
+        o[db][2 * half_ + 1] *= alpha;
+      }
+    }
+
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    if (it + 1 < tiles)
+      fa_load_rows<D, BR * 2>(ks, kbase + slot_of(j0 + FA_BC), D, FA_BC, kv_end - j0 - FA_BC,
+                              nullptr, 0.f, 0.f);
+
+#pragma unroll
+    for (int kc = 0; kc < FA_BC / 16; ++kc) {
+      uint32_t pa[4] = {pack_half2(s[2 * kc][0], s[2 * kc][1]),
+                        pack_half2(s[2 * kc][2], s[2 * kc][3]),
+                        pack_half2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                        pack_half2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < DB / 2; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vs + (kc * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD +
+                                  dp * 16 + 8 * (lane >> 4));
+        mma_16816(o[2 * dp], pa, vb);
+        mma_16816(o[2 * dp + 1], pa, vb + 2);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int half_ = 0; half_ < 2; ++half_) {
+    float den = l[half_];
+    den += __shfl_xor_sync(0xffffffffu, den, 1);
+    den += __shfl_xor_sync(0xffffffffu, den, 2);
+    const int row = my_row + 8 * half_;
+    if (row >= n) continue;
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    half* orow = out + (static_cast<int64_t>(row) * HQ + h) * D + 2 * tig;
+#pragma unroll
+    for (int db = 0; db < DB; ++db)
+      *reinterpret_cast<uint32_t*>(orow + db * 8) =
+          pack_half2(o[db][2 * half_] * inv, o[db][2 * half_ + 1] * inv);
+  }
+}
+
+// Pass 2 of owned_attn_partial: decode_attn_merge without the log-sum-exp. Grid (H_qo, rows).
+template <typename T, int D>
+__device__ __forceinline__ void owned_merge(const float* __restrict__ ws, int nsplit,
+                                            T* __restrict__ out) {
+  decode_attn_merge<T, D>(ws, gridDim.y, nsplit, out, nullptr);
+}
+
+// The end of a decode step: greedy token (argmax_rows) and the owned cache's length + 1.
+__device__ __forceinline__ void argmax_advance(const float* __restrict__ x, int n,
+                                               int32_t* __restrict__ out, int* __restrict__ len) {
+  argmax_rows(x, n, out);
+  if (blockIdx.x == 0 && threadIdx.x == 0) len[0] += 1;
 }
 
 }  // namespace mc

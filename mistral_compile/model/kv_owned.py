@@ -1,0 +1,382 @@
+"""The model-owned KV cache of one sequence: storage, its kernels, and the calls the layers make.
+
+TVM's paged cache is a C++ object that launches its own kernels, so a decode step could not be
+one CUDA graph: each layer left the graph for 4 kernels around it (0.3 ms of gaps per 7B step on
+the H100). Here the cache is two parameters of the model, written in place by our kernels:
+
+* ``kv_state.storage`` [layers, 2, H_kv, C, D]: the token at absolute position p sits in slot
+  p % C, its key rotated (RoPE at p, as Hugging Face) when written. Without a window C covers
+  the context; when every layer is windowed it is a ring of at least W - 1 + chunk slots, so the
+  window of every row of a prefill chunk is still there.
+* ``kv_state.length`` [1] int32: the tokens before the current forward. The engine writes it
+  before a prefill; a decode step's last kernel adds one, so greedy steps need no upload.
+
+Attention is exact: query at position p sees keys [p - W + 1, p] (or [0, p]), as Hugging Face.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from mistral_compile.config import MistralConfig
+from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS, THREADS
+
+TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
+
+
+def capacity(config: MistralConfig) -> int:
+    """Slots per layer: the context, or (every layer windowed) W - 1 + the largest chunk."""
+    windows = config.layer_sliding_window_sizes
+    if min(windows) > 0:
+        window = max(windows)
+        slots = window - 1 + min(config.prefill_chunk_size, window - 1)
+    else:
+        slots = config.context_window_size
+    return -(-slots // TILE) * TILE
+
+
+class KVState(nn.Module):
+    """The cache's storage and length, held as parameters (the engine allocates them).
+
+    The model holds it as ``kv_state``, so its parameters' names start with STATE_PREFIX.
+    """
+
+    def __init__(self, config: MistralConfig) -> None:
+        self.capacity = capacity(config)
+        self.storage = nn.Parameter((config.num_hidden_layers, 2, config.num_key_value_heads,
+                                     self.capacity, config.head_dim))
+        self.length = nn.Parameter((1,), "int32")
+
+    def to(self, dtype: str | None = None) -> None:  # noqa: D102 (the length stays int32)
+        self.storage.to(dtype)
+
+
+def _on_cuda() -> bool:
+    target = Target.current(allow_none=True)
+    return target is not None and target.kind.name == "cuda"
+
+
+class OwnedKVCache:
+    """Stands where TVM's PagedKVCache stands in the layers (same ``attention_with_fused_qkv``)."""
+
+    def __init__(self, state: KVState, config: MistralConfig) -> None:
+        self.state, self.config = state, config
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int,
+                                 sm_scale: float) -> Tensor:
+        """Append the rows' keys and values and attend: [b, s, H_q, D] (b = 1)."""
+        cfg, state = self.config, self.state
+        _, s, heads, d = qkv.shape
+        dtype = qkv.dtype
+        h_kv = cfg.num_key_value_heads
+        window = cfg.layer_sliding_window_sizes[layer_id]
+        shape = dict(layers=cfg.num_hidden_layers, cap=state.capacity, h_q=num_qo_heads,
+                     h_kv=h_kv, d=d, dtype=dtype)
+        layer = tirx.IntImm("int32", layer_id)
+        theta, storage, length = float(cfg.position_embedding_base), state.storage, state.length
+        if _on_cuda() and isinstance(s, int) and s == 1 and decode_supported(h_kv, num_qo_heads,
+                                                                             d, dtype):
+            func = decode_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale)
+            return op.tensor_ir_op(func, "owned_decode", args=[qkv, storage, length, layer],
+                                   out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
+        append = append_cuda if _on_cuda() else append_cpu
+        q = op.tensor_ir_op(append(**shape, theta=theta), "owned_append",
+                            args=[qkv, storage, length, layer],
+                            out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
+        if not _on_cuda():
+            attend = attention_cpu(**shape, window=window, sm_scale=sm_scale)
+        elif prefill_tc_supported(d, dtype):
+            attend = prefill_cuda(**shape, window=window, sm_scale=sm_scale)
+        else:
+            attend = attention_cuda(**shape, window=window, sm_scale=sm_scale)
+        return op.tensor_ir_op(attend, "owned_attention", args=[q, storage, length, layer],
+                               out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
+
+
+def decode_supported(h_kv: int, h_q: int, d: int, dtype: str) -> bool:
+    """Whether the split-KV kernel takes this shape (the paged kernel's rule)."""
+    from mistral_compile.model.kernels import decode_attention_supported
+
+    return decode_attention_supported(h_kv, h_q, d, dtype)
+
+
+def prefill_tc_supported(d: int, dtype: str) -> bool:
+    """Whether the tensor-core prefill kernel takes this head size and dtype."""
+    return dtype == "float16" and d % 16 == 0 and 16 <= d <= 128
+
+
+# ---- CUDA: launch stubs for mc::owned_* (compiler/csrc/mc_kernels.cuh) ----
+
+def _storage_shape(layers: int, h_kv: int, cap: int, d: int) -> tuple[int, ...]:
+    return (layers, 2, h_kv, cap, d)
+
+
+@functools.cache
+def decode_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
+                theta: float, sm_scale: float) -> tirx.PrimFunc:
+    """One decode row: RoPE, the new key and value into the cache, split-KV attention, merge."""
+    heads, nsplit = h_q + 2 * h_kv, min(MAX_SPLITS, max(1, -(-TARGET_CTAS // h_kv)))
+    ctype = CTYPES[dtype]
+    partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, true>"
+    merge = f"mc::owned_merge<{ctype}, {d}>"
+    ws_size = h_q * nsplit * (d + 2)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(qkv: T.Buffer((1, 1, heads, d), dtype),
+             storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32,
+             out: T.Buffer((1, 1, h_q, d), dtype)):
+        T.func_attr({"tirx.is_scheduled": True})
+        ws = T.alloc_buffer((ws_size,), "float32")
+        for _bx in T.thread_binding(nsplit, thread="blockIdx.x"):
+            for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
+                for _bz in T.thread_binding(1, thread="blockIdx.z"):
+                    for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        with T.sblock("partial"):
+                            T.reads()
+                            T.writes(ws[0:ws_size])
+                            T.evaluate(T.call_extern(
+                                "void", partial, qkv.access_ptr("r"), length.access_ptr("r"),
+                                storage.access_ptr("rw"), layer, cap, window,
+                                ws.access_ptr("rw"), nsplit, T.float32(1.0),
+                                T.float32(theta), T.float32(sm_scale)))
+        for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
+            for _by in T.thread_binding(1, thread="blockIdx.y"):
+                for _tx in T.thread_binding(d, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads(ws[0:ws_size])
+                        T.writes()
+                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"), nsplit,
+                                                 out.access_ptr("w")))
+
+    return func
+
+
+@functools.cache
+def append_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
+                theta: float) -> tirx.PrimFunc:
+    """Prefill rows: rotated q out, rotated k and v into their slots (mc::owned_append)."""
+    heads = h_q + 2 * h_kv
+    extern = f"mc::owned_append<{CTYPES[dtype]}, {d}, {h_q}, {h_kv}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(qkv_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, q_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        qkv = T.match_buffer(qkv_handle, (1, n, heads, d), dtype)
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        for _bx in T.thread_binding(T.max(1, T.ceildiv(n * heads * (d // 16), 256)),
+                                    thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("append"):
+                    T.reads(qkv[0, 0:n, 0:heads, 0:d])
+                    T.writes(q[0, 0:n, 0:h_q, 0:d])
+                    T.evaluate(T.call_extern(
+                        "void", extern, qkv.access_ptr("r"), length.access_ptr("r"),
+                        T.Cast("int32", n), storage.access_ptr("rw"), layer, cap,
+                        q.access_ptr("w"), T.float32(1.0), T.float32(theta)))
+
+    return func
+
+
+@functools.cache
+def prefill_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
+                 sm_scale: float) -> tirx.PrimFunc:
+    """Tensor-core attention of prefill rows over the cache (mc::prefill_attn_owned)."""
+    extern = f"mc::prefill_attn_owned<{d}, {h_q // h_kv}, {h_kv}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        for _bx in T.thread_binding(T.ceildiv(n, TILE), thread="blockIdx.x"):
+            for _by in T.thread_binding(h_q, thread="blockIdx.y"):
+                for _tx in T.thread_binding(128, thread="threadIdx.x"):
+                    with T.sblock("attention"):
+                        T.reads(q[0, 0:n, 0:h_q, 0:d])
+                        T.writes(out[0, 0:n, 0:h_q, 0:d])
+                        T.evaluate(T.call_extern(
+                            "void", extern, q.access_ptr("r"), length.access_ptr("r"),
+                            T.Cast("int32", n), storage.access_ptr("r"), layer, cap, window,
+                            out.access_ptr("w"), T.float32(sm_scale)))
+
+    return func
+
+
+@functools.cache
+def attention_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
+                   sm_scale: float) -> tirx.PrimFunc:
+    """Attention of rows already appended, any dtype the split-KV kernel takes (one split)."""
+    ctype = CTYPES[dtype]
+    partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, false>"
+    merge = f"mc::owned_merge<{ctype}, {d}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        ws = T.alloc_buffer((n * h_q * (d + 2),), "float32")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
+                for _bz in T.thread_binding(n, thread="blockIdx.z"):
+                    for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        with T.sblock("partial"):
+                            T.reads(q[0, 0:n, 0:h_q, 0:d])
+                            T.writes(ws[0:n * h_q * (d + 2)])
+                            T.evaluate(T.call_extern(
+                                "void", partial, q.access_ptr("r"), length.access_ptr("r"),
+                                storage.access_ptr("rw"), layer, cap, window,
+                                ws.access_ptr("rw"), 1, T.float32(1.0), T.float32(10000.0),
+                                T.float32(sm_scale)))
+        for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
+            for _by in T.thread_binding(n, thread="blockIdx.y"):
+                for _tx in T.thread_binding(d, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads(ws[0:n * h_q * (d + 2)])
+                        T.writes(out[0, 0:n, 0:h_q, 0:d])
+                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"), 1,
+                                                 out.access_ptr("w")))
+
+    return func
+
+
+@functools.cache
+def argmax_advance_cuda(vocab: int) -> tirx.PrimFunc:
+    """The decode step's greedy token, and the cache length + 1 (mc::argmax_advance)."""
+    from mistral_compile.model.kernels import ARGMAX_THREADS
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer((1, 1, vocab), "float32"), length: T.Buffer((1,), "int32"),
+             out: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.is_scheduled": True})
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(ARGMAX_THREADS, thread="threadIdx.x"):
+                with T.sblock("argmax"):
+                    T.reads(x[0, 0, 0:vocab])
+                    T.writes(out[0])
+                    T.evaluate(T.call_extern("void", "mc::argmax_advance", x.access_ptr("r"),
+                                             vocab, out.access_ptr("w"),
+                                             length.access_ptr("rw")))
+
+    return func
+
+
+# ---- CPU: the same contracts as plain loops (tests and CPU builds) ----
+
+@functools.cache
+def append_cpu(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
+               theta: float) -> tirx.PrimFunc:
+    """Prefill rows: rotated q out, rotated k and v into their slots (float32 arithmetic)."""
+    heads, half = h_q + 2 * h_kv, d // 2
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(qkv_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, q_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        qkv = T.match_buffer(qkv_handle, (1, n, heads, d), dtype)
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        for r, h, j in T.grid(n, heads, d):
+            pos: T.int32 = length[0] + T.Cast("int32", r)
+            x: T.float32 = T.Cast("float32", qkv[0, r, h, j])
+            partner: T.float32 = T.if_then_else(
+                j < half, T.float32(0) - T.Cast("float32", qkv[0, r, h, (j + half) % d]),
+                T.Cast("float32", qkv[0, r, h, (j + d - half) % d]))
+            inv: T.float32 = T.float32(1) / T.pow(
+                T.float32(theta), T.Cast("float32", 2 * (j % half)) / T.float32(d))
+            angle: T.float32 = T.Cast("float32", pos) * inv
+            rot: T.float32 = x * T.cos(angle) + partner * T.sin(angle)
+            if h < h_q:
+                q[0, r, h, j] = T.Cast(dtype, rot)
+            elif h < h_q + h_kv:
+                storage[layer, 0, h - h_q, T.truncmod(pos, cap), j] = T.Cast(dtype, rot)
+            else:
+                storage[layer, 1, h - h_q - h_kv, T.truncmod(pos, cap), j] = qkv[0, r, h, j]
+
+    return func
+
+
+@functools.cache
+def attention_cpu(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
+                  sm_scale: float) -> tirx.PrimFunc:
+    """Attention of rows already appended: max pass, then exp-sum and values (float32)."""
+    group = h_q // h_kv
+    span = window - 1 if window > 0 else 1 << 30  # a row sees keys [pos - span, pos]
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        acc = T.alloc_buffer((d,), "float32")
+        stat = T.alloc_buffer((3,), "float32")  # max, sum, the current score
+        for r, h in T.grid(n, h_q):
+            pos: T.int32 = length[0] + T.Cast("int32", r)
+            lo: T.int32 = T.max(pos - span, 0)
+            kvh: T.int32 = T.Cast("int32", h) // group
+            stat[0] = T.float32(-3.0e38)
+            stat[1] = T.float32(0)
+            for j in range(d):
+                acc[j] = T.float32(0)
+            for t in range(pos + 1 - lo):
+                stat[2] = T.float32(0)
+                for e in range(d):
+                    stat[2] = stat[2] + T.Cast("float32", q[0, r, h, e]) * T.Cast(
+                        "float32", storage[layer, 0, kvh, T.truncmod(lo + t, cap), e])
+                stat[0] = T.max(stat[0], stat[2] * T.float32(sm_scale))
+            for t in range(pos + 1 - lo):
+                stat[2] = T.float32(0)
+                for e in range(d):
+                    stat[2] = stat[2] + T.Cast("float32", q[0, r, h, e]) * T.Cast(
+                        "float32", storage[layer, 0, kvh, T.truncmod(lo + t, cap), e])
+                stat[2] = T.exp(stat[2] * T.float32(sm_scale) - stat[0])
+                stat[1] = stat[1] + stat[2]
+                for e in range(d):
+                    acc[e] = acc[e] + stat[2] * T.Cast(
+                        "float32", storage[layer, 1, kvh, T.truncmod(lo + t, cap), e])
+            for e in range(d):
+                out[0, r, h, e] = T.Cast(dtype, acc[e] / stat[1])
+
+    return func
+
+
+@functools.cache
+def argmax_advance_cpu(vocab: int) -> tirx.PrimFunc:
+    """The decode step's greedy token (first index of the largest), and the length + 1."""
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer((1, 1, vocab), "float32"), length: T.Buffer((1,), "int32"),
+             out: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.is_scheduled": True})
+        best = T.alloc_buffer((1,), "float32")
+        out[0] = 0
+        best[0] = x[0, 0, 0]
+        for i in range(1, vocab):
+            if x[0, 0, i] > best[0]:
+                best[0] = x[0, 0, i]
+                out[0] = i
+        length[0] = length[0] + 1
+
+    return func
+
+
+def argmax_advance(logits: Tensor, state: KVState) -> Tensor:
+    """The greedy token of a decode step's logits [1, 1, vocab]; the cache's length + 1."""
+    vocab = logits.shape[-1]
+    func = argmax_advance_cuda(vocab) if _on_cuda() else argmax_advance_cpu(vocab)
+    return op.tensor_ir_op(func, "argmax_advance", args=[logits, state.length],
+                           out=Tensor.placeholder((1,), "int32"))
