@@ -106,3 +106,10 @@ def test_stream_decoder_reassembles_text(name):
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) == raw.decode(ids)
     assert "\ufffd" not in "".join(pieces) and sum(1 for p in pieces if p) > 5
+
+
+def test_nan_logits_are_one_clear_error():
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3] = np.nan
+    with pytest.raises(MistralCompileError, match="logits contain NaN"):
+        sample(logits, SamplingParams(temperature=0.7), np.random.default_rng(0))

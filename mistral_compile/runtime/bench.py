@@ -44,7 +44,8 @@ def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int,
 def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
     """Random weights (std 0.02, norms 1) made on the device, by torch when it is there.
 
-    q4f16_1 weights get uniform random 4-bit codes and scales 0.02 / 4.3 (about std 0.02).
+    q4f16_1 weights get random 4-bit codes (-7..7 after the zero point) and scales 0.02 / 4.3
+    (about std 0.02).
     """
     import tvm
 
@@ -67,9 +68,11 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
         dtype = dtypes[name]
         fill = 1.0 if name.endswith("norm.weight") else 0.02 / 4.3 if name.endswith(
             "q_scale") else None
-        if dtype == "uint32":  # packed 4-bit codes: any bit pattern is valid
-            a = rng.integers(0, 2**32, shape, dtype=np.uint32)
-            out[name] = tvm.runtime.tensor(a, tvm_device(kind, index))
+        if dtype == "uint32":  # packed 4-bit codes, each uniform on 0..14
+            out[name] = tvm.runtime.tensor(_random_codes(shape, torch, gen, tdev, rng)
+                                           if torch is not None else
+                                           _random_codes(shape, None, None, None, rng),
+                                           tvm_device(kind, index))
         elif torch is not None:
             tdtype = getattr(torch, dtype)
             out[name] = torch.full(shape, fill, dtype=tdtype, device=tdev) if fill else \
@@ -79,6 +82,21 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
                 (rng.standard_normal(shape) * 0.02).astype(dtype)
             out[name] = tvm.runtime.tensor(a, tvm_device(kind, index))
     return out
+
+
+def _random_codes(shape: Sequence[int], torch: Any, gen: Any, tdev: Any,
+                  rng: np.random.Generator) -> np.ndarray:
+    """uint32 words of 8 random 4-bit codes on 0..14: weights -7..7 scales, mean zero.
+
+    Code 15 is left out on purpose: with it every weight would average +scale/2, and 32
+    layers of such random weights overflowed float16 activations (NaN logits).
+    """
+    if torch is not None:
+        codes = torch.randint(0, 15, (*shape, 8), generator=gen, device=tdev)
+        words = (codes << (4 * torch.arange(8, device=tdev))).sum(-1)
+        return words.cpu().numpy().astype(np.uint32)
+    codes = rng.integers(0, 15, (*shape, 8), dtype=np.uint64)
+    return (codes << (4 * np.arange(8, dtype=np.uint64))).sum(-1).astype(np.uint32)
 
 
 def copy_bandwidth(device: Any, nbytes: int, warmup: int = 3, repeats: int = 10) -> float:

@@ -96,6 +96,9 @@ def _candidates(logits: np.ndarray,
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            history: Sequence[int] = ()) -> int:
     """One token id from float logits [vocab]."""
+    if np.isnan(logits).any():
+        raise MistralCompileError("the logits contain NaN: the model's activations overflowed "
+                                  "(check the weights and the dtype)")
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
