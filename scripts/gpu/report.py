@@ -1,6 +1,9 @@
 """Turn a scripts/gpu/run.sh log into docs/verification.md.
 
-Usage: python scripts/gpu/report.py GPU_TESTS_LOG GPU_TXT DATE > docs/verification.md
+Usage: python scripts/gpu/report.py GPU_TESTS_LOG GPU_TXT DATE [RECEIPT_LOG] > docs/verification.md
+
+RECEIPT_LOG: a second call's `run.sh -k receipt` log, when the 7B receipt ran apart (its
+7b-full folder does not fit in the suite's 64 MiB carry next to the other folders).
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ def main() -> None:
     log, gpu_txt, date = Path(sys.argv[1]).read_text(), Path(sys.argv[2]).read_text(), sys.argv[3]
     rows = [line[line.index("RESULT") + 7:] for line in log.splitlines() if "RESULT" in line]
     gpu = gpu_txt.strip().splitlines()
-    summary = re.findall(r"^=*\s*(\d+ passed.*?)\s*=*$", log, re.M)[-1]
+    summary = re.findall(r"^=*\s*(\d+ .*?(?:passed|failed).*?) in .*$", log, re.M)[-1]
+    if len(sys.argv) > 4:
+        receipt = Path(sys.argv[4]).read_text()
+        rows += [line[line.index("RESULT") + 7:] for line in receipt.splitlines()
+                 if "RESULT" in line]
+        again = re.findall(r"^=*\s*(\d+ passed.*?) in .*$", receipt, re.M)[-1]
+        summary += (f" (a failure here is the 7B receipt, whose dist-gpu/7b-full is not "
+                    f"carried); the receipt alone, in a second call: {again}")
     session = log[log.index("SESSION") + 8:].split("\n.\n")[0] if "SESSION" in log else ""
     big = [r for r in rows if r.startswith("7B")]
     chat = [r for r in rows if r.startswith("chat")]
@@ -26,10 +36,12 @@ What `scripts/gpu/run.sh` printed on the device tool's GPU on **{date}**. Reprod
 
 ```sh
 python scripts/gpu/prepare.py        # here (nvcc, no GPU): builds dist-gpu/ (about 68 MiB)
-# then, through the device tool, carrying dist-gpu/{{wheels,tiny,chat,7b-window,7b-full}} and
-# dist-gpu/prepared.json (a call carries at most 64 MiB):
+# then, through the device tool (a call carries at most 64 MiB), carrying
+# dist-gpu/{{wheels,tiny,chat,7b-window,prepared.json}}:
 scripts/gpu/run.sh                   # pytest -m gpu tests/gpu, TVM runtime only
-python scripts/gpu/report.py gpu-tests.log gpu.txt DATE > docs/verification.md
+# and, carrying dist-gpu/{{wheels,7b-window,7b-full,prepared.json}}, the 7B receipt:
+scripts/gpu/run.sh -k receipt        # (save the first call's gpu-tests.log apart)
+python scripts/gpu/report.py gpu-tests.log gpu.txt DATE receipt.log > docs/verification.md
 ```
 
 - GPU: `{gpu[0]}` (name, driver, memory)
