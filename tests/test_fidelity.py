@@ -105,13 +105,14 @@ def test_owned_ring_wraps_inside_prefill(windowed, chunk):
 
 
 def test_owned_rollback_on_the_ring(windowed):
-    # dropping n tokens is possible while the window before the new end was not overwritten:
-    # n <= slots - (W - 1); the continuation then equals Hugging Face's on the shorter sequence
+    # dropping n tokens is possible while the window before the new end was not overwritten
+    # (by them, or by a step queued ahead): n <= slots - W; the continuation then equals
+    # Hugging Face's on the shorter sequence
     ref, root = windowed
     engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)
     ids = np.random.default_rng(9).integers(3, 256, 5 * W).tolist()
     engine.prefill(ids)
-    limit = engine.capacity - (W - 1)
+    limit = engine.capacity - W
     assert not engine.rollback(limit + 1) and engine.length == 5 * W
     assert engine.rollback(limit) and engine.length == 5 * W - limit
     kept = ids[:5 * W - limit]

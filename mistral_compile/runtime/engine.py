@@ -19,6 +19,7 @@ from mistral_compile.io import read_json_object
 from mistral_compile.runtime.library import (
     LIBRARY_FORMAT_VERSION,
     STATE_PREFIX,
+    TokenReader,
     load_vm,
     parse_device,
     read_metadata,
@@ -149,6 +150,9 @@ class Engine:
         if self.kv_cache == "owned" and self.per_sequence_window:  # a chunk's rows see W-1 more
             chunk = min(chunk, self._kv_slots - (self.window - 1))
         self.chunk_size = chunk
+        # greedy steps on the owned cache overlap the host's work with the GPU's (see greedy)
+        self._reader = TokenReader(index) if kind == "cuda" and self.kv_cache == "owned" \
+            else None
         # per-step host work, done once: the VM functions, and a device buffer for token ids
         # (a fresh device array each step cost an allocation and a free on the decode path)
         paged = "_paged" if self.kv_cache == "paged" else ""
@@ -266,15 +270,23 @@ class Engine:
     def _decode_step(self, ids: tvm.runtime.Tensor, token_id: int) -> tuple:
         """Run ``decode`` on the id already in ``ids`` (device): (logits, argmax), on the device."""
         if self.kv_cache == "owned":
-            if self._device_length != self.length:
-                self._set_device_length()
-            logits, best = self._fn["decode"](ids, self.params)
-            self._device_length += 1  # the step's last kernel did this on the device
+            logits, best = self._launch(ids)
         else:
             _builtin("kv_state_begin_forward")(self.cache, self._seq, self._one)
             logits, best = self._fn["decode"](ids, self.cache, self.params)[:2]
             _builtin("kv_state_end_forward")(self.cache)
         self._appended([token_id])
+        return logits, best
+
+    def _launch(self, ids: tvm.runtime.Tensor) -> tuple:
+        """Queue an owned-cache ``decode`` of the id in ``ids``; the host's length is unchanged.
+
+        The step's last kernel adds one to the device's length, and so does ``_device_length``.
+        """
+        if self._device_length != self.length:
+            self._set_device_length()
+        logits, best = self._fn["decode"](ids, self.params)
+        self._device_length += 1
         return logits, best
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
@@ -315,14 +327,40 @@ class Engine:
         step, which is also the step's synchronisation. A step runs when the next token is asked
         for: the cache holds every token fed so far, and the last one yielded joins it only when
         the generator is advanced again.
+
+        On the owned cache (CUDA) the step after the one being read is queued first, where the
+        context has room for it, so the GPU does not wait for the host between steps. If the
+        generator is dropped, that step's token is not in the cache (``length``, ``tokens``):
+        the device's length is reset by the next forward, which overwrites its slot.
         """
         self._check_tokens([token_id])
         ids = self._upload([token_id])
+        if self._reader is not None:
+            yield from self._greedy_ahead(ids, token_id)
+            return
         while True:
             _, ids = self._decode_step(ids, token_id)
             token_id = int(ids.numpy()[0])
             yield token_id
             self._check_tokens([token_id])  # the context limit, before the next step
+
+    def _greedy_ahead(self, ids: tvm.runtime.Tensor, token_id: int) -> Iterator[int]:
+        """``greedy`` with the next step queued before this one's token is read."""
+        limit = self.config.context_window_size
+        reader, slot = self._reader, 0
+        _, best = self._launch(ids)
+        self._appended([token_id])
+        reader.start(slot, best)
+        while True:
+            ahead = None  # the step fed with `best`'s token, queued before that token is read
+            if limit <= 0 or self.length + 1 <= limit:
+                _, ahead = self._launch(best)
+                reader.start(1 - slot, ahead)
+            token_id = reader.result(slot)
+            yield token_id
+            self._check_tokens([token_id])  # the context limit (then nothing was queued)
+            self._appended([token_id])
+            best, slot = ahead, 1 - slot
 
     def continue_from(self, logits: np.ndarray, params: SamplingParams,
                       rng: np.random.Generator | None, prompt: list[int]) -> Iterator[int]:
@@ -364,8 +402,8 @@ class Engine:
             return True
         if self.kv_cache == "owned":
             # ring: the window before the new end must not have been overwritten by the n
-            # tokens dropped (position p is in slot p % slots)
-            if self.per_sequence_window and n > self._kv_slots - (self.window - 1):
+            # tokens dropped, nor by a step greedy queued ahead (position p is in slot p % slots)
+            if self.per_sequence_window and n > self._kv_slots - self.window:
                 return False
         elif self.per_sequence_window and self.length > self.window - 1:
             return False  # the window has slid: TVM cannot pop across evicted pages

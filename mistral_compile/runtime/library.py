@@ -103,3 +103,56 @@ def load_vm(lib: Path, device: tvm.runtime.Device, kind: str) -> Any:
 def read_metadata(vm: Any) -> dict[str, Any]:
     """The metadata a library was compiled with (config fingerprint, dtype, target, params)."""
     return json.loads(vm[METADATA_FUNC]().numpy().tobytes().decode())
+
+
+class TokenReader:
+    """Reads int32 scalars from the GPU into pinned host memory without blocking the host.
+
+    ``start`` queues the 4-byte copy and an event on the default stream (the one TVM launches
+    on); ``result`` waits for that event only. So the host can queue the next decode step while
+    this one still runs, and read this step's token when it is done.
+    """
+
+    def __init__(self, device_index: int, slots: int = 2) -> None:
+        try:
+            self._rt = ctypes.CDLL("libcudart.so.13", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        except OSError:
+            load_cudart()
+            self._rt = ctypes.CDLL("libcudart.so.13")
+        self._call("cudaSetDevice", ctypes.c_int(device_index))
+        self._host = ctypes.c_void_p()
+        self._call("cudaHostAlloc", ctypes.byref(self._host), ctypes.c_size_t(4 * slots),
+                   ctypes.c_uint(0))
+        self._events = []
+        for _ in range(slots):
+            event = ctypes.c_void_p()
+            self._call("cudaEventCreateWithFlags", ctypes.byref(event), ctypes.c_uint(2))
+            self._events.append(event)  # 2: cudaEventDisableTiming
+        self._values = (ctypes.c_int32 * slots).from_address(self._host.value)
+
+    def _call(self, name: str, *args: Any) -> None:
+        code = getattr(self._rt, name)(*args)
+        if code != 0:
+            raise MistralCompileError(f"CUDA {name} failed with error {code}")
+
+    def start(self, slot: int, tensor: tvm.runtime.Tensor) -> None:
+        """Queue the copy of ``tensor[0]`` (int32, on the GPU) into ``slot``."""
+        self._call("cudaMemcpyAsync", ctypes.c_void_p(self._host.value + 4 * slot),
+                   ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(4), ctypes.c_int(2),
+                   ctypes.c_void_p(0))  # 2: device to host; stream 0, TVM's
+        self._call("cudaEventRecord", self._events[slot], ctypes.c_void_p(0))
+
+    def result(self, slot: int) -> int:
+        """The value ``start`` copied into ``slot``, once the copy is done."""
+        self._call("cudaEventSynchronize", self._events[slot])
+        return int(self._values[slot])
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        for event in getattr(self, "_events", []):
+            rt.cudaEventDestroy(event)
+        if getattr(self, "_host", None) is not None and self._host.value:
+            rt.cudaFreeHost(self._host)
+

@@ -3,6 +3,7 @@
 torch's profiler (CUPTI) sees the kernels TVM launches too. Run on the GPU machine:
 
     python3 scripts/gpu/profile.py dist-gpu/7b-full [--lib lib.so] [--prefill 4096] [--steps 16]
+        [--kv-cache owned|paged]
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def main() -> None:
     parser.add_argument("--lib", default="lib.so")
     parser.add_argument("--prefill", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--kv-cache", choices=["owned", "paged"], default="owned")
     args = parser.parse_args()
     model = Path(args.model_dir)
     lib = model / args.lib
     eng = Engine(model, lib, device="cuda", params=random_params(lib, "cuda"),
-                 attention_sink_size=0, prefill_chunk_size=args.prefill, progress=False)
+                 attention_sink_size=0, prefill_chunk_size=args.prefill, progress=False,
+                 kv_cache=args.kv_cache)
     ids = np.random.default_rng(0).integers(3, 30000, args.prefill).tolist()
     eng.prefill(ids)  # warm-up (and CUDA-graph capture for decode below)
     steps = eng.greedy(5)  # greedy decoding as chat/bench run it (argmax on the device)
@@ -89,20 +92,24 @@ def host_side(eng: Engine, steps: int) -> None:
     """Host time of each call of a greedy step, medians.
 
     begin_forward, the decode VM call (it returns once every kernel of the step is queued),
-    end_forward, and the wait for the step's token.
+    end_forward, and the wait for the step's token. The owned cache has no begin/end calls.
     """
     from mistral_compile.runtime.engine import _builtin
 
+    paged = eng.kv_cache == "paged"
     begin, end = _builtin("kv_state_begin_forward"), _builtin("kv_state_end_forward")
     ids = eng._upload([7])
     spans: dict[str, list[float]] = defaultdict(list)
     for _ in range(steps):
         t0 = time.perf_counter()
-        begin(eng.cache, eng._seq, eng._one)
+        if paged:
+            begin(eng.cache, eng._seq, eng._one)
         t1 = time.perf_counter()
-        ids = eng._fn["decode"](ids, eng.cache, eng.params)[1]
+        args = (ids, eng.cache, eng.params) if paged else (ids, eng.params)
+        ids = eng._fn["decode"](*args)[1]
         t2 = time.perf_counter()
-        end(eng.cache)
+        if paged:
+            end(eng.cache)
         t3 = time.perf_counter()
         ids.numpy()
         t4 = time.perf_counter()

@@ -147,6 +147,34 @@ def test_device_greedy_matches_host_argmax(quant):
     assert got == want
 
 
+def test_greedy_queued_ahead_leaves_the_cache_exact():
+    # on the owned cache, Engine.greedy queues the step after the one it reads; dropping the
+    # generator must leave that step's token out of the cache (its slot is written again).
+    # An engine that never ran ahead (host decode steps) must then agree exactly, through the
+    # window's ring (64 slots: 3W steps go round it).
+    ahead = engine("windowed", "q0f32", attention_sink_size=0, prefill_chunk_size=W)
+    plain = engine("windowed", "q0f32", attention_sink_size=0, prefill_chunk_size=W)
+    ids = np.random.default_rng(13).integers(3, 256, W + 3).tolist()
+    first = int(np.argmax(ahead.prefill(ids)))
+    plain.prefill(ids)
+    steps = ahead.greedy(first)
+    got = [next(steps) for _ in range(3 * W)]
+    del steps  # one step was queued ahead, fed with got[-1]
+    for token in [first, *got[:-1]]:
+        plain.decode(token)
+    assert ahead.length == plain.length and ahead.tokens == plain.tokens
+    token, delta = got[-1], 0.0
+    for _ in range(W):
+        a, b = ahead.decode(token), plain.decode(token)
+        delta = max(delta, float(np.abs(a - b).max()))
+        token = int(np.argmax(b))
+    assert ahead.rollback(W) and plain.rollback(W)
+    delta = max(delta, float(np.abs(ahead.decode(token) - plain.decode(token)).max()))
+    report("greedy queued ahead, then host decode and a rollback, vs never ahead", delta,
+           delta == 0.0)
+    assert delta == 0.0
+
+
 @pytest.mark.parametrize("chunk", [W // 2 - 1, W - 1])
 def test_owned_ring_wraps_in_prefill_fp32(chunk):
     # the owned cache of the windowed model is a ring of 64 slots: a 6W-token prompt goes round
