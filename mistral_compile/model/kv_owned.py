@@ -122,9 +122,11 @@ def decode_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, 
                 theta: float, sm_scale: float) -> tirx.PrimFunc:
     """One decode row: RoPE, the new key and value into the cache, split-KV attention, merge."""
     heads, nsplit = h_q + 2 * h_kv, min(MAX_SPLITS, max(1, -(-TARGET_CTAS // h_kv)))
+    if nsplit > 32:  # the merge takes up to 32 splits at a time
+        nsplit -= nsplit % 32
     ctype = CTYPES[dtype]
     partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, true>"
-    merge = f"mc::owned_merge<{ctype}, {d}>"
+    merge = f"mc::owned_merge<{ctype}, {d}, {nsplit}>"
     ws_size = h_q * nsplit * (d + 2)
 
     @T.prim_func(private=True, s_tir=True)
@@ -152,7 +154,7 @@ def decode_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, 
                     with T.sblock("merge"):
                         T.reads(ws[0:ws_size])
                         T.writes()
-                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"), nsplit,
+                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
                                                  out.access_ptr("w")))
 
     return func
@@ -219,7 +221,7 @@ def attention_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: st
     """Attention of rows already appended, any dtype the split-KV kernel takes (one split)."""
     ctype = CTYPES[dtype]
     partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, false>"
-    merge = f"mc::owned_merge<{ctype}, {d}>"
+    merge = f"mc::owned_merge<{ctype}, {d}, 1>"
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
@@ -247,7 +249,7 @@ def attention_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: st
                     with T.sblock("merge"):
                         T.reads(ws[0:n * h_q * (d + 2)])
                         T.writes(out[0, 0:n, 0:h_q, 0:d])
-                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"), 1,
+                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
                                                  out.access_ptr("w")))
 
     return func

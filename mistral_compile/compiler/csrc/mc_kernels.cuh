@@ -1355,6 +1355,23 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   const int row_begin = lo + split * chunk, row_end = min(row_begin + chunk, stored_end);
   T* kbase = owned_rows<T, HKV, D>(state, layer, 0, kvh, cap);
   T* vbase = owned_rows<T, HKV, D>(state, layer, 1, kvh, cap);
+  // a batch of UNROLL rows per row group, loaded raw: the first batch is in flight while q is
+  // rotated, and each next batch while the current one is scored (software pipelining)
+  auto load_batch = [&](int base, uint4* kr, uint4* vr) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int r = base + u * GROUPS + rg;
+      if (r < row_end) {
+        const int64_t at = static_cast<int64_t>(r % cap) * D + d0;
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + at));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + at));
+      } else {
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  };
+  uint4 kr[UNROLL], vr[UNROLL];
+  load_batch(row_begin, kr, vr);
 
   const float log2e = 1.4426950408889634f;
   float inv[VEC];
@@ -1413,23 +1430,17 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   };
 
   for (int base = row_begin; base < row_end; base += GROUPS * UNROLL) {
-    float kf[UNROLL][VEC], vf[UNROLL][VEC];
-    bool valid[UNROLL];
+    uint4 kn[UNROLL], vn[UNROLL];
+    if (base + GROUPS * UNROLL < row_end) load_batch(base + GROUPS * UNROLL, kn, vn);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      int r = base + u * GROUPS + rg;
-      valid[u] = r < row_end;
-      if (valid[u]) {
-        const int64_t at = static_cast<int64_t>(r % cap) * D + d0;
-        load16(kbase + at, kf[u]);
-        load16(vbase + at, vf[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
-      }
+      float kf[VEC], vf[VEC];
+      widen(kr[u], static_cast<const T*>(nullptr), kf);
+      widen(vr[u], static_cast<const T*>(nullptr), vf);
+      accumulate(kf, vf, base + u * GROUPS + rg < row_end);
+      kr[u] = kn[u];
+      vr[u] = vn[u];
     }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) accumulate(kf[u], vf[u], valid[u]);
   }
 
   if (FUSED && split == nsplit - 1) {  // the new token: every row group computes, group 0 counts
@@ -1640,11 +1651,42 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
   }
 }
 
-// Pass 2 of owned_attn_partial: decode_attn_merge without the log-sum-exp. Grid (H_qo, rows).
-template <typename T, int D>
-__device__ __forceinline__ void owned_merge(const float* __restrict__ ws, int nsplit,
-                                            T* __restrict__ out) {
-  decode_attn_merge<T, D>(ws, gridDim.y, nsplit, out, nullptr);
+// Pass 2 of owned_attn_partial: merges the NSPLIT partials of each (row, head). Grid (H_qo,
+// rows), D threads. The split count is a constant, so a thread's loads of up to 32 splits are
+// all in flight at once (decode_attn_merge walks a runtime count in two passes).
+template <typename T, int D, int NSPLIT>
+__device__ __forceinline__ void owned_merge(const float* __restrict__ ws, T* __restrict__ out) {
+  constexpr int CH = NSPLIT < 32 ? NSPLIT : 32;
+  static_assert(NSPLIT % CH == 0, "split count: at most 32 or a multiple of 32");
+  const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, rows = gridDim.y, d = threadIdx.x;
+  const int64_t n_out = static_cast<int64_t>(rows) * h_qo * NSPLIT * D;
+  const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * NSPLIT;
+  float mx = -INFINITY, acc = 0.f, den = 0.f;
+#pragma unroll
+  for (int c = 0; c < NSPLIT; c += CH) {
+    float m[CH], dn[CH], o[CH];
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      m[i] = ws[n_out + (slot0 + c + i) * 2];
+      dn[i] = ws[n_out + (slot0 + c + i) * 2 + 1];
+      o[i] = ws[(slot0 + c + i) * D + d];
+    }
+    float cm = mx;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) cm = fmaxf(cm, m[i]);
+    if (cm == -INFINITY) continue;  // no key in these splits yet
+    const float scale = exp2f(mx - cm);
+    acc *= scale;
+    den *= scale;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const float w = exp2f(m[i] - cm);
+      acc += w * o[i];
+      den += w * dn[i];
+    }
+    mx = cm;
+  }
+  store(out + (static_cast<int64_t>(b) * h_qo + h) * D + d, den > 0.f ? acc / den : 0.f);
 }
 
 // The end of a decode step: greedy token (argmax_rows) and the owned cache's length + 1.
