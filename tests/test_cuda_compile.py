@@ -86,6 +86,22 @@ def _vm_functions(lib, *names):
     return [text[text.index(f"@{name}:"):].split("\n\n")[0] for name in names]
 
 
+def test_too_many_query_heads_per_kv_head_is_one_clear_line(run_cli, tmp_path):
+    # the owned KV cache's split-KV kernel keeps per-warp partials of G query heads in shared
+    # memory: 20 heads per KV head at head_dim 128 do not fit, and compile says so by name
+    from conftest import CONFIGS
+
+    cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
+    cfg.update(num_attention_heads=40, num_key_value_heads=2, head_dim=128, num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
+    proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q0f16",
+                   "-o", tmp_path / "l.so")
+    assert proc.returncode != 0 and not (tmp_path / "l.so").exists()
+    assert "num_attention_heads" in proc.stderr and "19 query heads per KV head" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
 def test_arch_flag_selects_the_machine_code(run_cli, converted, tmp_path):
     proc = run_cli("compile", converted / "q0f32", "--device", "cuda", "--arch", "sm_80",
                    "-o", tmp_path / "l.so")

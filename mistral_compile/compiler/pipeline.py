@@ -48,6 +48,10 @@ def _export(state: CompileState) -> None:
 
     model = MistralForCausalLM(state.config, quantization=state.quantization)
     model.to(state.dtype)
+    if state.target.kind.name == "cuda":  # before export: an error inside it leaves TVM noise
+        from mistral_compile.model.kv_owned import check_cuda_shape
+
+        check_cuda_shape(state.config, state.dtype)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     state.param_names = [name for name, _ in params]
     state.param_shapes = [[int(d) for d in p.shape] for _, p in params]

@@ -25,7 +25,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS, THREADS
+from mistral_compile.errors import ConfigError
+from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS, THREADS, VEC
 
 TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
 
@@ -80,8 +81,9 @@ class OwnedKVCache:
                      h_kv=h_kv, d=d, dtype=dtype)
         layer = tirx.IntImm("int32", layer_id)
         theta, storage, length = float(cfg.position_embedding_base), state.storage, state.length
-        if _on_cuda() and isinstance(s, int) and s == 1 and decode_supported(h_kv, num_qo_heads,
-                                                                             d, dtype):
+        if _on_cuda():
+            check_cuda_shape(cfg, dtype)
+        if _on_cuda() and isinstance(s, int) and s == 1:
             func = decode_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale)
             return op.tensor_ir_op(func, "owned_decode", args=[qkv, storage, length, layer],
                                    out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
@@ -99,11 +101,24 @@ class OwnedKVCache:
                                out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
 
 
-def decode_supported(h_kv: int, h_q: int, d: int, dtype: str) -> bool:
-    """Whether the split-KV kernel takes this shape (the paged kernel's rule)."""
-    from mistral_compile.model.kernels import decode_attention_supported
+def check_cuda_shape(config: MistralConfig, dtype: str) -> None:
+    """Refuse, naming the field, a head layout the CUDA attention kernels do not take."""
+    h_q, h_kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if not attention_supported(h_kv, h_q, d, dtype):
+        raise ConfigError("num_attention_heads", f"{h_q} query heads over {h_kv} KV heads of "
+                          f"head_dim {d} ({dtype}): the CUDA attention kernels take up to 19 "
+                          "query heads per KV head at head_dim 128")
 
-    return decode_attention_supported(h_kv, h_q, d, dtype)
+
+def attention_supported(h_kv: int, h_q: int, d: int, dtype: str) -> bool:
+    """Whether mc::owned_attn_partial takes this shape.
+
+    16-byte lanes, 2-32 of them per head row, and its per-warp partial outputs in 40 KB of
+    shared memory (G <= 19 at D = 128).
+    """
+    lanes = d // VEC[dtype] if dtype in VEC else 0
+    return (dtype in CTYPES and h_q % h_kv == 0 and d % VEC[dtype] == 0 and 2 <= lanes <= 32
+            and 32 % lanes == 0 and 4 * (h_q // h_kv) * (d + 2) * 4 <= 40 * 1024)
 
 
 def prefill_tc_supported(d: int, dtype: str) -> bool:

@@ -1338,9 +1338,9 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   constexpr int UNROLL = 4;
   constexpr int HQ = HKV * G;
   static_assert(L >= 2 && L <= 32 && 32 % L == 0, "unsupported head_dim for this dtype");
-  __shared__ float sm_o[GROUPS][G][D];
-  __shared__ float sm_m[GROUPS][G];
-  __shared__ float sm_d[GROUPS][G];
+  __shared__ float sm_o[WARPS][G][D];  // per warp: G x D floats, so G up to 19 at D = 128
+  __shared__ float sm_m[WARPS][G];
+  __shared__ float sm_d[WARPS][G];
 
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, rows = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1460,13 +1460,34 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
     }
   }
 
+  // the RPW row groups of a warp (lanes lane ^ L, ^ 2L, ...) merge by shuffles first
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+  for (int off = L; off < 32; off <<= 1) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) sm_o[rg][g][d0 + e] = o[g][e];
-    if (sub == 0) {
-      sm_m[rg][g] = m[g];
-      sm_d[rg][g] = dsum[g];
+    for (int g = 0; g < G; ++g) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
+      const float dn = __shfl_xor_sync(0xffffffffu, dsum[g], off);
+      const float mn = fmaxf(m[g], mo);
+      const float sa = mn == -INFINITY ? 0.f : exp2f(m[g] - mn);
+      const float sb = mn == -INFINITY ? 0.f : exp2f(mo - mn);
+      dsum[g] = dsum[g] * sa + dn * sb;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float oo = __shfl_xor_sync(0xffffffffu, o[g][e], off);
+        o[g][e] = o[g][e] * sa + oo * sb;
+      }
+      m[g] = mn;
+    }
+  }
+  if (lane < L) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sm_o[warp][g][d0 + e] = o[g][e];
+      if (sub == 0) {
+        sm_m[warp][g] = m[g];
+        sm_d[warp][g] = dsum[g];
+      }
     }
   }
   __syncthreads();
@@ -1475,11 +1496,11 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
     int g = i / D, d = i % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int r = 0; r < GROUPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
+    for (int r = 0; r < WARPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
     float acc = 0.f, den = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int r = 0; r < GROUPS; ++r) {
+      for (int r = 0; r < WARPS; ++r) {
         float w = exp2f(sm_m[r][g] - mx);
         acc += w * sm_o[r][g][d];
         den += w * sm_d[r][g];
