@@ -1094,6 +1094,102 @@ __device__ __forceinline__ void rope_ragged_keys(const half* __restrict__ k,
   store16(k_rot + rh * D + c + D / 2, hi);
 }
 
+// The key-tile walk of the tensor-core flash attention (FlashAttention-2's layout), shared by
+// the prefill kernels: a warp holds 16 query rows as mma fragments qf, the CTA walks `tiles`
+// tiles of FA_BC keys from position kv_begin, with online softmax on the accumulators and P
+// kept in registers for the PV product. load(j0, v) issues the cp.async copy of the K (v false)
+// or V tile at key position j0; K and V share one buffer with V's copy overlapping S = QK^T and
+// the next K's overlapping PV. On tiles where edge(j0) is true, hidden(j, h) masks key j out of
+// this thread's row my_row + 8 h. Scores are in base 2 (qk_scale includes log2 e).
+template <int D, typename Load, typename Edge, typename Hidden>
+__device__ __forceinline__ void fa_walk_tiles(uint32_t (*qf)[4], const half* ks,
+                                              const half* vs, int tiles, int kv_begin,
+                                              float qk_scale, Load load, Edge edge, Hidden hidden,
+                                              float* m, float* l, float (*o)[4]) {
+  constexpr int LD = D + 8, KC = D / 16, NB = FA_BC / 8, DB = D / 8;
+  const int lane = threadIdx.x & 31, tig = lane & 3;
+  if (tiles > 0) load(kv_begin, false);
+  for (int it = 0; it < tiles; ++it) {
+    const int j0 = kv_begin + it * FA_BC;
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // K(it) landed; every warp is done with V(it - 1)
+    load(j0, true);
+
+    float s[NB][4];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int p = 0; p < NB / 2; ++p) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, ks + (p * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kc * 16 +
+                            8 * ((lane >> 3) & 1));
+        mma_16816(s[2 * p], qf[kc], kb);
+        mma_16816(s[2 * p + 1], qf[kc], kb + 2);
+      }
+    }
+
+    const bool at_edge = edge(j0);
+#pragma unroll
+    for (int half_ = 0; half_ < 2; ++half_) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[nb][2 * half_ + e] * qk_scale;
+          if (at_edge && hidden(j0 + nb * 8 + 2 * tig + e, half_)) x = -INFINITY;
+          s[nb][2 * half_ + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half_], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[half_] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float p = exp2f(s[nb][2 * half_ + e] - base);
+          s[nb][2 * half_ + e] = p;
+          sum += p;
+        }
+      }
+      l[half_] = l[half_] * alpha + sum;
+      m[half_] = m_new;
+#pragma unroll
+      for (int db = 0; db < DB; ++db) {
+        o[db][2 * half_] *= alpha;
+        o[db][2 * half_ + 1] *= alpha;
+      }
+    }
+
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // V(it) landed; every warp is done with K(it)
+    if (it + 1 < tiles) load(j0 + FA_BC, false);
+
+#pragma unroll
+    for (int kc = 0; kc < FA_BC / 16; ++kc) {
+      uint32_t pa[4] = {pack_half2(s[2 * kc][0], s[2 * kc][1]),
+                        pack_half2(s[2 * kc][2], s[2 * kc][3]),
+                        pack_half2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                        pack_half2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < DB / 2; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vs + (kc * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD +
+                                  dp * 16 + 8 * (lane >> 4));
+        mma_16816(o[2 * dp], pa, vb);
+        mma_16816(o[2 * dp + 1], pa, vb + 2);
+      }
+    }
+  }
+}
+
 // Causal (or full) attention of ragged queries over ragged keys/values, the contract of TVM's
 // batch_prefill_ragged_kv: q [total_q, H_qo, D], k and v [total_kv, H_kv, D], sequence b owns
 // rows [indptr[b], indptr[b + 1]); with `causal`, query i sees keys j <= kv_len - q_len + i.
@@ -1111,7 +1207,7 @@ __device__ __forceinline__ void prefill_attn_ragged(
     half* __restrict__ out, float* __restrict__ lse, int batch, int causal, int rotary_mode,
     float rope_scale, float rope_theta, float sm_scale) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
-  constexpr int LD = D + 8, KC = D / 16, NB = FA_BC / 8, DB = D / 8;
+  constexpr int LD = D + 8, KC = D / 16, DB = D / 8;
   __shared__ __align__(128) half smem[(BR > 2 * FA_BC ? BR : 2 * FA_BC) * LD];  // Q, then K | V
   half* ks = smem;
   half* vs = smem + FA_BC * LD;
@@ -1162,93 +1258,20 @@ __device__ __forceinline__ void prefill_attn_ragged(
 #pragma unroll
   for (int i = 0; i < DB; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 
-  if (tiles > 0)
-    fa_load_rows<D, BR * 2>(ks, kbase, kv_stride, FA_BC, kv_len, nullptr, 0.f, 0.f);
-  for (int it = 0; it < tiles; ++it) {
-    const int j0 = it * FA_BC;
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();  // K(it) landed; every warp is done with V(it - 1)
-    fa_load_rows<D, BR * 2>(vs, vbase + j0 * kv_stride, kv_stride, FA_BC, kv_len - j0, nullptr, 0.f,
-                    0.f);
-
-    float s[NB][4];
-#pragma unroll
-    for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
-#pragma unroll
-      for (int p = 0; p < NB / 2; ++p) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, ks + (p * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kc * 16 +
-                            8 * ((lane >> 3) & 1));
-        mma_16816(s[2 * p], qf[kc], kb);
-        mma_16816(s[2 * p + 1], qf[kc], kb + 2);
-      }
-    }
-
-    // mask (only tiles that cross the diagonal or the end of the keys), then online softmax
-    const bool edge = j0 + FA_BC > kv_len ||
-                      (causal && j0 + FA_BC - 1 > kv_len - q_len + row0 + warp * 16);
-#pragma unroll
-    for (int half_ = 0; half_ < 2; ++half_) {
-      const int limit = causal ? min(kv_len, kv_len - q_len + my_row + 8 * half_ + 1) : kv_len;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[nb][2 * half_ + e] * qk_scale;
-          if (edge && j0 + nb * 8 + 2 * tig + e >= limit) x = -INFINITY;
-          s[nb][2 * half_ + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[half_], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[half_] - base);
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float p = exp2f(s[nb][2 * half_ + e] - base);
-          s[nb][2 * half_ + e] = p;
-          sum += p;
-        }
-      }
-      l[half_] = l[half_] * alpha + sum;
-      m[half_] = m_new;
-#pragma unroll
-      for (int db = 0; db < DB; ++db) {
-        o[db][2 * half_] *= alpha;
-        o[db][2 * half_ + 1] *= alpha;
-      }
-    }
-
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();  // V(it) landed; every warp is done with K(it)
-    if (it + 1 < tiles)
-      fa_load_rows<D, BR * 2>(ks, kbase + (j0 + FA_BC) * kv_stride, kv_stride, FA_BC,
-                      kv_len - j0 - FA_BC, nullptr, 0.f, 0.f);
-
-#pragma unroll
-    for (int kc = 0; kc < FA_BC / 16; ++kc) {
-      uint32_t pa[4] = {pack_half2(s[2 * kc][0], s[2 * kc][1]),
-                        pack_half2(s[2 * kc][2], s[2 * kc][3]),
-                        pack_half2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                        pack_half2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < DB / 2; ++dp) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, vs + (kc * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD +
-                                  dp * 16 + 8 * (lane >> 4));
-        mma_16816(o[2 * dp], pa, vb);
-        mma_16816(o[2 * dp + 1], pa, vb + 2);
-      }
-    }
-  }
+  const int diag = kv_len - q_len;  // causal: row r sees keys j <= diag + r
+  fa_walk_tiles<D>(
+      qf, ks, vs, tiles, 0, qk_scale,
+      [&](int j0, bool is_v) {
+        fa_load_rows<D, BR * 2>(is_v ? vs : ks, (is_v ? vbase : kbase) + j0 * kv_stride,
+                                kv_stride, FA_BC, kv_len - j0, nullptr, 0.f, 0.f);
+      },
+      [&](int j0) {
+        return j0 + FA_BC > kv_len || (causal && j0 + FA_BC - 1 > diag + row0 + warp * 16);
+      },
+      [&](int j, int hf) {
+        return j >= (causal ? min(kv_len, diag + my_row + 8 * hf + 1) : kv_len);
+      },
+      m, l, o);
 
 #pragma unroll
   for (int half_ = 0; half_ < 2; ++half_) {
@@ -1527,7 +1550,7 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
                                                    int cap, int window, half* __restrict__ out,
                                                    float sm_scale) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
-  constexpr int LD = D + 8, KC = D / 16, NB = FA_BC / 8, DB = D / 8, HQ = HKV * G;
+  constexpr int LD = D + 8, KC = D / 16, DB = D / 8, HQ = HKV * G;
   __shared__ __align__(128) half smem[(BR > 2 * FA_BC ? BR : 2 * FA_BC) * LD];
   half* ks = smem;
   half* vs = smem + FA_BC * LD;
@@ -1567,94 +1590,20 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
 #pragma unroll
   for (int i = 0; i < DB; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 
-  if (tiles > 0)
-    fa_load_rows<D, BR * 2>(ks, kbase + slot_of(kv_begin), D, FA_BC, kv_end - kv_begin, nullptr,
-                            0.f, 0.f);
-  for (int it = 0; it < tiles; ++it) {
-    const int j0 = kv_begin + it * FA_BC;
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();
-    fa_load_rows<D, BR * 2>(vs, vbase + slot_of(j0), D, FA_BC, kv_end - j0, nullptr, 0.f, 0.f);
-
-    float s[NB][4];
-#pragma unroll
-    for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
-#pragma unroll
-      for (int p = 0; p < NB / 2; ++p) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, ks + (p * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kc * 16 +
-                            8 * ((lane >> 3) & 1));
-        mma_16816(s[2 * p], qf[kc], kb);
-        mma_16816(s[2 * p + 1], qf[kc], kb + 2);
-      }
-    }
-
-    const bool edge = j0 + FA_BC - 1 > warp_first ||
-                      (window > 0 && j0 < warp_last - window + 1);
-#pragma unroll
-    for (int half_ = 0; half_ < 2; ++half_) {
-      const int p = base + my_row + 8 * half_;
-      const int hi = p + 1, lo_key = window > 0 ? p - window + 1 : 0;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[nb][2 * half_ + e] * qk_scale;
-          const int j = j0 + nb * 8 + 2 * tig + e;
-          if (edge && (j >= hi || j < lo_key)) x = -INFINITY;
-          s[nb][2 * half_ + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[half_], mx);
-      const float mbase = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[half_] - mbase);
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float pr = exp2f(s[nb][2 * half_ + e] - mbase);
-          s[nb][2 * half_ + e] = pr;
-          sum += pr;
-        }
-      }
-      l[half_] = l[half_] * alpha + sum;
-      m[half_] = m_new;
-#pragma unroll
-      for (int db = 0; db < DB; ++db) {
-        o[db][2 * half_] *= alpha;
-        o[db][2 * half_ + 1] *= alpha;
-      }
-    }
-
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();
-    if (it + 1 < tiles)
-      fa_load_rows<D, BR * 2>(ks, kbase + slot_of(j0 + FA_BC), D, FA_BC, kv_end - j0 - FA_BC,
-                              nullptr, 0.f, 0.f);
-
-#pragma unroll
-    for (int kc = 0; kc < FA_BC / 16; ++kc) {
-      uint32_t pa[4] = {pack_half2(s[2 * kc][0], s[2 * kc][1]),
-                        pack_half2(s[2 * kc][2], s[2 * kc][3]),
-                        pack_half2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                        pack_half2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < DB / 2; ++dp) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, vs + (kc * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD +
-                                  dp * 16 + 8 * (lane >> 4));
-        mma_16816(o[2 * dp], pa, vb);
-        mma_16816(o[2 * dp + 1], pa, vb + 2);
-      }
-    }
-  }
+  fa_walk_tiles<D>(
+      qf, ks, vs, tiles, kv_begin, qk_scale,
+      [&](int j0, bool is_v) {
+        fa_load_rows<D, BR * 2>(is_v ? vs : ks, (is_v ? vbase : kbase) + slot_of(j0), D, FA_BC,
+                                kv_end - j0, nullptr, 0.f, 0.f);
+      },
+      [&](int j0) {
+        return j0 + FA_BC - 1 > warp_first || (window > 0 && j0 < warp_last - window + 1);
+      },
+      [&](int j, int hf) {
+        const int p = base + my_row + 8 * hf;  // this row's position: sees [p - window + 1, p]
+        return j > p || (window > 0 && j <= p - window);
+      },
+      m, l, o);
 
 #pragma unroll
   for (int half_ = 0; half_ < 2; ++half_) {
