@@ -78,6 +78,36 @@ __device__ __forceinline__ void rope(float* x, const float* partner, const float
   }
 }
 
+// The end of a split-KV decode CTA: merges the R partial (max, sum, output) sets held in shared
+// memory for each of its G query heads, and writes them to the workspace: outputs at
+// ws[slot * D], (max, sum) at ws[n_out + 2 slot], slot = slot0 + g * nsplit.
+template <int G, int D, int R>
+__device__ __forceinline__ void split_kv_write(const float (*sm_o)[G][D], const float (*sm_m)[G],
+                                               const float (*sm_d)[G], float* __restrict__ ws,
+                                               int64_t n_out, int64_t slot0, int nsplit) {
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    int g = i / D, d = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < R; ++r) mx = fmaxf(mx, sm_m[r][g]);
+    float acc = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float w = exp2f(sm_m[r][g] - mx);
+        acc += w * sm_o[r][g][d];
+        den += w * sm_d[r][g];
+      }
+    }
+    const int64_t slot = slot0 + static_cast<int64_t>(g) * nsplit;
+    ws[slot * D + d] = acc;
+    if (d == 0) {
+      ws[n_out + slot * 2] = mx;
+      ws[n_out + slot * 2 + 1] = den;
+    }
+  }
+}
+
 // Split-KV decode attention, pass 1. Grid (nsplit, H_kv, B), 128 threads. Each CTA reads one
 // KV head's rows [split * chunk, (split + 1) * chunk) once for all G query heads of the group:
 // L = D / VEC lanes hold one row (16-byte loads), so a warp works on 32 / L rows at a time.
@@ -211,28 +241,9 @@ __device__ __forceinline__ void decode_attn_partial(
     }
   }
   __syncthreads();
-  const int64_t n_out = static_cast<int64_t>(batch) * h_qo * nsplit * D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    int g = i / D, d = i % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < GROUPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
-    float acc = 0.f, den = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int r = 0; r < GROUPS; ++r) {
-        float w = exp2f(sm_m[r][g] - mx);
-        acc += w * sm_o[r][g][d];
-        den += w * sm_d[r][g];
-      }
-    }
-    int64_t slot = (static_cast<int64_t>(b) * h_qo + kvh * G + g) * nsplit + split;
-    ws[slot * D + d] = acc;
-    if (d == 0) {
-      ws[n_out + slot * 2] = mx;
-      ws[n_out + slot * 2 + 1] = den;
-    }
-  }
+  split_kv_write<G, D, GROUPS>(sm_o, sm_m, sm_d, ws,
+                               static_cast<int64_t>(batch) * h_qo * nsplit * D,
+                               (static_cast<int64_t>(b) * h_qo + kvh * G) * nsplit + split, nsplit);
 }
 
 // Split-KV decode attention, pass 2. Grid (H_qo, B), D threads: merges the splits, writes the
@@ -1514,28 +1525,8 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
     }
   }
   __syncthreads();
-  const int64_t n_out = static_cast<int64_t>(rows) * HQ * nsplit * D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    int g = i / D, d = i % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < WARPS; ++r) mx = fmaxf(mx, sm_m[r][g]);
-    float acc = 0.f, den = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int r = 0; r < WARPS; ++r) {
-        float w = exp2f(sm_m[r][g] - mx);
-        acc += w * sm_o[r][g][d];
-        den += w * sm_d[r][g];
-      }
-    }
-    int64_t slot = (static_cast<int64_t>(b) * HQ + kvh * G + g) * nsplit + split;
-    ws[slot * D + d] = acc;
-    if (d == 0) {
-      ws[n_out + slot * 2] = mx;
-      ws[n_out + slot * 2 + 1] = den;
-    }
-  }
+  split_kv_write<G, D, WARPS>(sm_o, sm_m, sm_d, ws, static_cast<int64_t>(rows) * HQ * nsplit * D,
+                              (static_cast<int64_t>(b) * HQ + kvh * G) * nsplit + split, nsplit);
 }
 
 // Tensor-core prefill attention over the owned cache (the keys of this chunk already appended
