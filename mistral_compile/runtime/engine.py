@@ -24,6 +24,7 @@ from mistral_compile.runtime.library import (
     parse_device,
     read_metadata,
     tvm_device,
+    zeros,
 )
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
@@ -115,8 +116,8 @@ class Engine:
             self.params = self._given_params(params, weights)
             self.tokenizer_version = None
         # the owned cache's storage (zeros) and length, in the library's parameter order
-        self._state = {name: tvm.runtime.tensor(np.zeros(shape, self.param_dtypes[name]),
-                                                self.device) for name, shape in state.items()}
+        self._state = {name: zeros(shape, self.param_dtypes[name], self.device)
+                       for name, shape in state.items()}
         loaded = dict(zip(weights, self.params, strict=True))
         # one FFI array, not a Python list: a list (291 tensors for a 7B model) would be
         # converted again on every call
@@ -124,6 +125,9 @@ class Engine:
                                            for n in meta["params"]])
         self._kv_length = self._state[STATE_PREFIX + "length"]
         self._kv_slots = int(state[STATE_PREFIX + "storage"][3])
+        storage = self._state[STATE_PREFIX + "storage"]
+        logger.info("KV cache: %d slots per layer, %.2f GiB on %s", self._kv_slots,
+                    storage.numel() * storage.dtype.itemsize / 2**30, self.device)
         sink = self.config.attention_sink_size if attention_sink_size is None \
             else attention_sink_size
         self.window = self.config.sliding_window_size

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 
 from mistral_compile.errors import MistralCompileError
@@ -105,6 +106,38 @@ def read_metadata(vm: Any) -> dict[str, Any]:
     return json.loads(vm[METADATA_FUNC]().numpy().tobytes().decode())
 
 
+def _cudart() -> ctypes.CDLL:
+    """The CUDA runtime already in the process (TVM's, or torch's if torch came first)."""
+    try:
+        return ctypes.CDLL("libcudart.so.13", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        load_cudart()
+        return ctypes.CDLL("libcudart.so.13")
+
+
+def _check(rt: ctypes.CDLL, name: str, *args: Any) -> None:
+    code = getattr(rt, name)(*args)
+    if code != 0:
+        raise MistralCompileError(f"CUDA {name} failed with error {code}")
+
+
+def zeros(shape: Sequence[int], dtype: str, device: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """A zero-filled tensor on ``device``.
+
+    On CUDA no host copy is made (the KV cache of a long context is gigabytes): the memory is
+    cleared by cudaMemsetAsync on TVM's stream.
+    """
+    if device.dlpack_device_type() != 2:  # 2: kDLCUDA
+        return tvm.runtime.tensor(np.zeros(shape, dtype), device)
+    out = tvm.runtime.empty(shape, dtype, device)
+    nbytes = int(np.prod(shape)) * tvm.runtime.DataType(dtype).bits // 8
+    rt = _cudart()
+    _check(rt, "cudaSetDevice", ctypes.c_int(device.index))
+    _check(rt, "cudaMemsetAsync", ctypes.c_void_p(out.data_ptr()), ctypes.c_int(0),
+           ctypes.c_size_t(nbytes), ctypes.c_void_p(0))
+    return out
+
+
 class TokenReader:
     """Reads int32 scalars from the GPU into pinned host memory without blocking the host.
 
@@ -114,11 +147,7 @@ class TokenReader:
     """
 
     def __init__(self, device_index: int, slots: int = 2) -> None:
-        try:
-            self._rt = ctypes.CDLL("libcudart.so.13", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
-        except OSError:
-            load_cudart()
-            self._rt = ctypes.CDLL("libcudart.so.13")
+        self._rt = _cudart()
         self._call("cudaSetDevice", ctypes.c_int(device_index))
         self._host = ctypes.c_void_p()
         self._call("cudaHostAlloc", ctypes.byref(self._host), ctypes.c_size_t(4 * slots),
@@ -131,9 +160,7 @@ class TokenReader:
         self._values = (ctypes.c_int32 * slots).from_address(self._host.value)
 
     def _call(self, name: str, *args: Any) -> None:
-        code = getattr(self._rt, name)(*args)
-        if code != 0:
-            raise MistralCompileError(f"CUDA {name} failed with error {code}")
+        _check(self._rt, name, *args)
 
     def start(self, slot: int, tensor: tvm.runtime.Tensor) -> None:
         """Queue the copy of ``tensor[0]`` (int32, on the GPU) into ``slot``."""
