@@ -84,7 +84,8 @@ class OwnedKVCache:
         if _on_cuda():
             check_cuda_shape(cfg, dtype)
         if _on_cuda() and isinstance(s, int) and s == 1:
-            func = decode_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale)
+            func = split_kv_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale,
+                                 fused=True)
             return op.tensor_ir_op(func, "owned_decode", args=[qkv, storage, length, layer],
                                    out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
         append = append_cuda if _on_cuda() else append_cpu
@@ -96,7 +97,8 @@ class OwnedKVCache:
         elif prefill_tc_supported(d, dtype):
             attend = prefill_cuda(**shape, window=window, sm_scale=sm_scale)
         else:
-            attend = attention_cuda(**shape, window=window, sm_scale=sm_scale)
+            attend = split_kv_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale,
+                                   fused=False)
         return op.tensor_ir_op(attend, "owned_attention", args=[q, storage, length, layer],
                                out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
 
@@ -133,42 +135,52 @@ def _storage_shape(layers: int, h_kv: int, cap: int, d: int) -> tuple[int, ...]:
 
 
 @functools.cache
-def decode_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
-                theta: float, sm_scale: float) -> tirx.PrimFunc:
-    """One decode row: RoPE, the new key and value into the cache, split-KV attention, merge."""
-    heads, nsplit = h_q + 2 * h_kv, min(MAX_SPLITS, max(1, -(-TARGET_CTAS // h_kv)))
-    if nsplit > 32:  # the merge takes up to 32 splits at a time
-        nsplit -= nsplit % 32
+def split_kv_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
+                  theta: float, sm_scale: float, fused: bool) -> tirx.PrimFunc:
+    """Split-KV attention over the cache (mc::owned_attn_partial), then the merge.
+
+    ``fused`` (decode, one row): the input is the fused projection, rotated and appended here,
+    and each KV head's keys are split over up to 64 CTAs. Otherwise the rows were appended
+    already (``owned_append``: q rotated) and each row takes one split, for prefill in the dtypes
+    the tensor-core kernel does not take.
+    """
+    if fused:
+        in_heads, nsplit = h_q + 2 * h_kv, min(MAX_SPLITS, max(1, -(-TARGET_CTAS // h_kv)))
+        if nsplit > 32:  # the merge takes up to 32 splits at a time
+            nsplit -= nsplit % 32
+    else:
+        in_heads, nsplit = h_q, 1
     ctype = CTYPES[dtype]
-    partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, true>"
+    partial = (f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, "
+               f"{'true' if fused else 'false'}>")
     merge = f"mc::owned_merge<{ctype}, {d}, {nsplit}>"
-    ws_size = h_q * nsplit * (d + 2)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(qkv: T.Buffer((1, 1, heads, d), dtype),
-             storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
-             length: T.Buffer((1,), "int32"), layer: T.int32,
-             out: T.Buffer((1, 1, h_q, d), dtype)):
+    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
-        ws = T.alloc_buffer((ws_size,), "float32")
+        n = T.int64()
+        q = T.match_buffer(q_handle, (1, n, in_heads, d), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        ws = T.alloc_buffer((n * h_q * nsplit * (d + 2),), "float32")
         for _bx in T.thread_binding(nsplit, thread="blockIdx.x"):
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
-                for _bz in T.thread_binding(1, thread="blockIdx.z"):
+                for _bz in T.thread_binding(n, thread="blockIdx.z"):
                     for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                         with T.sblock("partial"):
-                            T.reads()
-                            T.writes(ws[0:ws_size])
+                            T.reads(q[0, 0:n, 0:in_heads, 0:d])
+                            T.writes(ws[0:n * h_q * nsplit * (d + 2)])
                             T.evaluate(T.call_extern(
-                                "void", partial, qkv.access_ptr("r"), length.access_ptr("r"),
+                                "void", partial, q.access_ptr("r"), length.access_ptr("r"),
                                 storage.access_ptr("rw"), layer, cap, window,
                                 ws.access_ptr("rw"), nsplit, T.float32(1.0),
                                 T.float32(theta), T.float32(sm_scale)))
         for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
-            for _by in T.thread_binding(1, thread="blockIdx.y"):
+            for _by in T.thread_binding(n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):
                     with T.sblock("merge"):
-                        T.reads(ws[0:ws_size])
-                        T.writes()
+                        T.reads(ws[0:n * h_q * nsplit * (d + 2)])
+                        T.writes(out[0, 0:n, 0:h_q, 0:d])
                         T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
                                                  out.access_ptr("w")))
 
@@ -226,46 +238,6 @@ def prefill_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
                             "void", extern, q.access_ptr("r"), length.access_ptr("r"),
                             T.Cast("int32", n), storage.access_ptr("r"), layer, cap, window,
                             out.access_ptr("w"), T.float32(sm_scale)))
-
-    return func
-
-
-@functools.cache
-def attention_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
-                   sm_scale: float) -> tirx.PrimFunc:
-    """Attention of rows already appended, any dtype the split-KV kernel takes (one split)."""
-    ctype = CTYPES[dtype]
-    partial = f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, false>"
-    merge = f"mc::owned_merge<{ctype}, {d}, 1>"
-
-    @T.prim_func(private=True, s_tir=True)
-    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
-             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
-        T.func_attr({"tirx.is_scheduled": True})
-        n = T.int64()
-        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
-        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
-        ws = T.alloc_buffer((n * h_q * (d + 2),), "float32")
-        for _bx in T.thread_binding(1, thread="blockIdx.x"):
-            for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
-                for _bz in T.thread_binding(n, thread="blockIdx.z"):
-                    for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        with T.sblock("partial"):
-                            T.reads(q[0, 0:n, 0:h_q, 0:d])
-                            T.writes(ws[0:n * h_q * (d + 2)])
-                            T.evaluate(T.call_extern(
-                                "void", partial, q.access_ptr("r"), length.access_ptr("r"),
-                                storage.access_ptr("rw"), layer, cap, window,
-                                ws.access_ptr("rw"), 1, T.float32(1.0), T.float32(10000.0),
-                                T.float32(sm_scale)))
-        for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
-            for _by in T.thread_binding(n, thread="blockIdx.y"):
-                for _tx in T.thread_binding(d, thread="threadIdx.x"):
-                    with T.sblock("merge"):
-                        T.reads(ws[0:n * h_q * (d + 2)])
-                        T.writes(out[0, 0:n, 0:h_q, 0:d])
-                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
-                                                 out.access_ptr("w")))
 
     return func
 
