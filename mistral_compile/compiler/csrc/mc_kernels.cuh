@@ -299,11 +299,21 @@ __device__ __forceinline__ void store16(float* p, const float* f) {
 __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(float x) { return x; }
 
+// Where 16-byte piece p of x sits in shared memory. SWIZZLE (the q4 GEMV, whose lane reads the
+// four pieces of one 32-element group): piece j of group g goes to slot j ^ ((g >> 1) & 3) of
+// its group, so the eight lanes of a 128-bit shared load, reading piece j of eight consecutive
+// groups, hit eight distinct 16-byte bank slots.
+template <bool SWIZZLE>
+__device__ __forceinline__ int x_piece(int p) {
+  return SWIZZLE ? (p & ~3) | ((p ^ (p >> 3)) & 3) : p;
+}
+
 // Puts the GEMV input into shared memory xs[K] (all GEMV_WARPS * 32 threads take part).
-template <typename T, int K, int MODE>
+template <typename T, int K, int MODE, bool SWIZZLE = false>
 __device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, const void* aux,
                                              float eps) {
   constexpr int VEC = Vec<T>::N, STRIDE = GEMV_WARPS * 32 * VEC;
+  auto slot = [](int i) { return x_piece<SWIZZLE>(i / VEC) * VEC; };
   if (MODE == GEMV_NORM || MODE == GEMV_NORM_SILU) {
     __shared__ float partial[GEMV_WARPS];
     float ss = 0.f;
@@ -313,7 +323,7 @@ __device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, con
       widen(raw, x, f);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
-      *reinterpret_cast<uint4*>(xs + i) = raw;
+      *reinterpret_cast<uint4*>(xs + slot(i)) = raw;
     }
 #pragma unroll
     for (int step = 16; step >= 1; step /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, step);
@@ -326,15 +336,15 @@ __device__ __forceinline__ void gemv_stage_x(T* xs, const T* __restrict__ x, con
     const T* nw = static_cast<const T*>(aux);
     for (int i = threadIdx.x * VEC; i < K; i += STRIDE) {  // the elements this thread copied
       float f[VEC], wf[VEC];
-      load16_shared(xs + i, f);
+      load16_shared(xs + slot(i), f);
       load16(nw + i, wf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) f[e] = f[e] * scale * wf[e];
-      store16(xs + i, f);
+      store16(xs + slot(i), f);
     }
   } else {
     for (int i = threadIdx.x * VEC; i < K; i += STRIDE)
-      *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(x + i);
+      *reinterpret_cast<uint4*>(xs + slot(i)) = *reinterpret_cast<const uint4*>(x + i);
   }
   __syncthreads();
 }
@@ -505,13 +515,21 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   }
 }
 
+// (a & b) | c in one instruction (the compiler splits it in two when b and c are constants)
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // Batch-1 GEMV over q4f16_1 weights (weights/quantize.py): qw is [n, K/8] uint32, qs is
 // [n, K/32] half; x and the modes as in gemv. Each lane reads 16 bytes of a row at a time (four
-// words, 32 weights, one group: one scale) and the matching 64 bytes of x from shared memory,
-// the four 16-byte pieces in a lane-rotated order so that a quarter-warp's loads hit distinct
-// banks. A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i, so OR-ing them into the exponent
-// of 1024.0 gives a half2 (1024 + q) pair in two operations; subtracting 1031 leaves q - 7
-// exactly. The 8 products of a word accumulate in half2, each group's sum in float32.
+// words, 32 weights, one group: one scale) and the matching 64 bytes of x from shared memory
+// (swizzled: x_piece). A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i. OR-ing a masked
+// pair into the exponent of 1024.0 gives a half2: the pairs at bits 0/16 and 8/24 (after one
+// shift) read 1024 + q, less 1031 is q - 7; the pairs at bits 4/20 and 12/28 read 1024 + 16q,
+// times 1/16 less 71 is q - 7, all exact. The 8 products of a word accumulate in half2, each
+// group's sum in float32.
 template <typename OutT, int K, int MODE = GEMV_PLAIN>
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
@@ -520,23 +538,26 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
-  gemv_stage_x<half, K, MODE>(xs, x, aux, eps);
+  gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
-  const half2 bias = __float2half2_rn(1031.f);
+  const half2 bias_lo = __float2half2_rn(-1031.f), bias_hi = __float2half2_rn(-71.f);
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t lo_mask = 0x000F000Fu, hi_mask = 0x00F000F0u, magic = 0x64006400u;
+  auto as_h2 = [](uint32_t v) { return *reinterpret_cast<half2*>(&v); };
   auto group = [&](const uint4& wv, half s, int gi) {
-    const uint32_t* wq = reinterpret_cast<const uint32_t*>(&wv);
+    const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
+    const int swz = (gi >> 1) & 3;
     half2 sum = __float2half2_rn(0.f);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int jj = (j + (lane >> 1)) & 3;  // rotate the pieces across lanes (banks)
-      uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + jj * 8);
+      uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + (j ^ swz) * 8);
       const half2* xh = reinterpret_cast<const half2*>(&xr);
-      const uint32_t word = wq[jj];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t v = ((word >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
-        sum = __hfma2(__hsub2(*reinterpret_cast<half2*>(&v), bias), xh[i], sum);
-      }
+      const uint32_t w8 = wq[j] >> 8;
+      sum = __hfma2(__hadd2(as_h2(and_or(wq[j], lo_mask, magic)), bias_lo), xh[0], sum);
+      sum = __hfma2(__hfma2(as_h2(and_or(wq[j], hi_mask, magic)), sixteenth, bias_hi), xh[1],
+                    sum);
+      sum = __hfma2(__hadd2(as_h2(and_or(w8, lo_mask, magic)), bias_lo), xh[2], sum);
+      sum = __hfma2(__hfma2(as_h2(and_or(w8, hi_mask, magic)), sixteenth, bias_hi), xh[3], sum);
     }
     float2 f = __half22float2(sum);
     return __half2float(s) * (f.x + f.y);
