@@ -16,7 +16,8 @@ from pathlib import Path
 def main() -> None:
     """Print the markdown."""
     log, gpu_txt, date = Path(sys.argv[1]).read_text(), Path(sys.argv[2]).read_text(), sys.argv[3]
-    rows = [line[line.index("RESULT") + 7:] for line in log.splitlines() if "RESULT" in line]
+    rows = [line[line.index("RESULT") + 7:] if "RESULT" in line else line
+            for line in log.splitlines() if "RESULT" in line or "greedy parts at" in line]
     gpu = gpu_txt.strip().splitlines()
     summary = re.findall(r"^=*\s*(\d+ .*?(?:passed|failed).*?) in .*$", log, re.M)[-1]
     if len(sys.argv) > 4:
@@ -56,6 +57,8 @@ python scripts/gpu/report.py gpu-tests.log gpu.txt DATE receipt.log > docs/verif
   line: prefill, then 32 greedy decode steps; max |Δlogit| over all 33 positions. The
   "decode attention" lines call our split-KV kernel directly against float64 numpy
   (`tests/gpu/test_kernels.py`), with NaN in every cache slot it must not read.
+- q4f16_1 greedy tokens may part from HF's only at a near-tie (the test asserts HF's top two
+  logits there are closer than 2 max|Δlogit|); a "greedy parts at" line gives that gap.
 - Result: **{summary}**.
 
 ## Mistral-7B shape, fp16, random weights made on the GPU (window 4096, sink 0, prompt 6144)
