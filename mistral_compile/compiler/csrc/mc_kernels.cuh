@@ -522,14 +522,38 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
-// Batch-1 GEMV over q4f16_1 weights (weights/quantize.py): qw is [n, K/8] uint32, qs is
-// [n, K/32] half; x and the modes as in gemv. Each lane reads 16 bytes of a row at a time (four
-// words, 32 weights, one group: one scale) and the matching 64 bytes of x from shared memory
-// (swizzled: x_piece). A word's nibbles 2i, 2i+1 sit at bits 4i and 16+4i. OR-ing a masked
-// pair into the exponent of 1024.0 gives a half2: the pairs at bits 0/16 and 8/24 (after one
-// shift) read 1024 + q, less 1031 is q - 7; the pairs at bits 4/20 and 12/28 read 1024 + 16q,
-// times 1/16 less 71 is q - 7, all exact. The 8 products of a word accumulate in half2, each
-// group's sum in float32.
+// One q4f16_1 group (weights/quantize.py): 32 weights in four words, their scale s, against x's
+// group gi in shared memory (swizzled: x_piece). A word's nibbles 2i, 2i+1 sit at bits 4i and
+// 16+4i. OR-ing a masked pair into the exponent of 1024.0 gives a half2: the pairs at bits 0/16
+// and 8/24 (after one shift) read 1024 + q, less 1031 is q - 7; the pairs at bits 4/20 and
+// 12/28 read 1024 + 16q, times 1/16 less 71 is q - 7, all exact. The 8 products of a word
+// accumulate in half2, the group's sum in float32.
+__device__ __forceinline__ float q4_group_dot(const uint4& wv, half s, const half* xs, int gi) {
+  const half2 bias_lo = __float2half2_rn(-1031.f), bias_hi = __float2half2_rn(-71.f);
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t lo_mask = 0x000F000Fu, hi_mask = 0x00F000F0u, magic = 0x64006400u;
+  auto as_h2 = [](uint32_t v) { return *reinterpret_cast<half2*>(&v); };
+  const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
+  const int swz = (gi >> 1) & 3;
+  half2 sum = __float2half2_rn(0.f);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + (j ^ swz) * 8);
+    const half2* xh = reinterpret_cast<const half2*>(&xr);
+    const uint32_t w8 = wq[j] >> 8;
+    sum = __hfma2(__hadd2(as_h2(and_or(wq[j], lo_mask, magic)), bias_lo), xh[0], sum);
+    sum = __hfma2(__hfma2(as_h2(and_or(wq[j], hi_mask, magic)), sixteenth, bias_hi), xh[1], sum);
+    sum = __hfma2(__hadd2(as_h2(and_or(w8, lo_mask, magic)), bias_lo), xh[2], sum);
+    sum = __hfma2(__hfma2(as_h2(and_or(w8, hi_mask, magic)), sixteenth, bias_hi), xh[3], sum);
+  }
+  float2 f = __half22float2(sum);
+  return __half2float(s) * (f.x + f.y);
+}
+
+// Batch-1 GEMV over q4f16_1 weights: qw is [n, K/8] uint32, qs is [n, K/32] half; x and the
+// modes as in gemv. Each lane reads 16 bytes of a row at a time (four words, 32 weights, one
+// group: one scale) and takes its dot with x (q4_group_dot), for up to four groups per row in
+// flight.
 template <typename OutT, int K, int MODE = GEMV_PLAIN>
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
@@ -540,28 +564,7 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   __shared__ __align__(16) half xs[K];
   gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
-  const half2 bias_lo = __float2half2_rn(-1031.f), bias_hi = __float2half2_rn(-71.f);
-  const half2 sixteenth = __float2half2_rn(0.0625f);
-  const uint32_t lo_mask = 0x000F000Fu, hi_mask = 0x00F000F0u, magic = 0x64006400u;
-  auto as_h2 = [](uint32_t v) { return *reinterpret_cast<half2*>(&v); };
-  auto group = [&](const uint4& wv, half s, int gi) {
-    const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
-    const int swz = (gi >> 1) & 3;
-    half2 sum = __float2half2_rn(0.f);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + (j ^ swz) * 8);
-      const half2* xh = reinterpret_cast<const half2*>(&xr);
-      const uint32_t w8 = wq[j] >> 8;
-      sum = __hfma2(__hadd2(as_h2(and_or(wq[j], lo_mask, magic)), bias_lo), xh[0], sum);
-      sum = __hfma2(__hfma2(as_h2(and_or(wq[j], hi_mask, magic)), sixteenth, bias_hi), xh[1],
-                    sum);
-      sum = __hfma2(__hadd2(as_h2(and_or(w8, lo_mask, magic)), bias_lo), xh[2], sum);
-      sum = __hfma2(__hfma2(as_h2(and_or(w8, hi_mask, magic)), sixteenth, bias_hi), xh[3], sum);
-    }
-    float2 f = __half22float2(sum);
-    return __half2float(s) * (f.x + f.y);
-  };
+  auto group = [&](const uint4& wv, half s, int gi) { return q4_group_dot(wv, s, xs, gi); };
   // this lane's share of R rows at once (R = 2: a gate row and its up row)
   auto partial = [&](const int* r, float* acc, auto rows) {
     constexpr int R = decltype(rows)::value;
