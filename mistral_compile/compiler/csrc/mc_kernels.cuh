@@ -550,11 +550,22 @@ __device__ __forceinline__ float q4_group_dot(const uint4& wv, half s, const hal
   return __half2float(s) * (f.x + f.y);
 }
 
+struct Q4Dot {  // gemv_q4's group dot
+  __device__ float operator()(const uint4& w, half s, const half* xs, int gi) const {
+    return q4_group_dot(w, s, xs, gi);
+  }
+};
+struct SameRow {  // gemv_q4's row addressing
+  __device__ int operator()(int r) const { return r; }
+};
+
 // Batch-1 GEMV over q4f16_1 weights: qw is [n, K/8] uint32, qs is [n, K/32] half; x and the
 // modes as in gemv. Each lane reads 16 bytes of a row at a time (four words, 32 weights, one
 // group: one scale) and takes its dot with x (q4_group_dot), for up to four groups per row in
-// flight.
-template <typename OutT, int K, int MODE = GEMV_PLAIN>
+// flight. Dot and RowOf are there for scripts/gpu/q4_probe.cu, which swaps them to time the
+// loads alone or the arithmetic alone.
+template <typename OutT, int K, int MODE = GEMV_PLAIN, typename Dot = Q4Dot,
+          typename RowOf = SameRow>
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
                                         const half* __restrict__ qs, OutT* __restrict__ y,
@@ -564,7 +575,7 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   __shared__ __align__(16) half xs[K];
   gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
-  auto group = [&](const uint4& wv, half s, int gi) { return q4_group_dot(wv, s, xs, gi); };
+  auto group = [&](const uint4& wv, half s, int gi) { return Dot{}(wv, s, xs, gi); };
   // this lane's share of R rows at once (R = 2: a gate row and its up row)
   auto partial = [&](const int* r, float* acc, auto rows) {
     constexpr int R = decltype(rows)::value;
@@ -572,8 +583,9 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
     const half* sr[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) {
-      wr[q] = reinterpret_cast<const uint4*>(qw + static_cast<int64_t>(r[q]) * (K / 8));
-      sr[q] = qs + static_cast<int64_t>(r[q]) * GROUPS;
+      const int64_t row = RowOf{}(r[q]);
+      wr[q] = reinterpret_cast<const uint4*>(qw + row * (K / 8));
+      sr[q] = qs + row * GROUPS;
     }
 #pragma unroll 4
     for (int it = 0; it < GROUPS / 32; ++it) {
