@@ -76,7 +76,8 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
 
 def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_1 decode reads the packed weights in mc::gemv_q4 (nvcc must take it: GPU tests
-    # check its numbers); with each fusion mode, and lm_head's plain one into float32 logits
+    # check its numbers); with each fusion mode, and lm_head's plain one into float32 logits.
+    # Prefill unpacks them with mc::dequantize_q4.
     from conftest import CONFIGS
 
     cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
@@ -93,6 +94,7 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     for mode in (1, 2, 3):
         assert f"mc::gemv_q4<half, 256, {mode}>" in code
     assert "mc::gemv_q4<float, 256, 0>" in code
+    assert "mc::dequantize_q4" in code  # prefill's float16 weights, for the tensor-core GEMMs
     decode, capture = _vm_functions(tmp_path / "l.so", "decode", "decode_cuda_graph_capture")
     assert "gemv_norm_silu" in capture and "owned_decode" in capture  # the layers, in the graph
     assert "gemv_q4" in decode  # lm_head, after it

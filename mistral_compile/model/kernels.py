@@ -372,6 +372,28 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
     return func
 
 
+@functools.cache
+def dequantize_q4(out_features: int, in_features: int) -> tirx.PrimFunc:
+    """The float16 [N, K] weight of q4f16_1 codes and scales (mc::dequantize_q4), for prefill."""
+    n, k = out_features, in_features
+    groups = n * k // 32
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_weight: T.Buffer((n, k // 8), "uint32"), q_scale: T.Buffer((n, k // 32), "float16"),
+             w: T.Buffer((n, k), "float16")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _bx in T.thread_binding((groups + 255) // 256, thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("dequantize_q4"):
+                    T.reads(q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.writes(w[0:n, 0:k])
+                    T.evaluate(T.call_extern("void", "mc::dequantize_q4",
+                                             q_weight.access_ptr("r"), q_scale.access_ptr("r"),
+                                             w.access_ptr("w"), groups))
+
+    return func
+
+
 def rms_norm_supported(hidden: int, dtype: str) -> bool:
     """Whether rms_norm takes rows of this width and dtype (on a CUDA target)."""
     target = Target.current(allow_none=True)

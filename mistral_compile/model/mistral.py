@@ -52,11 +52,17 @@ class MistralLinear(nn.Module):
         return project(x, self._dense(x.dtype), out_dtype)
 
     def _dense(self, dtype: str) -> Tensor:
-        """The weight as a dense [out, in] tensor (q4f16_1: dequantized by a TE kernel)."""
+        """The weight as a dense [out, in] tensor (q4f16_1: dequantized, by our kernel on CUDA)."""
         if not self.quantized:
             return self.weight
-        return _to(op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale]),
-                   dtype)
+        if _on_cuda():
+            n, k = self.out_features, self.in_features
+            dense = op.tensor_ir_op(kernels.dequantize_q4(n, k), "dequantize_q4",
+                                    args=[self.q_weight, self.q_scale],
+                                    out=Tensor.placeholder((n, k), "float16"))
+        else:
+            dense = op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale])
+        return _to(dense, dtype)
 
     def gemm_epilogue(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
         """Hopper GEMM with a fused epilogue (kernels.gemm_wgmma), None where it does not apply."""

@@ -522,17 +522,28 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
-// One q4f16_1 group (weights/quantize.py): 32 weights in four words, their scale s, against x's
-// group gi in shared memory (swizzled: x_piece). A word's nibbles 2i, 2i+1 sit at bits 4i and
-// 16+4i. OR-ing a masked pair into the exponent of 1024.0 gives a half2: the pairs at bits 0/16
-// and 8/24 (after one shift) read 1024 + q, less 1031 is q - 7; the pairs at bits 4/20 and
-// 12/28 read 1024 + 16q, times 1/16 less 71 is q - 7, all exact. The 8 products of a word
-// accumulate in half2, the group's sum in float32.
-__device__ __forceinline__ float q4_group_dot(const uint4& wv, half s, const half* xs, int gi) {
-  const half2 bias_lo = __float2half2_rn(-1031.f), bias_hi = __float2half2_rn(-71.f);
-  const half2 sixteenth = __float2half2_rn(0.0625f);
+// The 8 weights of one q4f16_1 word (weights/quantize.py) as four half2 of q - 7, in element
+// order. Element pairs (2i, 2i+1) sit at bits 4i and 16+4i. OR-ing a masked pair into the
+// exponent of 1024.0 gives a half2: the pairs at bits 0/16 and 8/24 (after one shift) read
+// 1024 + q, less 1031 is q - 7; the pairs at bits 4/20 and 12/28 read 1024 + 16q, times 1/16
+// less 71 is q - 7, all exact.
+__device__ __forceinline__ void q4_unpack(uint32_t word, half2* v) {
   const uint32_t lo_mask = 0x000F000Fu, hi_mask = 0x00F000F0u, magic = 0x64006400u;
-  auto as_h2 = [](uint32_t v) { return *reinterpret_cast<half2*>(&v); };
+  auto as_h2 = [](uint32_t u) { return *reinterpret_cast<half2*>(&u); };
+  // float16 bits of -1031, -71 and 1/16 in both halves
+  const half2 bias_lo = as_h2(0xE407E407u), bias_hi = as_h2(0xD470D470u);
+  const half2 sixteenth = as_h2(0x2C002C00u);
+  const uint32_t w8 = word >> 8;
+  v[0] = __hadd2(as_h2(and_or(word, lo_mask, magic)), bias_lo);
+  v[1] = __hfma2(as_h2(and_or(word, hi_mask, magic)), sixteenth, bias_hi);
+  v[2] = __hadd2(as_h2(and_or(w8, lo_mask, magic)), bias_lo);
+  v[3] = __hfma2(as_h2(and_or(w8, hi_mask, magic)), sixteenth, bias_hi);
+}
+
+// One q4f16_1 group: 32 weights in four words and their scale s, against x's group gi in
+// shared memory (swizzled: x_piece). The 8 products of a word accumulate in half2, the group's
+// sum in float32.
+__device__ __forceinline__ float q4_group_dot(const uint4& wv, half s, const half* xs, int gi) {
   const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
   const int swz = (gi >> 1) & 3;
   half2 sum = __float2half2_rn(0.f);
@@ -540,14 +551,36 @@ __device__ __forceinline__ float q4_group_dot(const uint4& wv, half s, const hal
   for (int j = 0; j < 4; ++j) {
     uint4 xr = *reinterpret_cast<const uint4*>(xs + gi * 32 + (j ^ swz) * 8);
     const half2* xh = reinterpret_cast<const half2*>(&xr);
-    const uint32_t w8 = wq[j] >> 8;
-    sum = __hfma2(__hadd2(as_h2(and_or(wq[j], lo_mask, magic)), bias_lo), xh[0], sum);
-    sum = __hfma2(__hfma2(as_h2(and_or(wq[j], hi_mask, magic)), sixteenth, bias_hi), xh[1], sum);
-    sum = __hfma2(__hadd2(as_h2(and_or(w8, lo_mask, magic)), bias_lo), xh[2], sum);
-    sum = __hfma2(__hfma2(as_h2(and_or(w8, hi_mask, magic)), sixteenth, bias_hi), xh[3], sum);
+    half2 v[4];
+    q4_unpack(wq[j], v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum = __hfma2(v[i], xh[i], sum);
   }
   float2 f = __half22float2(sum);
   return __half2float(s) * (f.x + f.y);
+}
+
+// Prefill's float16 weight from q4f16_1: w[g * 32 + e] = (q - 7) * scale[g] for each of the
+// `groups` groups of 32 (one per thread; the product of an integer and a float16 is exact in
+// float32, so one rounding, as the TE dequantize on other targets).
+__device__ __forceinline__ void dequantize_q4(const uint32_t* __restrict__ qw,
+                                              const half* __restrict__ qs, half* __restrict__ w,
+                                              int groups) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw) + g);
+  const half2 s = __half2half2(__ldg(qs + g));
+  const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
+  uint4* dst = reinterpret_cast<uint4*>(w) + static_cast<int64_t>(g) * 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint4 out;
+    half2* o = reinterpret_cast<half2*>(&out);
+    q4_unpack(wq[j], o);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = __hmul2(o[i], s);
+    dst[j] = out;
+  }
 }
 
 struct Q4Dot {  // gemv_q4's group dot
