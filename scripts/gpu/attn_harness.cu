@@ -1,5 +1,5 @@
-// Stand-alone launcher for mc::prefill_attn_ragged (no TVM), so scripts/gpu/attn_check.py can
-// test and time the kernel from torch on the GPU machine. Built here by nvcc:
+// Stand-alone launchers for mc::prefill_attn_ragged and mc::prefill_attn_owned (no TVM), so
+// scripts/gpu/attn_check.py can test and time the kernels from torch on the GPU machine. Built here by nvcc:
 //   nvcc -shared -Xcompiler -fPIC -O3 -gencode arch=compute_90,code=sm_90 \
 //        -I mistral_compile/compiler/csrc scripts/gpu/attn_harness.cu -o attn_harness.so
 #include "mc_kernels.cuh"
@@ -48,5 +48,25 @@ extern "C" int launch_ragged(int d, int group, int h_qo, int total_q, int total_
   MC_LAUNCH(128, 4)
   MC_LAUNCH(16, 2)
   MC_LAUNCH(64, 1)
+  return -1;
+}
+
+template <int D, int G, int HKV>
+__global__ void __launch_bounds__(128) owned(const half* q, const int* len, int n,
+                                             const half* state, int cap, int window, half* out,
+                                             float sm_scale) {
+  mc::prefill_attn_owned<D, G, HKV>(q, len, n, state, 0, cap, window, out, sm_scale);
+}
+
+// The owned cache's prefill attention: q [n, h_qo, d] rotated, rows at positions len[0] + i;
+// state [1 layer, 2, h_kv, cap, d] (keys rotated, position p in slot p % cap); window 0: none.
+extern "C" int launch_owned(int d, int group, int h_qo, int n, const void* q, const int* len,
+                            const void* state, int cap, int window, void* out, float sm_scale) {
+  dim3 grid((n + 63) / 64, h_qo);
+  if (d == 128 && group == 4 && h_qo == 32) {
+    owned<128, 4, 8><<<grid, 128>>>((const half*)q, len, n, (const half*)state, cap, window,
+                                   (half*)out, sm_scale);
+    return (int)cudaGetLastError();
+  }
   return -1;
 }
