@@ -34,20 +34,8 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     # stays as a guard): sm_90 builds as sm_90a with the TMA + wgmma GEMM, sm_80 with the WMMA
     # one.
     # The driver stand-in is built fresh into an empty cache.
-    from conftest import CONFIGS
-
-    cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
-    cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
-    proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q0f16",
-                   "--arch", arch, "-o", tmp_path / "l.so",
-                   env={"XDG_CACHE_HOME": str(tmp_path / "cache"),
-                        "MISTRAL_COMPILE_DUMP_CUDA": str(tmp_path / "k.cu")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, code = _compile_tiny(run_cli, tmp_path, "q0f16", arch)
     assert "export library" in proc.stdout and "wrote" in proc.stdout
-    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", int(arch[3:]))]
-    code = (tmp_path / "k.cu").read_text()
     # our kernels and fusions are what the library runs, not TVM's (GPU tests check the numbers):
     # decode GEMVs with RMSNorm (1), residual (2) and RMSNorm + silu pairing (3) fused in
     for mode in (1, 2, 3):
@@ -78,19 +66,7 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_1 decode reads the packed weights in mc::gemv_q4 (nvcc must take it: GPU tests
     # check its numbers); with each fusion mode, and lm_head's plain one into float32 logits.
     # Prefill unpacks them with mc::dequantize_q4.
-    from conftest import CONFIGS
-
-    cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
-    cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
-    proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q4f16_1",
-                   "-o", tmp_path / "l.so",
-                   env={"XDG_CACHE_HOME": str(tmp_path / "cache"),
-                        "MISTRAL_COMPILE_DUMP_CUDA": str(tmp_path / "k.cu")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", 90)]
-    code = (tmp_path / "k.cu").read_text()
+    _, code = _compile_tiny(run_cli, tmp_path, "q4f16_1", "sm_90")
     for mode in (1, 2, 3):
         assert f"mc::gemv_q4<half, 256, {mode}>" in code
     assert "mc::gemv_q4<float, 256, 0>" in code
@@ -98,6 +74,27 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     decode, capture = _vm_functions(tmp_path / "l.so", "decode", "decode_cuda_graph_capture")
     assert "gemv_norm_silu" in capture and "owned_decode" in capture  # the layers, in the graph
     assert "gemv_q4" in decode  # lm_head, after it
+
+
+def _compile_tiny(run_cli, tmp_path, quantization, arch):
+    """A one-layer hidden-256 model compiled for CUDA here (driver stand-in in a fresh cache).
+
+    Returns the compile's process and the generated CUDA C; asserts the library holds machine
+    code for exactly ``arch``.
+    """
+    from conftest import CONFIGS
+
+    cfg = json.loads((CONFIGS / "tiny-mistral.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
+    proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", quantization,
+                   "--arch", arch, "-o", tmp_path / "l.so",
+                   env={"XDG_CACHE_HOME": str(tmp_path / "cache"),
+                        "MISTRAL_COMPILE_DUMP_CUDA": str(tmp_path / "k.cu")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fatbin_archs((tmp_path / "l.so").read_bytes()) == [("elf", int(arch[3:]))]
+    return proc, (tmp_path / "k.cu").read_text()
 
 
 def _vm_functions(lib, *names):
