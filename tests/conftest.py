@@ -38,3 +38,41 @@ def tiny_checkpoint(path, cls="MistralForCausalLM", **overrides):
     model = getattr(transformers, cls)(cfg).eval()
     model.save_pretrained(path)
     return model
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if tools %}{{ '<|im_start|>tools\\n' + tools | tojson + '<|im_end|>\\n' }}"
+    "{% endif %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_tokenizer(path, vocab_size=300, **config):
+    """A byte-level BPE tokenizer trained here (deterministic) with ChatML tokens and template.
+
+    Written as tokenizer.json + tokenizer_config.json, as a Hugging Face fine-tune ships it:
+    <|im_end|> is both a special token and the EOS. ``config`` entries go to
+    tokenizer_config.json (None deletes a key).
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The capital of France is Paris.", "Hello, world! How are you today?",
+              "Sliding windows keep the cache small.", "日本語のテキスト, émigré café, naïve"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 3, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+           "pad_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE,
+           "tokenizer_class": "GPT2Tokenizer", "model_max_length": 2048, **config}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tok

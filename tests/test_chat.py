@@ -124,13 +124,14 @@ def test_tokenizer_chosen_from_file_or_recorded_version(full, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(full / "model", model)
     manifest = json.loads((model / "mistral-weights.json").read_text())
-    assert manifest["tokenizer"] == {"file": "tokenizer.model.v3", "version": "v3"}
+    assert manifest["tokenizer"] == {"family": "mistral-common", "files": ["tokenizer.model.v3"],
+                                     "version": "v3"}
     (model / "tokenizer.model.v3").unlink()
     # no file: the recorded version selects mistral-common's bundled v3
-    assert engine(full).tokenizer.instruct_tokenizer.tokenizer.n_words == 32768
+    assert engine(full).tokenizer.size == 32768
     eng = Engine(model, full / "lib.so")
-    assert eng.tokenizer.instruct_tokenizer.tokenizer.n_words == 32768
-    manifest["tokenizer"] = {"file": None, "version": None}
+    assert eng.tokenizer.size == 32768 and "bundled v3" in eng.tokenizer.source
+    manifest["tokenizer"] = {"family": None, "files": [], "version": None}
     (model / "mistral-weights.json").write_text(json.dumps(manifest))
     with pytest.raises(MistralCompileError, match="no tokenizer"):
         Engine(model, full / "lib.so").tokenizer  # noqa: B018

@@ -1,7 +1,6 @@
 """Sampling against a plain-python reference on fixed logits; stream decoding of real tokenizers."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -92,19 +91,18 @@ def test_bad_options_name_the_field(field, value):
                                   "mistral_instruct_tokenizer_240323.model.v3",
                                   "tekken_240911.json"])
 def test_stream_decoder_reassembles_text(name):
+    from pathlib import Path
+
     import mistral_common
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from mistral_compile.runtime.textgen import StreamDecoder
+    from mistral_compile.tokenizer.mistral import MistralCommonTokenizer
 
-    tok = MistralTokenizer.from_file(os.path.join(os.path.dirname(mistral_common.__file__),
-                                                  "data", name))
-    raw = tok.instruct_tokenizer.tokenizer
+    tok = MistralCommonTokenizer.from_file(Path(mistral_common.__file__).parent / "data" / name)
     text = "Héllo wörld, 日本語 and emoji 🙂🙂 — spaces  kept"
-    ids = raw.encode(text, bos=False, eos=False)
-    dec = StreamDecoder(tok)
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = tok.stream_decoder()
     pieces = [dec.push(i) for i in ids]
-    assert "".join(pieces) == raw.decode(ids)
+    assert "".join(pieces) == tok.decode(ids)
     assert "\ufffd" not in "".join(pieces) and sum(1 for p in pieces if p) > 5
 
 

@@ -27,6 +27,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     parser.add_argument("--attention-sink-size", type=int, default=None, metavar="N",
                         help="override the config's sink count (0 = pure sliding window)")
+    parser.add_argument("--tokenizer", choices=["mistral", "hf"], default=None,
+                        help="use this tokenizer family instead of the one recorded at "
+                             "conversion (both must be in MODEL_DIR)")
     parser.set_defaults(run=run)
 
 
@@ -35,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.runtime.engine import Engine
     from mistral_compile.runtime.repl import run_chat
     from mistral_compile.runtime.sampling import SamplingParams
+    from mistral_compile.tokenizer import FAMILY_CHOICES
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
     engine = Engine(args.model_dir, args.lib, device=args.device,
-                    attention_sink_size=args.attention_sink_size, progress=True)
+                    attention_sink_size=args.attention_sink_size, progress=True,
+                    tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None)
     return run_chat(engine, params, system=args.system)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mistral_compile.cli.convert_config import add_override_arguments, overrides_from
-from mistral_compile.runtime.tokenizer import BUNDLED_VERSIONS
+from mistral_compile.tokenizer import BUNDLED_VERSIONS, FAMILY_CHOICES
 from mistral_compile.weights import QUANTIZATIONS, convert_weight
 
 
@@ -28,6 +28,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer-version", choices=BUNDLED_VERSIONS,
                         help="record which of mistral-common's tokenizers the model uses, for "
                              "checkpoints without tekken.json / tokenizer.model*")
+    parser.add_argument("--tokenizer", choices=list(FAMILY_CHOICES), default="auto",
+                        help="tokenizer family: mistral-common (tekken.json, tokenizer.model*) "
+                             "or hf (tokenizer.json + chat template); auto: mistral-common when "
+                             "a Mistral file is there, else hf (docs: tokenizer choice)")
     add_override_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert and say where the result is."""
     out = convert_weight(args.source, args.output, args.quantization, args.allow_pickle,
                          config=args.config, overrides=overrides_from(args),
-                         tokenizer_version=args.tokenizer_version)
+                         tokenizer_version=args.tokenizer_version,
+                         tokenizer=FAMILY_CHOICES[args.tokenizer])
     print(f"wrote {out}")
     return 0

@@ -28,6 +28,7 @@ from mistral_compile.runtime.library import (
 )
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
+from mistral_compile.tokenizer import Tokenizer
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
@@ -60,12 +61,13 @@ class Engine:
                  device: str = "cpu", attention_sink_size: int | None = None,
                  prefill_chunk_size: int | None = None,
                  params: Mapping[str, Any] | None = None, progress: bool = False,
-                 kv_cache: str | None = None) -> None:
+                 kv_cache: str | None = None, tokenizer: str | None = None) -> None:
         """Load ``lib`` with the weights in ``model_dir`` on ``device`` (cpu, cuda, cuda:N).
 
         ``params`` (name -> array on the device, anything with DLPack, or numpy) replaces the
         weight files: then ``model_dir`` needs only ``mistral-config.json`` (used by benchmarks
-        and GPU checks with random weights made on the device).
+        and GPU checks with random weights made on the device). ``tokenizer`` ("mistral-common"
+        or "hf") overrides the family recorded at conversion (mistral_compile/tokenizer).
         """
         model_dir, lib = Path(model_dir), Path(lib)
         self.model_dir = model_dir
@@ -73,6 +75,7 @@ class Engine:
         self.config = read_config(model_dir)
         manifest = None
         self._tokenizer = None
+        self._tokenizer_family = tokenizer
         self._last_turn: Turn | None = None
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
@@ -111,10 +114,10 @@ class Engine:
                 raise MistralCompileError(f"{lib}: library is {self.quantization}, weights are "
                                           f"{manifest['quantization']}")
             self.params = self._load_params(model_dir, manifest, weights)
-            self.tokenizer_version = (manifest.get("tokenizer") or {}).get("version")
+            self.tokenizer_record = manifest.get("tokenizer") or {}
         else:
             self.params = self._given_params(params, weights)
-            self.tokenizer_version = None
+            self.tokenizer_record = {}
         # the owned cache's storage (zeros) and length, in the library's parameter order
         self._state = {name: zeros(shape, self.param_dtypes[name], self.device)
                        for name, shape in state.items()}
@@ -435,26 +438,28 @@ class Engine:
         return list(prompt[common:])
 
     @property
-    def tokenizer(self) -> Any:
-        """The model's mistral-common tokenizer (loaded on first use)."""
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, mistral-common or Hugging Face (loaded on first use)."""
         if self._tokenizer is None:
-            from mistral_compile.runtime.tokenizer import load_tokenizer
+            from mistral_compile.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.model_dir, self.tokenizer_version,
-                                             self.config.vocab_size)
+            self._tokenizer = load_tokenizer(self.model_dir, self.tokenizer_record,
+                                             self.config.vocab_size, self._tokenizer_family)
         return self._tokenizer
 
-    def chat(self, messages: list[Any], **options: Any) -> TextStream:
+    def chat(self, messages: list[Any], tools: list[dict] | None = None,
+             **options: Any) -> TextStream:
         """Stream the assistant's answer to a conversation (dicts with role/content).
 
         Options are SamplingParams fields (temperature, top_p, top_k, repetition_penalty,
-        max_tokens, seed, stop). The KV cache keeps what the conversation shares with the previous
-        call, so a follow-up turn prefills only its new tokens. ``stream.usage`` after the end.
+        max_tokens, seed, stop); ``tools`` (JSON schemas) go to the chat template. The KV cache
+        keeps what the conversation shares with the previous call, so a follow-up turn prefills
+        only its new tokens. ``stream.usage`` after the end.
         """
         params = SamplingParams(**options)
-        prompt = chat_prompt(self.tokenizer, messages, self._last_turn)
+        prompt = chat_prompt(self.tokenizer, messages, self._last_turn, tools)
         stream = TextStream(self, prompt, params)
-        self._last_turn = Turn(message_pairs(messages), prompt, stream)
+        self._last_turn = Turn(message_pairs(messages), prompt, stream, tools)
         return stream
 
     def generate(self, prompt: list[int] | str, max_new_tokens: int | None = None,
@@ -468,8 +473,7 @@ class Engine:
         params = SamplingParams(max_tokens=max_new_tokens, **options)
         self.reset()
         if isinstance(prompt, str):
-            raw = self.tokenizer.instruct_tokenizer.tokenizer
-            return TextStream(self, raw.encode(prompt, bos=True, eos=False), params)
+            return TextStream(self, self.tokenizer.encode(prompt), params)
         if max_new_tokens is None:
             raise MistralCompileError("generate(token_ids, max_new_tokens): max_new_tokens "
                                       "is required with token ids")

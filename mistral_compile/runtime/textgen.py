@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.sampling import SamplingParams
+from mistral_compile.tokenizer.base import Tokenizer, message_dicts
 
 if TYPE_CHECKING:
     from mistral_compile.runtime.engine import Engine
@@ -35,32 +35,6 @@ class Usage:
     def decode_tokens_per_second(self) -> float:
         steps = max(self.completion_tokens - 1, 0)
         return steps / self.decode_seconds if self.decode_seconds else 0.0
-
-
-class StreamDecoder:
-    """Token ids in, text increments out; holds back incomplete UTF-8 and keeps SPM spaces.
-
-    Decodes a short window of recent tokens and emits what it adds to the window's text, so a
-    word piece's leading space and multi-byte characters split over tokens come out right.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-
-        raw = tokenizer.instruct_tokenizer.tokenizer
-        self._decode = lambda ids: raw.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
-        self.tokens: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens whose text has been emitted
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        before = self._decode(self.tokens[self._prefix:self._read])
-        after = self._decode(self.tokens[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.tokens)
-            return after[len(before):]
-        return ""
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -94,7 +68,7 @@ class TextStream:
 
     def _run(self, engine: Engine, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         tokenizer = engine.tokenizer
-        eos = tokenizer.instruct_tokenizer.tokenizer.eos_id
+        eos = tokenizer.eos_ids
         new = engine.reuse_prefix(prompt)
         engine.interrupted.clear()
         start = time.perf_counter()
@@ -102,7 +76,7 @@ class TextStream:
         self.usage.prefilled_tokens = len(new)
         self.usage.prefill_seconds = time.perf_counter() - start
         rng = np.random.default_rng(params.seed)
-        decoder = StreamDecoder(tokenizer)
+        decoder = tokenizer.stream_decoder()
         emitted = 0
         start = time.perf_counter()
         reason = ""
@@ -113,7 +87,7 @@ class TextStream:
                 if engine.interrupted.is_set():
                     reason = "interrupted"
                     break
-                if token == eos:
+                if token in eos:
                     reason = "eos"
                     break
                 self.tokens.append(token)
@@ -139,78 +113,42 @@ class TextStream:
             self.usage.finish_reason = reason or "interrupted"
 
 
-def to_request(messages: Sequence[Any]) -> Any:
-    """A mistral-common ChatCompletionRequest from {"role", "content"} dicts or message objects."""
-    from mistral_common.protocol.instruct.messages import (
-        AssistantMessage,
-        SystemMessage,
-        UserMessage,
-    )
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
-    kinds = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m, dict):
-            if m.get("role") not in kinds or not isinstance(m.get("content"), str):
-                raise MistralCompileError(f"messages[{i}]: expected role user/assistant/system "
-                                          "and a string content")
-            m = kinds[m["role"]](content=m["content"])
-        out.append(m)
-    return ChatCompletionRequest(messages=out)
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[Any]) -> list[int]:
-    """The prompt tokens of a conversation, by the model's own chat template."""
-    try:
-        return list(tokenizer.encode_chat_completion(to_request(messages)).tokens)
-    except MistralCompileError:
-        raise
-    except Exception as err:  # noqa: BLE001 - validation errors of mistral-common
-        raise MistralCompileError(f"messages: {str(err).splitlines()[0]}") from None
-
-
-def message_pairs(messages: Sequence[Any]) -> list[tuple[str, str]]:
+def message_pairs(messages: Sequence[Any]) -> list[tuple[str, Any]]:
     """(role, content) of each message, dicts or mistral-common objects alike."""
-    out = []
-    for m in messages:
-        if isinstance(m, dict):
-            out.append((m.get("role"), m.get("content")))
-        else:
-            out.append((getattr(m, "role", None), getattr(m, "content", None)))
-    return out
+    return [(m.get("role"), m.get("content")) for m in message_dicts(messages)]
 
 
 @dataclass
 class Turn:
     """One chat turn as the engine ran it: to continue from its exact tokens next time."""
 
-    messages: list[tuple[str, str]]
+    messages: list[tuple[str, Any]]
     prompt: list[int]
     stream: TextStream
+    tools: Sequence[dict] | None = None
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[Any], last: Turn | None) -> list[int]:
+def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Any], last: Turn | None,
+                tools: Sequence[dict] | None = None) -> list[int]:
     """The prompt tokens for ``messages``, reusing the tokens the model generated last turn.
 
     Re-tokenizing an answer's text need not give back the tokens the model produced, which would
     break cache reuse (and change what the model conditions on). When ``messages`` is the last
     turn's conversation plus its answer plus one user message, and the template only appends
-    (true for Mistral's templates unless a system prompt moves), the prompt is last turn's prompt
-    + the generated tokens + EOS + the new user turn. Otherwise: the template's encoding as is.
+    (true of Mistral's templates unless a system prompt moves, and of ChatML-style ones), the
+    prompt is last turn's prompt + the generated tokens + the template's tokens from the one
+    that closes the answer on (``Tokenizer.answer_tail``). Otherwise: the template's encoding.
     """
-    full = encode_chat(tokenizer, messages)
+    full = tokenizer.encode_chat(messages, tools)
     if last is None or last.stream.usage.finish_reason in ("", "stop"):
         return full
     pairs = message_pairs(messages)
     n = len(last.messages)
-    eos = tokenizer.instruct_tokenizer.tokenizer.eos_id
     if (len(pairs) != n + 2 or pairs[:n] != last.messages
             or pairs[n] != ("assistant", last.stream.text) or pairs[n + 1][0] != "user"
-            or eos not in full):
+            or last.tools != tools):
         return full
-    before = encode_chat(tokenizer, messages[:n])
-    if full[:len(before)] != before:  # the template rewrote earlier turns (e.g. system prompt)
+    tail = tokenizer.answer_tail(messages, tools)
+    if tail is None:
         return full
-    tail = full[len(full) - full[::-1].index(eos):]  # after the EOS that closes the answer
-    return last.prompt + last.stream.tokens + [eos] + tail
+    return last.prompt + last.stream.tokens + tail

@@ -25,6 +25,7 @@ from mistral_compile.config import (
 from mistral_compile.config.readers import write_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
+from mistral_compile.tokenizer import TOKENIZER_FILES, tokenizer_record
 from mistral_compile.weights.mapping import (
     HF,
     IGNORED_SOURCE_SUFFIXES,
@@ -42,9 +43,6 @@ QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16"}
 MANIFEST_NAME = "mistral-weights.json"
 MANIFEST_FORMAT = "mistral-compile-weights"
 MANIFEST_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2",
-                   "tokenizer.model.v3", "tokenizer.model.v7", "tekken.json", "tokenizer.json",
-                   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 SHARD_BYTES = 2 << 30
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -191,7 +189,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
                    quantization: str = "q0f16", allow_pickle: bool = False,
                    progress: bool = True, config: str | os.PathLike | None = None,
                    overrides: dict[str, Any] | None = None,
-                   tokenizer_version: str | None = None) -> Path:
+                   tokenizer_version: str | None = None, tokenizer: str | None = None) -> Path:
     """Convert a checkpoint directory into OUT_DIR (config, weight shards, tokenizer, manifest).
 
     The model's config is the checkpoint's own (with ``overrides`` applied), or ``config``: a
@@ -235,7 +233,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
-                              progress, tokenizer_version)
+                              progress, tokenizer_version, tokenizer)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -249,7 +247,7 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
 def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, ParamSource],
                shapes: dict[str, tuple[int, ...]], where: dict[str, SafetensorsFile],
                dtype: str, quantization: str, tmp: Path, progress: bool,
-               tokenizer_version: str | None) -> dict:
+               tokenizer_version: str | None, tokenizer: str | None) -> dict:
     params_meta, shard, shard_bytes, shard_files = [], {}, 0, []
 
     def flush() -> None:
@@ -291,33 +289,5 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "quantization": quantization, "dtype": dtype,
             "config_fingerprint": config.fingerprint(), "source_format": ckpt.source_format,
-            "tokenizer": _tokenizer_record(tmp, tokenizer_version, config.vocab_size),
+            "tokenizer": tokenizer_record(tmp, config.vocab_size, tokenizer, tokenizer_version),
             "params": params_meta, "files": files}
-
-
-def _tokenizer_record(out: Path, given: str | None, vocab_size: int) -> dict:
-    """Which Mistral tokenizer the model uses: the copied file's version, or the one given."""
-    from mistral_compile.runtime.tokenizer import (
-        BUNDLED_VERSIONS,
-        find_tokenizer_file,
-        tokenizer_version,
-    )
-
-    path = find_tokenizer_file(out)
-    if path is not None:
-        found = tokenizer_version(path)
-        if given and given != found:
-            raise MistralCompileError(f"--tokenizer-version {given}: the checkpoint's "
-                                      f"{path.name} is {found}")
-        return {"file": path.name, "version": found}
-    if given is None:
-        logger.warning("no Mistral tokenizer file (tekken.json, tokenizer.model*) in the "
-                       "checkpoint: chat will need one, or convert with --tokenizer-version")
-        return {"file": None, "version": None}
-    if given not in BUNDLED_VERSIONS:
-        raise MistralCompileError(f"--tokenizer-version {given!r}: choose from "
-                                  f"{', '.join(BUNDLED_VERSIONS)}")
-    from mistral_compile.runtime.tokenizer import load_tokenizer
-
-    load_tokenizer(out, given, vocab_size)  # fails now if its vocabulary does not fit the model
-    return {"file": None, "version": given}
