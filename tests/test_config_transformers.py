@@ -39,3 +39,13 @@ def test_ministral_layer_types_written_by_transformers(tmp_path):
     expected = [16 if t == "sliding_attention" else -1 for t in ref.layer_types]
     assert cfg.layer_sliding_window_sizes == expected
     assert cfg.context_window_size == 512
+
+
+def test_llama_config_written_by_transformers(tmp_path):
+    ref = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
+                                   max_position_embeddings=512, tie_word_embeddings=True)
+    ref.save_pretrained(tmp_path)
+    cfg = load_source_config(tmp_path / "config.json")
+    assert cfg.sliding_window_size == -1 and cfg.context_window_size == 512
+    assert cfg.tie_word_embeddings and cfg.head_dim == 16

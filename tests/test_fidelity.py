@@ -56,6 +56,13 @@ def per_layer(tmp_path_factory):
                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    # Llama-architecture checkpoint: Mistral without a window (same tensor names and math)
+    return build(tmp_path_factory, "llama", "LlamaForCausalLM", num_hidden_layers=2,
+                 tie_word_embeddings=True)
+
+
 def run_greedy(engine, ids):
     """Prefill ``ids`` into a fresh cache, then DECODE_STEPS greedy steps: (logits, tokens)."""
     engine.reset()
@@ -149,6 +156,13 @@ def test_window_really_limits_attention(windowed, full):
 def test_no_window_matches_hf(full, n, kv):
     ref, root = full
     assert compare(ref, Engine(root / "model", root / "lib.so", kv_cache=kv), n) <= TOL
+
+
+@pytest.mark.parametrize("n", [1, 3 * W + 5])
+def test_llama_checkpoint_matches_hf(llama, n):
+    ref, root = llama
+    assert ref.config.model_type == "llama" and ref.config.tie_word_embeddings
+    assert compare(ref, Engine(root / "model", root / "lib.so"), n) <= TOL
 
 
 @pytest.mark.parametrize("n", [W - 1, W + 1, 3 * W + 5])

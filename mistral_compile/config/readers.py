@@ -20,8 +20,10 @@ NORMALIZED_NAME = "mistral-config.json"
 FORMAT_NAME = "mistral-compile-config"
 FORMAT_VERSION = 1
 
-HF_MODEL_TYPES = ("mistral", "ministral")
-HF_ARCHITECTURES = ("MistralForCausalLM", "MinistralForCausalLM")
+HF_MODEL_TYPES = ("mistral", "ministral", "llama")
+HF_ARCHITECTURES = ("MistralForCausalLM", "MinistralForCausalLM", "LlamaForCausalLM")
+# Llama configs that are still exactly Mistral without a window: these keys, if true, are not
+_HF_BIASES = ("attention_bias", "mlp_bias")
 _MOE_MODEL_TYPES = ("mixtral",)
 _FIELDS = tuple(f.name for f in dataclasses.fields(MistralConfig) if f.name != "kwargs")
 _HF_DIRECT = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
@@ -105,6 +107,10 @@ def from_hf(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Mi
     for key, reason in _HF_UNSUPPORTED.items():
         if data.get(key) is not None:
             raise ConfigError(key, reason)
+    for key in _HF_BIASES:
+        if data.get(key) not in (None, False):
+            raise ConfigError(key, f"is {data[key]!r}: projection biases are not supported "
+                              "(Mistral and Llama-2 style models have none)")
     args = {k: data[k] for k in _HF_DIRECT if k in data}
     kwargs = {k: v for k, v in data.items() if k not in _HF_DIRECT}
     return _build(args, kwargs, overrides, {})
