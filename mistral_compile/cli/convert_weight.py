@@ -13,10 +13,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     parser = commands.add_parser(
         "convert-weight", help="convert a checkpoint into fused, validated parameters",
-        description="Read a Hugging Face (config.json + model.safetensors[.index.json]) or "
+        description="Read a Hugging Face (config.json + model.safetensors[.index.json]), "
                     "Mistral-native (params.json + consolidated.safetensors) checkpoint "
-                    "directory and write OUT_DIR with weight shards, mistral-config.json, "
-                    "tokenizer files and a manifest of sha256 sums.")
+                    "directory, or a GGUF file (llama.cpp's llama architecture; its tensors "
+                    "dequantized, its tokenizer rebuilt as tokenizer.json), and write OUT_DIR "
+                    "with weight shards, mistral-config.json, tokenizer files and a manifest "
+                    "of sha256 sums.")
     parser.add_argument("source", metavar="SOURCE")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
     parser.add_argument("--quantization", default="q0f16", choices=sorted(QUANTIZATIONS))

@@ -151,8 +151,14 @@ def looks_like_params(data: dict[str, Any]) -> bool:
 
 def load_source_config(path: str | os.PathLike,
                        overrides: dict[str, Any] | None = None) -> MistralConfig:
-    """Read ``config.json`` or ``params.json`` (detected by name, else by keys)."""
+    """Read ``config.json``, ``params.json`` (by name, else by keys) or a GGUF file's metadata."""
+    from mistral_compile.weights.gguf_io import GGUFFile, is_gguf
+
     path = Path(path)
+    if is_gguf(path):
+        from mistral_compile.config.gguf import from_gguf
+
+        return from_gguf(GGUFFile(path), overrides)
     data = read_json_object(path)
     native = path.name == "params.json" or (path.name != "config.json" and looks_like_params(data))
     try:

@@ -26,7 +26,9 @@ from mistral_compile.config.readers import write_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
 from mistral_compile.tokenizer import TOKENIZER_FILES, tokenizer_record
+from mistral_compile.weights.gguf_io import GGUFFile, is_gguf
 from mistral_compile.weights.mapping import (
+    GGUF,
     HF,
     IGNORED_SOURCE_SUFFIXES,
     NATIVE,
@@ -57,7 +59,9 @@ class Checkpoint:
 
 
 def find_checkpoint(source: Path, allow_pickle: bool = False) -> Checkpoint:
-    """Locate config and weight files in a checkpoint directory."""
+    """Locate config and weight files in a checkpoint directory (or a GGUF file)."""
+    if is_gguf(source):
+        return Checkpoint(source, GGUF, [GGUFFile(source)])
     if not source.is_dir():
         raise MistralCompileError(f"{source}: not a directory")
     index = source / "model.safetensors.index.json"
@@ -281,7 +285,11 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
                            f"{sorted({p['name'] for p in params_meta} ^ set(stored))[:3]}")
     write_config(config, tmp / NORMALIZED_NAME)
     copied = []
-    for fname in TOKENIZER_FILES:
+    if ckpt.source_format == GGUF:  # the tokenizer lives in the file's metadata
+        from mistral_compile.tokenizer.gguf import write_gguf_tokenizer
+
+        copied = write_gguf_tokenizer(ckpt.files[0], tmp)
+    for fname in TOKENIZER_FILES if ckpt.source_format != GGUF else ():
         if (ckpt.config_path.parent / fname).is_file():
             shutil.copy2(ckpt.config_path.parent / fname, tmp / fname)
             copied.append(fname)

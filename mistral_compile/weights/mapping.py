@@ -8,6 +8,7 @@ from mistral_compile.config import MistralConfig
 
 HF = "hf"
 NATIVE = "mistral"
+GGUF = "gguf"
 # Source tensors that carry no weights (buffers some exporters save); skipped silently.
 IGNORED_SOURCE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -16,7 +17,7 @@ IGNORED_SOURCE_SUFFIXES = ("rotary_emb.inv_freq",)
 class ParamSource:
     """How one model parameter is built: concatenate ``sources`` on axis 0.
 
-    ``rope_heads[i]`` is nonzero when source i is a Mistral-native wq/wk whose rows are in
+    ``rope_heads[i]`` is nonzero when source i is a Mistral-native or GGUF q/k whose rows are in
     interleaved RoPE order and must be permuted into the rotate-half order our kernels use.
     """
 
@@ -44,23 +45,40 @@ def _hf_names(i: int) -> dict[str, str]:
             "post_norm": f"{p}.post_attention_layernorm.weight"}
 
 
+def _gguf_names(i: int) -> dict[str, str]:
+    p = f"blk.{i}"
+    return {"q": f"{p}.attn_q.weight", "k": f"{p}.attn_k.weight", "v": f"{p}.attn_v.weight",
+            "o": f"{p}.attn_output.weight", "gate": f"{p}.ffn_gate.weight",
+            "up": f"{p}.ffn_up.weight", "down": f"{p}.ffn_down.weight",
+            "in_norm": f"{p}.attn_norm.weight", "post_norm": f"{p}.ffn_norm.weight"}
+
+
+_TOP = {NATIVE: {"embed": "tok_embeddings.weight", "norm": "norm.weight", "head": "output.weight"},
+        HF: {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
+             "head": "lm_head.weight"},
+        GGUF: {"embed": "token_embd.weight", "norm": "output_norm.weight",
+               "head": "output.weight"}}
+_LAYER = {NATIVE: _native_names, HF: _hf_names, GGUF: _gguf_names}
+
+
 def build_name_map(config: MistralConfig, source_format: str) -> dict[str, ParamSource]:
-    """Model parameter name -> its sources, for an ``hf`` or ``mistral`` (native) checkpoint."""
-    if source_format not in (HF, NATIVE):
+    """Model parameter name -> its sources, for an ``hf``, ``mistral`` or ``gguf`` checkpoint.
+
+    Mistral-native and GGUF (llama.cpp) q/k rows are in interleaved RoPE order; HF's are not.
+    """
+    if source_format not in _TOP:
         raise ValueError(f"unknown source format {source_format!r}")
-    native = source_format == NATIVE
+    interleaved = source_format in (NATIVE, GGUF)
     one = lambda name: ParamSource((name,), (0,))  # noqa: E731
-    top = ({"embed": "tok_embeddings.weight", "norm": "norm.weight", "head": "output.weight"}
-           if native else {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
-                           "head": "lm_head.weight"})
+    top = _TOP[source_format]
     mapping = {"model.embed_tokens.weight": one(top["embed"]),
                "model.norm.weight": one(top["norm"])}
     if not config.tie_word_embeddings:
         mapping["lm_head.weight"] = one(top["head"])
-    q_heads = config.num_attention_heads if native else 0
-    k_heads = config.num_key_value_heads if native else 0
+    q_heads = config.num_attention_heads if interleaved else 0
+    k_heads = config.num_key_value_heads if interleaved else 0
     for i in range(config.num_hidden_layers):
-        src = _native_names(i) if native else _hf_names(i)
+        src = _LAYER[source_format](i)
         p = f"model.layers.{i}"
         qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * \
             config.head_dim

@@ -1,0 +1,77 @@
+"""MistralConfig from a GGUF file's metadata (llama.cpp's `llama` architecture: Mistral too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mistral_compile.config.config import MistralConfig
+from mistral_compile.errors import ConfigError
+
+GGUF_ARCHITECTURES = ("llama",)  # llama.cpp stores Mistral 7B / Nemo / Small as `llama`
+# MistralConfig field <- GGUF key (after "<arch>.")
+_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "num_hidden_layers": "block_count",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "vocab_size": "vocab_size",
+}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+             "rms_norm_eps")
+# Keys whose presence changes the network in ways we do not implement.
+_UNSUPPORTED = {
+    "expert_count": "mixture-of-experts (Mixtral) GGUF files are not supported yet",
+    "rope.scaling.type": "RoPE scaling is not supported yet",
+    "rope.scaling.factor": "RoPE scaling is not supported yet",
+    "attention.sliding_window_pattern": "per-layer window patterns in GGUF are not supported",
+}
+
+
+def from_gguf(gguf: Any, overrides: dict[str, Any] | None = None) -> MistralConfig:
+    """Build a config from ``gguf`` (a weights.gguf_io.GGUFFile); errors name the GGUF key."""
+    from mistral_compile.config.readers import _build
+
+    arch = gguf.meta("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError("general.architecture", f"{arch!r} is not supported (expected "
+                          f"{', '.join(GGUF_ARCHITECTURES)})", str(gguf.path))
+    key_names = {name: f"{arch}.{key}" for name, key in _KEYS.items()}
+    try:
+        for key, reason in _UNSUPPORTED.items():
+            value = gguf.meta(f"{arch}.{key}")
+            if value not in (None, 0, "none"):
+                raise ConfigError(f"{arch}.{key}", f"is {value!r}: {reason}")
+        args = {name: gguf.meta(f"{arch}.{key}") for name, key in _KEYS.items()}
+        if args["vocab_size"] is None and gguf.has("tokenizer.ggml.tokens"):
+            args["vocab_size"] = len(gguf.meta("tokenizer.ggml.tokens"))
+            key_names["vocab_size"] = "tokenizer.ggml.tokens"
+        head_dim = _head_dim(gguf, arch)
+        if head_dim is not None:
+            args["head_dim"] = head_dim
+        args["tie_word_embeddings"] = "output.weight" not in gguf.tensors
+        kwargs = {"rope_theta": gguf.meta(f"{arch}.rope.freq_base"),
+                  "max_position_embeddings": gguf.meta(f"{arch}.context_length")}
+        window = gguf.meta(f"{arch}.attention.sliding_window")
+        if window:
+            kwargs["sliding_window"] = int(window)
+        return _build({k: v for k, v in args.items() if v is not None or k in _REQUIRED},
+                      {k: v for k, v in kwargs.items() if v is not None}, overrides,
+                      {**key_names, "position_embedding_base": f"{arch}.rope.freq_base",
+                       "context_window_size": f"{arch}.context_length"})
+    except ConfigError as err:
+        err.source = str(gguf.path)
+        raise
+
+
+def _head_dim(gguf: Any, arch: str) -> int | None:
+    """attention.key_length / value_length / rope.dimension_count, which must agree."""
+    values = {key: gguf.meta(f"{arch}.{key}") for key in
+              ("attention.key_length", "attention.value_length", "rope.dimension_count")}
+    given = {k: v for k, v in values.items() if v is not None}
+    if len(set(given.values())) > 1:
+        key = sorted(given)[0]
+        raise ConfigError(f"{arch}.{key}", f"the head sizes disagree ({given}): partial RoPE and "
+                          "different key/value head sizes are not supported")
+    return next(iter(given.values()), None)
