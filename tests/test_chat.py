@@ -2,13 +2,7 @@
 
 import json
 import os
-import pty
-import re
-import select
 import shutil
-import signal
-import sys
-import time
 
 import pytest
 
@@ -16,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_checkpoint  # noqa: E402
+from terminal import Terminal  # noqa: E402
 
 from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
 from mistral_compile.errors import MistralCompileError  # noqa: E402
@@ -139,48 +134,6 @@ def test_tokenizer_chosen_from_file_or_recorded_version(full, tmp_path):
     (model / "mistral-weights.json").write_text(json.dumps(manifest))
     with pytest.raises(MistralCompileError, match="32000 tokens, the model's vocab_size is 32768"):
         Engine(model, full / "lib.so").tokenizer  # noqa: B018
-
-
-class Terminal:
-    """`mistral-compile chat` in a pseudo-terminal (so Ctrl-C is a real SIGINT)."""
-
-    def __init__(self, *args):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:
-            os.execv(sys.executable, [sys.executable, "-m", "mistral_compile", "-q", "chat",
-                                      *map(str, args)])
-        self.out = ""
-
-    def expect(self, pattern, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.out):
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {pattern!r}; got:\n{self.out[-2000:]}"
-            if select.select([self.fd], [], [], left)[0]:
-                try:
-                    chunk = os.read(self.fd, 4096)
-                except OSError:
-                    chunk = b""
-                assert chunk, f"chat exited while waiting for {pattern!r}:\n{self.out[-2000:]}"
-                self.out += chunk.decode(errors="replace")
-        return re.search(pattern, self.out)
-
-    def send(self, text):
-        os.write(self.fd, text.encode())
-
-    def wait(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            try:
-                if select.select([self.fd], [], [], 0.1)[0]:
-                    self.out += os.read(self.fd, 4096).decode(errors="replace")
-            except OSError:
-                pass
-        os.kill(self.pid, signal.SIGKILL)
-        raise AssertionError("chat did not exit")
 
 
 def test_repl_streams_reuses_resets_and_survives_ctrl_c(windowed):

@@ -23,8 +23,8 @@ TYPES = {"token_embd": "F16", "output.weight": "Q8_0", "blk.0.attn_q": "Q4_0",
          "blk.0.attn_k": "Q4_1", "blk.0.attn_v": "Q5_0", "blk.0.attn_output": "Q5_1",
          "blk.0.ffn_gate": "Q4_K", "blk.0.ffn_up": "Q5_K", "blk.0.ffn_down": "Q6_K",
          "blk.1.attn_q": "BF16", "blk.1.attn_k": "Q8_0"}
-TEXTS = ["Hello world", " two  spaces and\nnew lines\n\n", "日本語 émigré 😀 ☃", "[INST] hi [/INST]",
-         "numbers 12345 and 3.14159", ""]
+TEXTS = ["Hello world", " two  spaces and\nnew lines\n\n", "日本語 émigré 😀 ☃",
+         "[INST] hi [/INST]", "numbers 12345 and 3.14159", ""]
 
 
 def tiny_llama(**over):
