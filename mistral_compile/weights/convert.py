@@ -235,6 +235,9 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
                                       "another output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
     try:
         manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
                               progress, tokenizer_version, tokenizer)
