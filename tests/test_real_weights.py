@@ -59,10 +59,16 @@ def hf_windowed(model):
 
 
 def hf_greedy(model, ids):
+    """STEPS argmax steps with the KV cache, through EOS (no stopping, no logits processors)."""
+    out, tokens = None, []
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=STEPS, min_new_tokens=STEPS,
-                             do_sample=False)
-    return out[0, len(ids):].tolist()
+        step = torch.tensor([ids])
+        for _ in range(STEPS):
+            out = model(step, past_key_values=out.past_key_values if out else None,
+                        use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 @pytest.mark.parametrize("kind", ["full", "window"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_compile.compiler.devices import CUDA_ARCHS, DEFAULT_CUDA_ARCH, DEVICES
+from mistral_compile.compiler.devices import CPU_CHOICES, CUDA_ARCHS, DEFAULT_CUDA_ARCH, DEVICES
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,6 +20,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="cpu (llvm) or cuda (needs nvcc; no GPU or driver needed)")
     parser.add_argument("--arch", choices=CUDA_ARCHS, default=None,
                         help=f"CUDA architecture for --device cuda (default {DEFAULT_CUDA_ARCH})")
+    parser.add_argument("--cpu", choices=CPU_CHOICES, default=None,
+                        help="x86-64 level for --device cpu (default native: the best this "
+                             "machine runs; a library refuses to load on a CPU without it). "
+                             "x86-64-v3 = AVX2/FMA (2013+), x86-64-v4 = AVX-512")
     parser.add_argument("--quantization", default=None,
                         help="weight format (q0f32, q0f16, q4f16_1); needed when MODEL_DIR "
                              "holds only mistral-config.json, else taken from its weights")
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
 
     timings = compile_model(args.model_dir, args.output, args.device, args.arch,
-                            args.quantization, args.cuda_graph)
+                            args.quantization, args.cuda_graph, args.cpu)
     for phase, seconds in timings.items():
         print(f"{phase:<44} {seconds:6.2f} s")
     print(f"wrote {args.output}")

@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from mistral_compile.compiler.devices import DEVICES
+from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
@@ -35,6 +35,8 @@ class CompileState:
     output: Path
     quantization: str | None = None
     cuda_graph: bool = False
+    cpu_level: str | None = None  # CPU builds: the x86-64 level (compiler/devices.py)
+    param_layouts: dict[str, int] = field(default_factory=dict)  # name -> panel width (CPU)
     mod: Any = None
     param_names: list[str] = field(default_factory=list)
     param_shapes: list[list[int]] = field(default_factory=list)
@@ -52,6 +54,11 @@ def _export(state: CompileState) -> None:
         from mistral_compile.model.kv_owned import check_cuda_shape
 
         check_cuda_shape(state.config, state.dtype)
+    else:  # our CPU kernels read projection weights in panels
+        from mistral_compile.model.cpu_kernels import cpu_tile
+        from mistral_compile.model.cpu_layout import store_in_panels
+
+        state.param_layouts = store_in_panels(model, cpu_tile()[0])
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     state.param_names = [name for name, _ in params]
     state.param_shapes = [[int(d) for d in p.shape] for _, p in params]
@@ -65,6 +72,9 @@ def _attach_metadata(state: CompileState) -> None:
             "target": "cuda" if state.target.kind.name == "cuda" else "cpu",
             "arch": state.target.arch if state.target.kind.name == "cuda" else None,
             "cuda_graph": state.cuda_graph, "quantization": state.quantization,
+            "cpu_level": state.cpu_level,
+            "cpu_flags": list(CPU_LEVELS[state.cpu_level]) if state.cpu_level else None,
+            "param_layouts": state.param_layouts,
             "params": state.param_names, "param_shapes": state.param_shapes,
             "param_dtypes": state.param_dtypes}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -199,13 +209,20 @@ PHASES: list[tuple[str, Callable[[CompileState], None]]] = [
 ]
 
 
-def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
-    """The TVM target for a --device value (and --arch for cuda)."""
+def make_target(device: str, arch: str | None = None,
+                cpu: str | None = None) -> tvm.target.Target:
+    """The TVM target for a --device value (and --arch for cuda, --cpu for cpu)."""
     host = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}
     if device == "cpu":
         if arch is not None:
             raise MistralCompileError("--arch applies to --device cuda only")
-        return tvm.target.Target(host)
+        level = resolve_cpu(cpu)
+        if level not in CPU_LEVELS:
+            raise MistralCompileError(f"--cpu {cpu!r} is not supported (choose from native, "
+                                      f"{', '.join(CPU_LEVELS)})")
+        return tvm.target.Target({**host, "mcpu": level} if level != "x86-64" else host)
+    if cpu is not None:
+        raise MistralCompileError("--cpu applies to --device cpu only")
     if device == "cuda":
         from mistral_compile.compiler.devices import CUDA_ARCHS, DEFAULT_CUDA_ARCH
 
@@ -222,12 +239,13 @@ def make_target(device: str, arch: str | None = None) -> tvm.target.Target:
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
                   device: str = "cpu", arch: str | None = None,
                   quantization: str | None = None,
-                  cuda_graph: bool | None = None) -> dict[str, float]:
+                  cuda_graph: bool | None = None, cpu: str | None = None) -> dict[str, float]:
     """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
     MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
     ``mistral-config.json`` (convert-config's output) plus ``quantization``: libraries hold no
-    weights. ``device`` is "cpu" (llvm) or "cuda" (``arch`` default sm_90; needs nvcc only).
+    weights. ``device`` is "cpu" (llvm; ``cpu``: native, the default, or an x86-64 level the
+    library will need, checked when it loads) or "cuda" (``arch`` default sm_90; nvcc only).
     """
     from mistral_compile.weights.convert import MANIFEST_NAME, QUANTIZATIONS
 
@@ -252,8 +270,9 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
         raise MistralCompileError("--cuda-graph applies to --device cuda only")
     if cuda_graph is None:  # default: on for CUDA (decode -7..9% on the H100, same logits)
         cuda_graph = device == "cuda"
-    state = CompileState(config=config, dtype=dtype, target=make_target(device, arch),
-                         output=output, quantization=quantization, cuda_graph=cuda_graph)
+    state = CompileState(config=config, dtype=dtype, target=make_target(device, arch, cpu),
+                         output=output, quantization=quantization, cuda_graph=cuda_graph,
+                         cpu_level=resolve_cpu(cpu) if device == "cpu" else None)
     with state.target:
         for name, phase in PHASES:
             start = time.perf_counter()

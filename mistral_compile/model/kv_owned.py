@@ -26,6 +26,7 @@ from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
+from mistral_compile.model.cpu_kernels import KEY_BLOCK
 from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS, THREADS, VEC
 
 TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
@@ -268,32 +269,45 @@ def argmax_advance_cuda(vocab: int) -> tirx.PrimFunc:
 @functools.cache
 def append_cpu(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
                theta: float) -> tirx.PrimFunc:
-    """Prefill rows: rotated q out, rotated k and v into their slots (float32 arithmetic)."""
+    """Prefill rows: rotated q out, rotated k and v into their slots (float32 arithmetic).
+
+    Rows in parallel; each row's RoPE angles (cos, sin per frequency) are computed once and
+    applied to all its heads.
+    """
     heads, half = h_q + 2 * h_kv, d // 2
 
     @T.prim_func(private=True, s_tir=True)
     def func(qkv_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
              length: T.Buffer((1,), "int32"), layer: T.int32, q_handle: T.handle):
-        T.func_attr({"tirx.is_scheduled": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         qkv = T.match_buffer(qkv_handle, (1, n, heads, d), dtype)
         q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
-        for r, h, j in T.grid(n, heads, d):
-            pos: T.int32 = length[0] + T.Cast("int32", r)
-            x: T.float32 = T.Cast("float32", qkv[0, r, h, j])
-            partner: T.float32 = T.if_then_else(
-                j < half, T.float32(0) - T.Cast("float32", qkv[0, r, h, (j + half) % d]),
-                T.Cast("float32", qkv[0, r, h, (j + d - half) % d]))
-            inv: T.float32 = T.float32(1) / T.pow(
-                T.float32(theta), T.Cast("float32", 2 * (j % half)) / T.float32(d))
-            angle: T.float32 = T.Cast("float32", pos) * inv
-            rot: T.float32 = x * T.cos(angle) + partner * T.sin(angle)
-            if h < h_q:
-                q[0, r, h, j] = T.Cast(dtype, rot)
-            elif h < h_q + h_kv:
-                storage[layer, 0, h - h_q, T.truncmod(pos, cap), j] = T.Cast(dtype, rot)
-            else:
-                storage[layer, 1, h - h_q - h_kv, T.truncmod(pos, cap), j] = qkv[0, r, h, j]
+        with T.sblock("root"):
+            for r in T.parallel(n):
+                cs = T.sblock_alloc_buffer((2, half), "float32")
+                pos: T.int32 = length[0] + T.Cast("int32", r)
+                slot: T.int32 = T.truncmod(pos, cap)
+                for j in range(half):
+                    angle: T.float32 = T.Cast("float32", pos) / T.pow(
+                        T.float32(theta), T.Cast("float32", 2 * j) / T.float32(d))
+                    cs[0, j] = T.cos(angle)
+                    cs[1, j] = T.sin(angle)
+                for h, j in T.grid(heads, half):
+                    a: T.float32 = T.Cast("float32", qkv[0, r, h, j])
+                    b: T.float32 = T.Cast("float32", qkv[0, r, h, j + half])
+                    lo: T.float32 = a * cs[0, j] - b * cs[1, j]
+                    hi: T.float32 = b * cs[0, j] + a * cs[1, j]
+                    if h < h_q:
+                        q[0, r, h, j] = T.Cast(dtype, lo)
+                        q[0, r, h, j + half] = T.Cast(dtype, hi)
+                    elif h < h_q + h_kv:
+                        storage[layer, 0, h - h_q, slot, j] = T.Cast(dtype, lo)
+                        storage[layer, 0, h - h_q, slot, j + half] = T.Cast(dtype, hi)
+                    else:
+                        storage[layer, 1, h - h_q - h_kv, slot, j] = qkv[0, r, h, j]
+                        storage[layer, 1, h - h_q - h_kv, slot, j + half] = \
+                            qkv[0, r, h, j + half]
 
     return func
 
@@ -301,45 +315,77 @@ def append_cpu(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
 @functools.cache
 def attention_cpu(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
                   sm_scale: float) -> tirx.PrimFunc:
-    """Attention of rows already appended: max pass, then exp-sum and values (float32)."""
+    """Attention of rows already appended, one (row, head) per task, float32.
+
+    Keys are scored in blocks of KEY_BLOCK (an online softmax: the running max and sum are
+    rescaled once per block); the dot products and the value sums are vectorized over d.
+    """
     group = h_q // h_kv
     span = window - 1 if window > 0 else 1 << 30  # a row sees keys [pos - span, pos]
+    blk = KEY_BLOCK
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
              length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
-        T.func_attr({"tirx.is_scheduled": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
-        acc = T.alloc_buffer((d,), "float32")
-        stat = T.alloc_buffer((3,), "float32")  # max, sum, the current score
-        for r, h in T.grid(n, h_q):
-            pos: T.int32 = length[0] + T.Cast("int32", r)
-            lo: T.int32 = T.max(pos - span, 0)
-            kvh: T.int32 = T.Cast("int32", h) // group
-            stat[0] = T.float32(-3.0e38)
-            stat[1] = T.float32(0)
-            for j in range(d):
-                acc[j] = T.float32(0)
-            for t in range(pos + 1 - lo):
-                stat[2] = T.float32(0)
-                for e in range(d):
-                    stat[2] = stat[2] + T.Cast("float32", q[0, r, h, e]) * T.Cast(
-                        "float32", storage[layer, 0, kvh, T.truncmod(lo + t, cap), e])
-                stat[0] = T.max(stat[0], stat[2] * T.float32(sm_scale))
-            for t in range(pos + 1 - lo):
-                stat[2] = T.float32(0)
-                for e in range(d):
-                    stat[2] = stat[2] + T.Cast("float32", q[0, r, h, e]) * T.Cast(
-                        "float32", storage[layer, 0, kvh, T.truncmod(lo + t, cap), e])
-                stat[2] = T.exp(stat[2] * T.float32(sm_scale) - stat[0])
-                stat[1] = stat[1] + stat[2]
-                for e in range(d):
-                    acc[e] = acc[e] + stat[2] * T.Cast(
-                        "float32", storage[layer, 1, kvh, T.truncmod(lo + t, cap), e])
-            for e in range(d):
-                out[0, r, h, e] = T.Cast(dtype, acc[e] / stat[1])
+        with T.sblock("root"):
+            for task in T.parallel(n * h_q):
+                qf = T.sblock_alloc_buffer((d,), "float32")
+                acc = T.sblock_alloc_buffer((d,), "float32")
+                part = T.sblock_alloc_buffer((16,), "float32")
+                score = T.sblock_alloc_buffer((blk,), "float32")
+                stat = T.sblock_alloc_buffer((4,), "float32")  # max, sum, block max, rescale
+                r: T.int64 = task // h_q
+                h: T.int64 = task % h_q
+                pos: T.int32 = length[0] + T.Cast("int32", r)
+                lo: T.int32 = T.max(pos - span, 0)
+                count: T.int32 = pos + 1 - lo
+                kvh: T.int64 = h // group
+                for e in T.vectorized(d):
+                    qf[e] = T.Cast("float32", q[0, r, h, e]) * T.float32(sm_scale)
+                    acc[e] = T.float32(0)
+                stat[0] = T.float32(-3.0e38)
+                stat[1] = T.float32(0)
+                for b in range((count + blk - 1) // blk):
+                    stat[2] = stat[0]
+                    for t in range(T.min(blk, count - b * blk)):
+                        for ln in T.vectorized(16):  # q.k: 16 partial sums, then a tree
+                            part[ln] = T.float32(0)
+                        for c in range(d // 16):
+                            for ln in T.vectorized(16):
+                                part[ln] = part[ln] + qf[c * 16 + ln] * T.Cast(
+                                    "float32", storage[layer, 0, kvh,
+                                                       T.truncmod(lo + b * blk + t, cap),
+                                                       c * 16 + ln])
+                        for e in range(d % 16):
+                            part[0] = part[0] + qf[d // 16 * 16 + e] * T.Cast(
+                                "float32", storage[layer, 0, kvh,
+                                                   T.truncmod(lo + b * blk + t, cap),
+                                                   d // 16 * 16 + e])
+                        for ln in T.vectorized(8):
+                            part[ln] = part[ln] + part[ln + 8]
+                        for ln in T.vectorized(4):
+                            part[ln] = part[ln] + part[ln + 4]
+                        for ln in T.vectorized(2):
+                            part[ln] = part[ln] + part[ln + 2]
+                        score[t] = part[0] + part[1]
+                        stat[2] = T.max(stat[2], score[t])
+                    stat[3] = T.exp(stat[0] - stat[2])
+                    stat[1] = stat[1] * stat[3]
+                    for e in T.vectorized(d):
+                        acc[e] = acc[e] * stat[3]
+                    stat[0] = stat[2]
+                    for t in range(T.min(blk, count - b * blk)):
+                        score[t] = T.exp(score[t] - stat[0])
+                        stat[1] = stat[1] + score[t]
+                        for e in T.vectorized(d):
+                            acc[e] = acc[e] + score[t] * T.Cast("float32", storage[
+                                layer, 1, kvh, T.truncmod(lo + b * blk + t, cap), e])
+                for e in T.vectorized(d):
+                    out[0, r, h, e] = T.Cast(dtype, acc[e] / stat[1])
 
     return func
 

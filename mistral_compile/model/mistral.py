@@ -10,7 +10,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.model import kernels
+from mistral_compile.model import cpu_kernels, kernels
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
 from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, quantizable, quantized_shapes
@@ -23,11 +23,13 @@ class MistralLinear(nn.Module):
     were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32). With
     ``quantization="q4f16_1"`` W is held as ``q_weight``/``q_scale`` (weights/quantize.py). On
     CUDA a batch-1 decode input goes through our GEMV kernels (model/kernels.py); elsewhere the
-    weight is dequantized to float16 first.
+    weight is dequantized to float16 first. ``store_in_panels`` (a CPU build's layout, see
+    model/cpu_layout.py) puts the weight in panels for our CPU kernels (model/cpu_kernels.py).
     """
 
     def __init__(self, in_features: int, out_features: int, quantization: str | None = None):
         self.in_features, self.out_features = in_features, out_features
+        self.panel = 0  # rows per panel when the weight is stored in panels (CPU), else 0
         self.quantized = quantization == "q4f16_1" and quantizable((out_features, in_features))
         if self.quantized:
             w_shape, s_shape = quantized_shapes(out_features, in_features)
@@ -40,8 +42,44 @@ class MistralLinear(nn.Module):
         if not self.quantized:  # the packed weight and its float16 scales keep their dtypes
             super().to(dtype)
 
+    def store_in_panels(self, panel: int) -> list[str]:
+        """Declare the weight(s) as panels [out / P, in (or words, groups), P]; their names."""
+        n, k = self.out_features, self.in_features
+        if not cpu_kernels.packable(n, k, panel):
+            return []
+        self.panel = panel
+        if not self.quantized:
+            self.weight = nn.Parameter((n // panel, k, panel), dtype=self.weight.dtype)
+            return ["weight"]
+        self.q_weight = nn.Parameter((n // panel, k // PER_WORD, panel), dtype="uint32")
+        self.q_scale = nn.Parameter((n // panel, k // GROUP, panel), dtype="float16")
+        return ["q_weight", "q_scale"]
+
+    def _panels(self, x: Tensor, out_dtype: str) -> Tensor:
+        """``x @ W.T``, W in panels: the GEMM kernel (decode: its m = 1 case, or the q4 GEMV)."""
+        n, k, panel = self.out_features, self.in_features, self.panel
+        b, s, _ = x.shape
+        flat = op.reshape(x, (b * s, k))
+        if self.quantized and _static(x.shape) == [1, 1, k]:
+            y = op.tensor_ir_op(cpu_kernels.gemv_q4_packed(n, k, panel, x.dtype, out_dtype),
+                                "gemv_q4_cpu", args=[flat, self.q_weight, self.q_scale],
+                                out=Tensor.placeholder((1, n), out_dtype))
+            return op.reshape(y, (b, s, n))
+        weight = self.weight
+        if self.quantized:
+            weight = op.tensor_ir_op(cpu_kernels.dequantize_q4_packed(n, k, panel),
+                                     "dequantize_q4_cpu", args=[self.q_weight, self.q_scale],
+                                     out=Tensor.placeholder((n // panel, k, panel), "float32"))
+        tile = cpu_kernels.cpu_tile()
+        gemm = cpu_kernels.gemm_packed(n, k, panel, tile[1], x.dtype, weight.dtype, out_dtype)
+        y = op.tensor_ir_op(gemm, "gemm_cpu", args=[flat, weight],
+                            out=Tensor.placeholder((b * s, n), out_dtype))
+        return op.reshape(y, (b, s, n))
+
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         out_dtype = out_dtype or x.dtype
+        if self.panel:
+            return self._panels(x, out_dtype)
         if not self.quantized:
             return project(x, self.weight, out_dtype)
         n, k = self.out_features, self.in_features
@@ -114,6 +152,12 @@ def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
 def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
     """``x @ weight.T`` in ``out_dtype``, accumulated in float32 (see MistralLinear)."""
     n, k = weight.shape
+    if (cpu_kernels.on_cpu() and _static(x.shape) == [1, 1, k]
+            and cpu_kernels.gemv_rows_supported(n, k)):
+        y = op.tensor_ir_op(cpu_kernels.gemv_rows(n, k, x.dtype, weight.dtype, out_dtype),
+                            "gemv_rows_cpu", args=[op.reshape(x, (1, k)), weight],
+                            out=Tensor.placeholder((1, n), out_dtype))
+        return op.reshape(y, (1, 1, n))
     if _decode_gemv(x, k, weight.dtype):
         return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv",
                                args=[x, x, weight],
@@ -130,6 +174,11 @@ def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
 def _on_cuda() -> bool:
     target = Target.current(allow_none=True)
     return target is not None and target.kind.name == "cuda"
+
+
+def _static(shape: list) -> list[int | None]:
+    """A shape's static dimensions (None for symbolic ones)."""
+    return [d if isinstance(d, int) else None for d in shape]
 
 
 def _decode_gemv(x: Tensor, in_features: int, weight_dtype: str) -> bool:

@@ -20,6 +20,7 @@ from mistral_compile.runtime.library import (
     LIBRARY_FORMAT_VERSION,
     STATE_PREFIX,
     TokenReader,
+    check_cpu,
     load_vm,
     parse_device,
     read_metadata,
@@ -30,6 +31,7 @@ from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.tokenizer import Tokenizer
 from mistral_compile.weights.convert import MANIFEST_NAME
+from mistral_compile.weights.panels import pack_rows
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger("mistral_compile.runtime")
@@ -102,7 +104,10 @@ class Engine:
         if meta["target"] != kind:
             raise MistralCompileError(f"{lib}: library was compiled for {meta['target']}, "
                                       f"not {kind}")
+        if kind == "cpu":
+            check_cpu(lib, meta)
         self.meta = meta
+        self.layouts = meta.get("param_layouts") or {}  # name -> panel width (CPU libraries)
         self.dtype = meta["dtype"]
         self.quantization = meta["quantization"]
         self.param_dtypes = dict(zip(meta["params"], meta["param_dtypes"], strict=True))
@@ -188,8 +193,16 @@ class Engine:
                 if not (model_dir / fname).is_file():
                     raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
                 files[fname] = SafetensorsFile(model_dir / fname)
-            params.append(tvm.runtime.tensor(np.array(files[fname].get(name)), self.device))
+            params.append(tvm.runtime.tensor(self._layout(name, files[fname].get(name)),
+                                             self.device))
         return params
+
+    def _layout(self, name: str, array: np.ndarray) -> np.ndarray:
+        """A weight as the library reads it: in panels where it says so, else as stored."""
+        panel = self.layouts.get(name)
+        if panel and array.ndim == 2:
+            return pack_rows(array, panel)
+        return np.array(array)
 
     def _given_params(self, given: Mapping[str, Any], names: list[str]) -> list:
         missing = [n for n in names if n not in given]
@@ -200,7 +213,7 @@ class Engine:
         for name in names:
             value = given[name]
             if isinstance(value, np.ndarray):
-                value = tvm.runtime.tensor(value, self.device)
+                value = tvm.runtime.tensor(self._layout(name, value), self.device)
             elif not isinstance(value, tvm.runtime.Tensor):
                 value = tvm.runtime.from_dlpack(value)
             if str(value.dtype) != self.param_dtypes[name]:

@@ -17,9 +17,10 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 
 METADATA_FUNC = "_metadata"
-LIBRARY_FORMAT_VERSION = 6  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes";
+LIBRARY_FORMAT_VERSION = 7  # 2: "target" is cpu/cuda, "arch" added; 3: "param_shapes";
 # 5: decode takes the token id and also returns its argmax; 6: prefill/decode on the model-owned
-# KV cache (its storage among the parameters), *_paged on TVM's
+# KV cache (its storage among the parameters), *_paged on TVM's; 7: CPU libraries: "cpu_level",
+# "cpu_flags", and "param_layouts" (weights the engine packs in panels at load)
 STATE_PREFIX = "kv_state."  # parameters that hold the owned KV cache: allocated, never loaded
 _loaded: set[str] = set()
 
@@ -78,14 +79,27 @@ def parse_device(device: str) -> tuple[str, int]:
 
 
 def tvm_device(kind: str, index: int) -> tvm.runtime.Device:
-    """The TVM device, checked to exist."""
+    """The TVM device, checked to exist (CPU: TVM's thread pool gets every core we may use)."""
     if kind == "cpu":
+        # TVM assumes two hyper-threads per core on x86 and starts half as many threads
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
         return tvm.cpu(index)
     prepare_runtime("cuda")
     dev = tvm.cuda(index)
     if not dev.exist:
         raise MistralCompileError(f"device cuda:{index} not found (no NVIDIA GPU or driver)")
     return dev
+
+
+def check_cpu(lib: Path, meta: dict[str, Any]) -> None:
+    """Refuse a CPU library built for features this CPU lacks (one line, before any kernel)."""
+    from mistral_compile.compiler.devices import host_cpu_flags
+
+    missing = sorted(set(meta.get("cpu_flags") or ()) - host_cpu_flags())
+    if missing:
+        raise MistralCompileError(f"{lib}: built for {meta.get('cpu_level')}, and this CPU "
+                                  f"lacks {', '.join(missing)}: compile it here (--cpu native) "
+                                  "or for a lower level (--cpu x86-64-v3 or x86-64)")
 
 
 def load_vm(lib: Path, device: tvm.runtime.Device, kind: str) -> Any:
