@@ -131,3 +131,13 @@ def test_q4_model_matches_its_dequantized_weights(tiny_q4):
           f"q4f16_1 vs fp16 engine {drift:.1e}, logit std {spread:.1e}")
     assert err <= max(2 * noise16, 1e-3)
     assert drift <= 0.5 * spread
+    # decode steps (on CPU: the q4 panel GEMV, not the prefill's dequantize + GEMM)
+    eng = Engine(root / "q4f16_1", root / "q4f16_1" / "lib.so", attention_sink_size=0)
+    seq = list(ids)
+    logits = eng.prefill(seq)
+    for _ in range(4):
+        seq.append(int(np.argmax(logits)))
+        logits = eng.decode(seq[-1])
+        with torch.no_grad():
+            want = deq(torch.tensor([seq])).logits[0, -1].numpy()
+        assert float(np.abs(logits - want).max()) <= max(2 * noise16, 1e-3)

@@ -65,8 +65,9 @@ class MistralLinear(nn.Module):
                                 "gemv_q4_cpu", args=[flat, self.q_weight, self.q_scale],
                                 out=Tensor.placeholder((1, n), out_dtype))
             return op.reshape(y, (b, s, n))
-        weight = self.weight
-        if self.quantized:
+        if not self.quantized:
+            weight = self.weight
+        else:
             weight = op.tensor_ir_op(cpu_kernels.dequantize_q4_packed(n, k, panel),
                                      "dequantize_q4_cpu", args=[self.q_weight, self.q_scale],
                                      out=Tensor.placeholder((n // panel, k, panel), "float32"))
