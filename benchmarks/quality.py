@@ -77,8 +77,9 @@ def main() -> None:
     ids = tok.encode(PASSAGE.read_text())
     targets = np.array(ids[1:])
     ref = teacher_forced(*built["q0f32"], ids)
+    ppl = np.exp(-ref[np.arange(len(targets)), targets].mean())
     print(f"SmolLM2-135M-Instruct (GGUF Q4_1 weights), teacher-forced on {len(ids)} tokens of "
-          f"{PASSAGE.name}; fp32 perplexity {np.exp(-ref[np.arange(len(targets)), targets].mean()):.3f}")
+          f"{PASSAGE.name}; fp32 perplexity {ppl:.3f}")
     results = {}
     for q in args.quantizations.split(","):
         r = compare(ref, teacher_forced(*built[q], ids), targets)
