@@ -72,7 +72,7 @@ def _open(model_dir: Path, family: str | None, version: str | None) -> Tokenizer
 
 
 def load_tokenizer(model_dir: Path, record: dict | None, vocab_size: int,
-                   requested: str | None = None) -> Tokenizer:
+                   requested: str | None = None, quiet: bool = False) -> Tokenizer:
     """The tokenizer of a converted model: the family its manifest records (or ``requested``).
 
     ``record`` is the manifest's "tokenizer" entry (see ``tokenizer_record``); its ids must fit
@@ -93,7 +93,8 @@ def load_tokenizer(model_dir: Path, record: dict | None, vocab_size: int,
     if tok.size > vocab_size:
         raise MistralCompileError(f"{tok.source}: tokenizer has ids up to {tok.size - 1}, the "
                                   f"model's vocab_size is {vocab_size}")
-    logger.info("tokenizer: %s (%s)", tok.source, tok.family)
+    if not quiet:
+        logger.info("tokenizer: %s (%s)", tok.source, tok.family)
     return tok
 
 
@@ -117,7 +118,10 @@ def tokenizer_record(model_dir: Path, vocab_size: int, requested: str | None = N
         raise MistralCompileError(f"--tokenizer-version {version}: the checkpoint's tokenizer "
                                   "is a Hugging Face tokenizer.json (--tokenizer-version names "
                                   "mistral-common tokenizers)")
-    tok = load_tokenizer(model_dir, {"family": family, "version": version}, vocab_size)
+    tok = load_tokenizer(model_dir, {"family": family, "version": version}, vocab_size,
+                         quiet=True)
+    logger.info("tokenizer: %s (%s)", tok.family, ", ".join(
+        name for name in TOKENIZER_FILES if (model_dir / name).is_file()) or tok.source)
     if family == MISTRAL:
         found = tok.version
         if version and version != found:
