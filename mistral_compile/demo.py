@@ -41,7 +41,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--work", default="dist/demo", help="where the converted model and "
                         "library are kept (default dist/demo)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--quantization", default="q0f32", choices=["q0f32", "q0f16", "q4f16_1"])
+    parser.add_argument("--quantization", default="q0f32",
+                        choices=["q0f32", "q0f16", "q4f16_1", "q4f16_2"])
     args, chat_args = parser.parse_known_args(argv)
     device = pick_device() if args.device == "auto" else args.device
     quantization = "q0f16" if device == "cuda" and args.quantization == "q0f32" \

@@ -76,6 +76,16 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     assert "gemv_q4" in decode  # lm_head, after it
 
 
+def test_q4_with_minimums_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
+    # q4f16_2 (w = q * scale + min): the same GEMV with the minimum's term, every fusion mode,
+    # and its prefill dequantize
+    _, code = _compile_tiny(run_cli, tmp_path, "q4f16_2", "sm_90")
+    for mode in (1, 2, 3):
+        assert f"mc::gemv_q4<half, 256, {mode}, mc::Q4Dot, mc::SameRow, true>" in code
+    assert "mc::gemv_q4<float, 256, 0, mc::Q4Dot, mc::SameRow, true>" in code
+    assert "mc::dequantize_q4_min" in code and "mc::gemv_q4<half, 256, 1>" not in code
+
+
 def _compile_tiny(run_cli, tmp_path, quantization, arch):
     """A one-layer hidden-256 model compiled for CUDA here (driver stand-in in a fresh cache).
 

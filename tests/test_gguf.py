@@ -165,3 +165,34 @@ def test_bad_files_are_one_line_errors(tmp_path):
                     {"blk.0.ffn_up": "IQ4_NL"})
     assert "tensor 'blk.0.ffn_up.weight' has type IQ4_NL, which is not supported" in \
         _convert_error(tmp_path, iq)
+
+
+def test_q4_blocks_kept_as_they_are_in_q4f16_2(tmp_path):
+    # GGUF Q4_0 / Q4_1 blocks are q4f16_2's form: imported without a second rounding, the
+    # fused q/k/v (RoPE rows permuted) and gate/up included; other sources are rounded
+    from mistral_compile.weights.quantize import dequantize
+
+    types = {"blk.0.attn_q": "Q4_0", "blk.0.attn_k": "Q4_1", "blk.0.attn_v": "Q4_0",
+             "blk.0.attn_output": "Q4_1", "blk.0.ffn_gate": "Q4_0", "blk.0.ffn_up": "Q4_1",
+             "blk.0.ffn_down": "Q4_1", "output.weight": "Q4_1", "blk.1.attn_q": "Q8_0"}
+    path = write_gguf(tiny_llama(), tmp_path / "q4.gguf", types)
+    convert_weight(path, tmp_path / "f32", "q0f32", progress=False)
+    convert_weight(path, tmp_path / "q4", "q4f16_2", progress=False)
+
+    def tensors(model):
+        manifest = json.loads((model / "mistral-weights.json").read_text())
+        return {p["name"]: SafetensorsFile(model / p["file"]).get(p["name"])
+                for p in manifest["params"]}
+
+    dense, q4 = tensors(tmp_path / "f32"), tensors(tmp_path / "q4")
+
+    def back(base):
+        return dequantize(q4[base + "q_weight"], q4[base + "q_scale"], q4[base + "q_min"])
+
+    for base in ("model.layers.0.self_attn.qkv_proj.", "model.layers.0.self_attn.o_proj.",
+                 "model.layers.0.mlp.gate_up_proj.", "model.layers.0.mlp.down_proj.",
+                 "lm_head."):
+        np.testing.assert_array_equal(back(base), dense[base + "weight"])  # bit for bit
+    rounded = "model.layers.1.self_attn.qkv_proj."  # q is Q8_0, k/v F32: rounded to 4 bits
+    err = np.abs(back(rounded) - dense[rounded + "weight"])
+    assert 0 < err.max() < 0.1 * np.abs(dense[rounded + "weight"]).max()

@@ -1,9 +1,9 @@
-"""q4f16_1: packing and scales against a plain-Python reference, and a tiny model end to end."""
+"""4-bit formats: packing and scales against a plain-Python reference, a tiny model end to end."""
 
 import numpy as np
 import pytest
 
-from mistral_compile.weights.quantize import dequantize, quantize
+from mistral_compile.weights.quantize import dequantize, quantize, quantize_min, unpack_codes
 
 
 def _reference(w):
@@ -43,6 +43,26 @@ def test_packing_and_scales_match_the_reference():
     assert abs(back[2, 5] - 0.9) < 1e-3
 
 
+def test_q4f16_2_minimum_and_scale_per_group():
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 64)) * 0.05 + 0.02).astype(np.float32)  # not centred on 0
+    w[3, :32] = 0.25  # a constant group: scale 0, every code 0, the value kept in the minimum
+    q_weight, q_scale, q_min = quantize_min(w)
+    assert q_weight.shape == (64, 8) and q_scale.shape == q_min.shape == (64, 2)
+    codes = unpack_codes(q_weight).reshape(64, 2, 32)
+    groups = w.reshape(64, 2, 32)
+    # the minimum is the group's least value (in float16), code 0; the largest gets code 15
+    np.testing.assert_array_equal(q_min, groups.min(-1).astype(np.float16))
+    assert np.all(codes[4:].min(-1) == 0) and np.all(codes[4:].max(-1) == 15)
+    back = dequantize(q_weight, q_scale, q_min)
+    step = np.repeat(q_scale.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-3 * np.abs(w).max())
+    assert np.all(back[3, :32] == np.float16(0.25))
+    # 16 levels over [min, max] round finer than q4f16_1's 15 over [-max|w|, max|w|]
+    sym = dequantize(*quantize(w))
+    assert np.abs(back - w)[4:].mean() < 0.9 * np.abs(sym - w)[4:].mean()
+
+
 def test_bad_input_width_is_refused():
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize(np.zeros((2, 40), np.float32))
@@ -59,14 +79,14 @@ def tiny_q4(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("q4")
     ref = tiny_checkpoint(root / "hf", attn_implementation="eager")
-    for quant in ("q4f16_1", "q0f16"):
+    for quant in ("q4f16_1", "q4f16_2", "q0f16"):
         convert_weight(root / "hf", root / quant, quant, progress=False)
         compile_model(root / quant, root / quant / "lib.so")
     return ref, root
 
 
 def _dequantized_reference(ref, model_dir):
-    """The HF model with every projection replaced by its dequantized q4f16_1 weight."""
+    """The HF model with every projection replaced by its dequantized 4-bit weight."""
     import copy
 
     import torch
@@ -88,7 +108,8 @@ def _dequantized_reference(ref, model_dir):
 
         def deq(name, p=p):
             return torch.from_numpy(dequantize(tensors[p + name + ".q_weight"],
-                                               tensors[p + name + ".q_scale"]))
+                                               tensors[p + name + ".q_scale"],
+                                               tensors.get(p + name + ".q_min")))
 
         q, k, v = torch.split(deq("self_attn.qkv_proj"), rows)
         gate, up = torch.chunk(deq("mlp.gate_up_proj"), 2)
@@ -98,12 +119,14 @@ def _dequantized_reference(ref, model_dir):
                       p + "self_attn.o_proj.weight": deq("self_attn.o_proj"),
                       p + "mlp.down_proj.weight": deq("mlp.down_proj")})
     state["lm_head.weight"] = torch.from_numpy(dequantize(tensors["lm_head.q_weight"],
-                                                          tensors["lm_head.q_scale"]))
+                                                          tensors["lm_head.q_scale"],
+                                                          tensors.get("lm_head.q_min")))
     assert not model.load_state_dict(state, strict=False).unexpected_keys
     return model
 
 
-def test_q4_model_matches_its_dequantized_weights(tiny_q4):
+@pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_2"])
+def test_q4_model_matches_its_dequantized_weights(tiny_q4, quant):
     import json
 
     import torch
@@ -111,28 +134,29 @@ def test_q4_model_matches_its_dequantized_weights(tiny_q4):
     from mistral_compile.runtime import Engine
 
     ref, root = tiny_q4
-    manifest = json.loads((root / "q4f16_1" / "mistral-weights.json").read_text())
-    assert manifest["quantization"] == "q4f16_1"
+    manifest = json.loads((root / quant / "mistral-weights.json").read_text())
+    assert manifest["quantization"] == quant
     assert {p["dtype"] for p in manifest["params"]} == {"uint32", "float16"}
-    deq = _dequantized_reference(ref, root / "q4f16_1")
+    assert any(p["name"].endswith("q_min") for p in manifest["params"]) == (quant == "q4f16_2")
+    deq = _dequantized_reference(ref, root / quant)
     ids = np.random.default_rng(3).integers(3, 256, 21).tolist()
     with torch.no_grad():
         want_deq = deq(torch.tensor([ids])).logits[0, -1].numpy()
         want_fp = ref(torch.tensor([ids])).logits[0, -1].numpy()
     got = {}
-    for quant in ("q4f16_1", "q0f16"):
-        eng = Engine(root / quant, root / quant / "lib.so", attention_sink_size=0)
-        got[quant] = eng.prefill(ids)
+    for name in (quant, "q0f16"):
+        eng = Engine(root / name, root / name / "lib.so", attention_sink_size=0)
+        got[name] = eng.prefill(ids)
     noise16 = float(np.abs(got["q0f16"] - want_fp).max())  # float16 arithmetic alone
-    err = float(np.abs(got["q4f16_1"] - want_deq).max())  # the q4 path vs its own weights
-    drift = float(np.abs(got["q4f16_1"] - got["q0f16"]).max())  # what 4 bits cost
+    err = float(np.abs(got[quant] - want_deq).max())  # the q4 path vs its own weights
+    drift = float(np.abs(got[quant] - got["q0f16"]).max())  # what 4 bits cost
     spread = float(want_fp.std())
-    print(f"q4f16_1 vs dequantized HF {err:.1e} (fp16 engine vs HF {noise16:.1e}); "
-          f"q4f16_1 vs fp16 engine {drift:.1e}, logit std {spread:.1e}")
+    print(f"{quant} vs dequantized HF {err:.1e} (fp16 engine vs HF {noise16:.1e}); "
+          f"{quant} vs fp16 engine {drift:.1e}, logit std {spread:.1e}")
     assert err <= max(2 * noise16, 1e-3)
     assert drift <= 0.5 * spread
     # decode steps (on CPU: the q4 panel GEMV, not the prefill's dequantize + GEMM)
-    eng = Engine(root / "q4f16_1", root / "q4f16_1" / "lib.so", attention_sink_size=0)
+    eng = Engine(root / quant, root / quant / "lib.so", attention_sink_size=0)
     seq = list(ids)
     logits = eng.prefill(seq)
     for _ in range(4):

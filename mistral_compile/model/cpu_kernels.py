@@ -4,8 +4,8 @@ Projection weights are stored in panels on CPU, ``Wp[N / P, K, P]`` with ``Wp[o,
 W[o * P + p, k]`` (weights/panels.py; the engine packs them at load): a k step of a panel is P
 consecutive floats, one vector FMA per row of x, so the same kernel is the decode GEMV (m = 1,
 at memory bandwidth) and the prefill GEMM (MR rows of x at a time, accumulators in registers).
-P and MR come from the target's vector width (``cpu_tile``). q4f16_1 weights are packed the
-same way (their uint32 words and float16 scales), and decode reads them packed.
+P and MR come from the target's vector width (``cpu_tile``). 4-bit weights are packed the same
+way (their uint32 words, float16 scales and minimums), and decode reads them packed.
 
 Small per-task buffers are "global" scope: under 1 KB TVM puts them on the stack and LLVM
 keeps them in registers ("local" goes to the heap on CPU).
@@ -130,19 +130,31 @@ def _nibble(word: tirx.PrimExpr, j: int | tirx.PrimExpr) -> tirx.PrimExpr:
         T.shift_right(word, T.Cast("uint32", shift)), T.uint32(15))))
 
 
-@functools.cache
-def gemv_q4_packed(n: int, k: int, panel: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
-    """y[1, n] = x[1, k] @ W^T with W q4f16_1 in panels: words [n/P, k/8, P], scales [n/P, k/32, P].
+def _group_min(qs: tirx.Buffer, qm: tirx.Buffer, jo: tirx.PrimExpr, g: tirx.PrimExpr,
+               ji: tirx.PrimExpr, with_min: bool) -> tirx.PrimExpr:
+    """A group's offset in w = q * scale + offset: q4f16_2's min, or q4f16_1's -7 * scale."""
+    if with_min:
+        return T.Cast("float32", qm[jo, g, ji])
+    return T.float32(-MAX_INT) * T.Cast("float32", qs[jo, g, ji])
 
-    Per group of 32 inputs: sum_j x_j * (q_j - 7) * s = s * (sum_j x_j q_j - 7 sum_j x_j), so
-    the codes multiply x directly and the scale and offset apply once per group.
+
+@functools.cache
+def gemv_q4_packed(n: int, k: int, panel: int, x_dtype: str, out_dtype: str,
+                   with_min: bool = False) -> tirx.PrimFunc:
+    """y[1, n] = x[1, k] @ W^T, W 4-bit in panels: words [n/P, k/8, P], scales [n/P, k/32, P].
+
+    Per group of 32 inputs, with w = q * s + o (q4f16_1: o = -7 s; q4f16_2: o = its min):
+    sum_j x_j w_j = s * sum_j x_j q_j + o * sum_j x_j, so the codes multiply x directly and the
+    scale and offset apply once per group. ``qm`` is the minimums (q4f16_1: unused; any
+    [n/P, k/32, P] float16 tensor, the scales themselves).
     """
     no, groups, words = n // panel, k // GROUP, GROUP // PER_WORD
     parts = 4  # independent partial sums per group (hides the FMA latency)
 
     @T.prim_func(private=True, s_tir=True)
     def func(x: T.Buffer((1, k), x_dtype), qw: T.Buffer((no, k // PER_WORD, panel), "uint32"),
-             qs: T.Buffer((no, groups, panel), "float16"), y: T.Buffer((1, n), out_dtype)):
+             qs: T.Buffer((no, groups, panel), "float16"),
+             qm: T.Buffer((no, groups, panel), "float16"), y: T.Buffer((1, n), out_dtype)):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         with T.sblock("root"):
             xf = T.sblock_alloc_buffer((k,), "float32")
@@ -152,7 +164,6 @@ def gemv_q4_packed(n: int, k: int, panel: int, x_dtype: str, out_dtype: str) -> 
                 for e in range(GROUP):
                     xf[g * GROUP + e] = T.Cast("float32", x[0, g * GROUP + e])
                     xsum[g] = xsum[g] + xf[g * GROUP + e]
-                xsum[g] = xsum[g] * T.float32(MAX_INT)
             for jo in T.parallel(no):
                 acc = T.sblock_alloc_buffer((panel,), "float32")
                 part = T.sblock_alloc_buffer((parts, panel), "float32")
@@ -171,8 +182,8 @@ def gemv_q4_packed(n: int, k: int, panel: int, x_dtype: str, out_dtype: str) -> 
                                         qw[jo, g * words + wd, ji], e1 * parts + pp)
                     for ji in T.vectorized(panel):
                         acc[ji] = acc[ji] + (part[0, ji] + part[1, ji] + part[2, ji]
-                                             + part[3, ji] - xsum[g]) * T.Cast(
-                            "float32", qs[jo, g, ji])
+                                             + part[3, ji]) * T.Cast("float32", qs[jo, g, ji]) \
+                            + xsum[g] * _group_min(qs, qm, jo, g, ji, with_min)
                 for ji in T.vectorized(panel):
                     y[0, jo * panel + ji] = T.Cast(out_dtype, acc[ji])
 
@@ -180,13 +191,14 @@ def gemv_q4_packed(n: int, k: int, panel: int, x_dtype: str, out_dtype: str) -> 
 
 
 @functools.cache
-def dequantize_q4_packed(n: int, k: int, panel: int) -> tirx.PrimFunc:
-    """q4f16_1 panels -> float32 panels [n/P, k, P] (for the prefill GEMM)."""
+def dequantize_q4_packed(n: int, k: int, panel: int, with_min: bool = False) -> tirx.PrimFunc:
+    """4-bit panels -> float32 panels [n/P, k, P] (for the prefill GEMM); ``qm`` as gemv_q4."""
     no, groups = n // panel, k // GROUP
 
     @T.prim_func(private=True, s_tir=True)
     def func(qw: T.Buffer((no, k // PER_WORD, panel), "uint32"),
              qs: T.Buffer((no, groups, panel), "float16"),
+             qm: T.Buffer((no, groups, panel), "float16"),
              wp: T.Buffer((no, k, panel), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         with T.sblock("root"):
@@ -194,8 +206,8 @@ def dequantize_q4_packed(n: int, k: int, panel: int) -> tirx.PrimFunc:
                 for wd in range(k // PER_WORD):
                     for e in T.unroll(PER_WORD):
                         for ji in T.vectorized(panel):
-                            wp[jo, wd * PER_WORD + e, ji] = (_nibble(qw[jo, wd, ji], e)
-                                                             - T.float32(MAX_INT)) * T.Cast(
-                                "float32", qs[jo, wd * PER_WORD // GROUP, ji])
+                            wp[jo, wd * PER_WORD + e, ji] = _nibble(qw[jo, wd, ji], e) * T.Cast(
+                                "float32", qs[jo, wd * PER_WORD // GROUP, ji]) + _group_min(
+                                qs, qm, jo, wd * PER_WORD // GROUP, ji, with_min)
 
     return func

@@ -347,51 +347,100 @@ def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: 
 
 @functools.cache
 def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "plain",
-            eps: float = 0.0) -> tirx.PrimFunc:
-    """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale)^T at decode (gemv's modes)."""
+            eps: float = 0.0, with_min: bool = False) -> tirx.PrimFunc:
+    """y[1, 1, N] = x[1, 1, K] @ dequantize(q_weight, q_scale[, q_min])^T at decode.
+
+    gemv's modes; ``with_min``: q4f16_2 (its minimums are the extra ``q_min`` operand).
+    """
     n, k = out_features, in_features
-    extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
+    extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}" + (
+        ", mc::Q4Dot, mc::SameRow, true>" if with_min else ">")
     aux_shape, outputs = gemv_shapes(n, k, mode)
+    ctas = _gemv_ctas(outputs, GEMV_Q4_MAX_CTAS)
+
+    if not with_min:
+        @T.prim_func(private=True, s_tir=True)
+        def func(x: T.Buffer((1, 1, k), "float16"), aux: T.Buffer(aux_shape, "float16"),
+                 q_weight: T.Buffer((n, k // 8), "uint32"),
+                 q_scale: T.Buffer((n, k // 32), "float16"),
+                 y: T.Buffer((1, 1, outputs), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
+                for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                    with T.sblock("gemv_q4"):
+                        T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                        T.writes(y[0, 0, 0:outputs])
+                        T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                                 aux.access_ptr("r"), q_weight.access_ptr("r"),
+                                                 q_scale.access_ptr("r"), y.access_ptr("w"),
+                                                 outputs, T.float32(eps)))
+
+        return func
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x: T.Buffer((1, 1, k), "float16"), aux: T.Buffer(aux_shape, "float16"),
-             q_weight: T.Buffer((n, k // 8), "uint32"),
-             q_scale: T.Buffer((n, k // 32), "float16"),
-             y: T.Buffer((1, 1, outputs), out_dtype)):
+    def func_min(x: T.Buffer((1, 1, k), "float16"), aux: T.Buffer(aux_shape, "float16"),
+                 q_weight: T.Buffer((n, k // 8), "uint32"),
+                 q_scale: T.Buffer((n, k // 32), "float16"),
+                 q_min: T.Buffer((n, k // 32), "float16"),
+                 y: T.Buffer((1, 1, outputs), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding(_gemv_ctas(outputs, GEMV_Q4_MAX_CTAS), thread="blockIdx.x"):
+        for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
             for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
                 with T.sblock("gemv_q4"):
-                    T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32],
+                            q_min[0:n, 0:k // 32])
                     T.writes(y[0, 0, 0:outputs])
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                              aux.access_ptr("r"), q_weight.access_ptr("r"),
                                              q_scale.access_ptr("r"), y.access_ptr("w"),
-                                             outputs, T.float32(eps)))
+                                             outputs, T.float32(eps), q_min.access_ptr("r")))
 
-    return func
+    return func_min
 
 
 @functools.cache
-def dequantize_q4(out_features: int, in_features: int) -> tirx.PrimFunc:
-    """The float16 [N, K] weight of q4f16_1 codes and scales (mc::dequantize_q4), for prefill."""
+def dequantize_q4(out_features: int, in_features: int, with_min: bool = False) -> tirx.PrimFunc:
+    """The float16 [N, K] weight of 4-bit codes and scales, for prefill (mc::dequantize_q4).
+
+    ``with_min``: q4f16_2's, from codes, scales and minimums (mc::dequantize_q4_min).
+    """
     n, k = out_features, in_features
     groups = n * k // 32
+    blocks = (groups + 255) // 256
+
+    if not with_min:
+        @T.prim_func(private=True, s_tir=True)
+        def func(q_weight: T.Buffer((n, k // 8), "uint32"),
+                 q_scale: T.Buffer((n, k // 32), "float16"), w: T.Buffer((n, k), "float16")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            for _bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                    with T.sblock("dequantize_q4"):
+                        T.reads(q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                        T.writes(w[0:n, 0:k])
+                        T.evaluate(T.call_extern("void", "mc::dequantize_q4",
+                                                 q_weight.access_ptr("r"),
+                                                 q_scale.access_ptr("r"), w.access_ptr("w"),
+                                                 groups))
+
+        return func
 
     @T.prim_func(private=True, s_tir=True)
-    def func(q_weight: T.Buffer((n, k // 8), "uint32"), q_scale: T.Buffer((n, k // 32), "float16"),
-             w: T.Buffer((n, k), "float16")):
+    def func_min(q_weight: T.Buffer((n, k // 8), "uint32"),
+                 q_scale: T.Buffer((n, k // 32), "float16"),
+                 q_min: T.Buffer((n, k // 32), "float16"), w: T.Buffer((n, k), "float16")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding((groups + 255) // 256, thread="blockIdx.x"):
+        for _bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for _tx in T.thread_binding(256, thread="threadIdx.x"):
                 with T.sblock("dequantize_q4"):
-                    T.reads(q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
+                    T.reads(q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32],
+                            q_min[0:n, 0:k // 32])
                     T.writes(w[0:n, 0:k])
-                    T.evaluate(T.call_extern("void", "mc::dequantize_q4",
+                    T.evaluate(T.call_extern("void", "mc::dequantize_q4_min",
                                              q_weight.access_ptr("r"), q_scale.access_ptr("r"),
-                                             w.access_ptr("w"), groups))
+                                             q_min.access_ptr("r"), w.access_ptr("w"), groups))
 
-    return func
+    return func_min
 
 
 def rms_norm_supported(hidden: int, dtype: str) -> bool:

@@ -13,7 +13,14 @@ from mistral_compile.config import MistralConfig
 from mistral_compile.model import cpu_kernels, kernels
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
-from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, quantizable, quantized_shapes
+from mistral_compile.weights.quantize import (
+    GROUP,
+    MAX_INT,
+    PER_WORD,
+    Q4_FORMATS,
+    quantizable,
+    quantized_shapes,
+)
 
 
 class MistralLinear(nn.Module):
@@ -21,7 +28,8 @@ class MistralLinear(nn.Module):
 
     TVM's matmul accumulates in its output dtype, and float16 sums over 4096-14336 products
     were 20x less accurate than Hugging Face's (cuBLAS accumulates in float32). With
-    ``quantization="q4f16_1"`` W is held as ``q_weight``/``q_scale`` (weights/quantize.py). On
+    ``quantization="q4f16_1"`` W is held as ``q_weight``/``q_scale``, with ``"q4f16_2"`` also
+    ``q_min`` (weights/quantize.py). On
     CUDA a batch-1 decode input goes through our GEMV kernels (model/kernels.py); elsewhere the
     weight is dequantized to float16 first. ``store_in_panels`` (a CPU build's layout, see
     model/cpu_layout.py) puts the weight in panels for our CPU kernels (model/cpu_kernels.py).
@@ -30,11 +38,14 @@ class MistralLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, quantization: str | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.panel = 0  # rows per panel when the weight is stored in panels (CPU), else 0
-        self.quantized = quantization == "q4f16_1" and quantizable((out_features, in_features))
+        self.quantized = quantization in Q4_FORMATS and quantizable((out_features, in_features))
+        self.with_min = self.quantized and quantization == "q4f16_2"  # w = q * scale + min
         if self.quantized:
             w_shape, s_shape = quantized_shapes(out_features, in_features)
             self.q_weight = nn.Parameter(w_shape, dtype="uint32")
             self.q_scale = nn.Parameter(s_shape, dtype="float16")
+            if self.with_min:
+                self.q_min = nn.Parameter(s_shape, dtype="float16")
         else:
             self.weight = nn.Parameter((out_features, in_features))
 
@@ -53,7 +64,18 @@ class MistralLinear(nn.Module):
             return ["weight"]
         self.q_weight = nn.Parameter((n // panel, k // PER_WORD, panel), dtype="uint32")
         self.q_scale = nn.Parameter((n // panel, k // GROUP, panel), dtype="float16")
-        return ["q_weight", "q_scale"]
+        if not self.with_min:
+            return ["q_weight", "q_scale"]
+        self.q_min = nn.Parameter((n // panel, k // GROUP, panel), dtype="float16")
+        return ["q_weight", "q_scale", "q_min"]
+
+    def q4_params(self) -> list[Tensor]:
+        """The quantized weight's tensors: codes, scales (and minimums)."""
+        return [self.q_weight, self.q_scale] + ([self.q_min] if self.with_min else [])
+
+    def _q4_cpu_args(self) -> list[Tensor]:
+        """codes, scales, minimums for the CPU kernels (q4f16_1: the scales stand for them)."""
+        return [self.q_weight, self.q_scale, self.q_min if self.with_min else self.q_scale]
 
     def _panels(self, x: Tensor, out_dtype: str) -> Tensor:
         """``x @ W.T``, W in panels: the GEMM kernel (decode: its m = 1 case, or the q4 GEMV)."""
@@ -61,15 +83,16 @@ class MistralLinear(nn.Module):
         b, s, _ = x.shape
         flat = op.reshape(x, (b * s, k))
         if self.quantized and _static(x.shape) == [1, 1, k]:
-            y = op.tensor_ir_op(cpu_kernels.gemv_q4_packed(n, k, panel, x.dtype, out_dtype),
-                                "gemv_q4_cpu", args=[flat, self.q_weight, self.q_scale],
+            gemv = cpu_kernels.gemv_q4_packed(n, k, panel, x.dtype, out_dtype, self.with_min)
+            y = op.tensor_ir_op(gemv, "gemv_q4_cpu", args=[flat, *self._q4_cpu_args()],
                                 out=Tensor.placeholder((1, n), out_dtype))
             return op.reshape(y, (b, s, n))
         if not self.quantized:
             weight = self.weight
         else:
-            weight = op.tensor_ir_op(cpu_kernels.dequantize_q4_packed(n, k, panel),
-                                     "dequantize_q4_cpu", args=[self.q_weight, self.q_scale],
+            weight = op.tensor_ir_op(cpu_kernels.dequantize_q4_packed(n, k, panel,
+                                                                      self.with_min),
+                                     "dequantize_q4_cpu", args=self._q4_cpu_args(),
                                      out=Tensor.placeholder((n // panel, k, panel), "float32"))
         tile = cpu_kernels.cpu_tile()
         gemm = cpu_kernels.gemm_packed(n, k, panel, tile[1], x.dtype, weight.dtype, out_dtype)
@@ -85,22 +108,22 @@ class MistralLinear(nn.Module):
             return project(x, self.weight, out_dtype)
         n, k = self.out_features, self.in_features
         if _decode_gemv(x, k, "float16"):
-            return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype), "gemv_q4",
-                                   args=[x, x, self.q_weight, self.q_scale],
+            return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype, with_min=self.with_min),
+                                   "gemv_q4", args=[x, x, *self.q4_params()],
                                    out=Tensor.placeholder((1, 1, n), out_dtype))
         return project(x, self._dense(x.dtype), out_dtype)
 
     def _dense(self, dtype: str) -> Tensor:
-        """The weight as a dense [out, in] tensor (q4f16_1: dequantized, by our kernel on CUDA)."""
+        """The weight as a dense [out, in] tensor (q4f16_*: dequantized, by our kernel on CUDA)."""
         if not self.quantized:
             return self.weight
         if _on_cuda():
             n, k = self.out_features, self.in_features
-            dense = op.tensor_ir_op(kernels.dequantize_q4(n, k), "dequantize_q4",
-                                    args=[self.q_weight, self.q_scale],
+            dense = op.tensor_ir_op(kernels.dequantize_q4(n, k, self.with_min), "dequantize_q4",
+                                    args=self.q4_params(),
                                     out=Tensor.placeholder((n, k), "float16"))
         else:
-            dense = op.tensor_expr_op(_dequantize, "dequantize", [self.q_weight, self.q_scale])
+            dense = op.tensor_expr_op(_dequantize, "dequantize", self.q4_params())
         return _to(dense, dtype)
 
     def gemm_epilogue(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
@@ -130,8 +153,8 @@ class MistralLinear(nn.Module):
         """Batch-1 decode GEMV with a neighbouring kernel fused in (kernels.gemv's modes)."""
         n, k = self.out_features, self.in_features
         if self.quantized:
-            func = kernels.gemv_q4(n, k, x.dtype, mode, eps)
-            args = [x, aux, self.q_weight, self.q_scale]
+            func = kernels.gemv_q4(n, k, x.dtype, mode, eps, self.with_min)
+            args = [x, aux, *self.q4_params()]
         else:
             func, args = kernels.gemv(n, k, x.dtype, x.dtype, mode, eps), [x, aux, self.weight]
         outputs = kernels.gemv_shapes(n, k, mode)[1]
@@ -139,13 +162,17 @@ class MistralLinear(nn.Module):
                                out=Tensor.placeholder((1, 1, outputs), x.dtype))
 
 
-def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor,
+                q_min: te.Tensor | None = None) -> te.Tensor:
     n, words = q_weight.shape
 
     def element(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
         shift = (j % PER_WORD // 2 * 4 + j % 2 * 16).astype("uint32")
         q = ((q_weight[i, j // PER_WORD] >> shift) & tirx.const(0xF, "uint32")).astype("float32")
-        return ((q - MAX_INT) * q_scale[i, j // GROUP].astype("float32")).astype("float16")
+        scale = q_scale[i, j // GROUP].astype("float32")
+        if q_min is not None:  # q4f16_2
+            return (q * scale + q_min[i, j // GROUP].astype("float32")).astype("float16")
+        return ((q - MAX_INT) * scale).astype("float16")
 
     return te.compute((n, words * PER_WORD), element, name="dequantize")
 

@@ -35,13 +35,14 @@ from mistral_compile.weights.mapping import (
     ParamSource,
     build_name_map,
 )
-from mistral_compile.weights.quantize import quantize
+from mistral_compile.weights.quantize import Q4_FORMATS, pack_codes, quantize_as
 from mistral_compile.weights.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger("mistral_compile.weights")
 
-# quantization -> activation (and unquantized weight) dtype; q4f16_1: see weights/quantize.py
-QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16"}
+# quantization -> activation (and unquantized weight) dtype; q4f16_*: see weights/quantize.py
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16",
+                 "q4f16_2": "float16"}
 MANIFEST_NAME = "mistral-weights.json"
 MANIFEST_FORMAT = "mistral-compile-weights"
 MANIFEST_VERSION = 1
@@ -158,9 +159,10 @@ def _rope_to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
-                 where: dict[str, SafetensorsFile], dtype: str) -> np.ndarray:
-    parts = []
+def _checked_sources(name: str, spec: ParamSource, shape: tuple[int, ...],
+                     where: dict[str, SafetensorsFile]) -> list[tuple[SafetensorsFile, str]]:
+    """The (file, tensor) pairs ``name`` is made of, each present with the shape it needs."""
+    out = []
     for i, src in enumerate(spec.sources):
         f = where.get(src)
         if f is None:
@@ -173,12 +175,37 @@ def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
         if f.dtype_name(src) not in _FLOAT_DTYPES:
             raise MistralCompileError(f"{f.path}: tensor '{src}' has dtype "
                                       f"{f.dtype_name(src)}, expected a float type")
-        w = f.get(src)
-        if spec.rope_heads[i]:
-            w = _rope_to_rotate_half(w, spec.rope_heads[i])
-        parts.append(w)
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        out.append((f, src))
+    return out
+
+
+def _assemble(spec: ParamSource, parts: list[np.ndarray]) -> np.ndarray:
+    """The sources' rows in our order (RoPE rows permuted where needed), concatenated."""
+    parts = [_rope_to_rotate_half(p, spec.rope_heads[i]) if spec.rope_heads[i] else p
+             for i, p in enumerate(parts)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
+                 where: dict[str, SafetensorsFile], dtype: str) -> np.ndarray:
+    sources = _checked_sources(name, spec, shape, where)
+    out = _assemble(spec, [f.get(src) for f, src in sources])
     return np.ascontiguousarray(out.astype(dtype))
+
+
+def _stored_q4_blocks(name: str, spec: ParamSource, shape: tuple[int, ...],
+                      where: dict[str, SafetensorsFile]) -> tuple[np.ndarray, ...] | None:
+    """q4f16_2's (q_weight, q_scale, q_min) from GGUF Q4_0/Q4_1 blocks as they are stored.
+
+    None unless every source is such a block tensor (then the weight is rounded from floats).
+    """
+    sources = _checked_sources(name, spec, shape, where)
+    blocks = [f.q4_blocks(src) if isinstance(f, GGUFFile) else None for f, src in sources]
+    if any(b is None for b in blocks):
+        return None
+    codes, scale, q_min = (np.ascontiguousarray(_assemble(spec, [b[i] for b in blocks]))
+                           for i in range(3))
+    return pack_codes(codes), scale, q_min
 
 
 def _sha256(path: Path) -> str:
@@ -266,11 +293,19 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
             shard, shard_bytes = {}, 0
 
     stored = expected_params(config, dtype, quantization)
+    kept = 0
     for name in tqdm(list(shapes), desc="converting", unit="tensor", disable=not progress):
-        array = _build_param(name, name_map[name], shapes[name], where, dtype)
         base = name.removesuffix("weight")
-        arrays = dict(zip((base + "q_weight", base + "q_scale"), quantize(array), strict=True)) \
-            if base + "q_weight" in stored else {name: array}
+        if base + "q_weight" in stored:
+            values = _stored_q4_blocks(name, name_map[name], shapes[name], where) \
+                if quantization == "q4f16_2" else None
+            kept += values is not None
+            if values is None:
+                values = quantize_as(quantization, _build_param(name, name_map[name],
+                                                                shapes[name], where, "float32"))
+            arrays = dict(zip((base + s for s in Q4_FORMATS[quantization]), values, strict=True))
+        else:
+            arrays = {name: _build_param(name, name_map[name], shapes[name], where, dtype)}
         for key, value in arrays.items():
             if (value.shape, str(value.dtype)) != stored[key]:  # the model's own declaration
                 raise RuntimeError(f"{key}: built {value.shape} {value.dtype}, the model "
@@ -283,6 +318,9 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
                                 "dtype": str(value.dtype),
                                 "file": f"params_shard_{len(shard_files)}.safetensors"})
     flush()
+    if kept:
+        logger.info("%d weights kept as the GGUF's own Q4_0/Q4_1 blocks (no second rounding)",
+                    kept)
     if {p["name"] for p in params_meta} != set(stored):
         raise RuntimeError(f"converted tensors and model disagree: "
                            f"{sorted({p['name'] for p in params_meta} ^ set(stored))[:3]}")

@@ -89,6 +89,29 @@ class GGUFFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self.tensors[name].shape))
 
+    def q4_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A Q4_0 / Q4_1 tensor as stored: codes, scales and minimums; None for other types.
+
+        Codes are uint8 [rows, k], scales and minimums float16 [rows, k / 32], and a value is
+        code * scale + min.
+        Q4_1 blocks hold (scale, min, 16 bytes of codes); Q4_0 blocks (scale, 16 bytes) with
+        value = (code - 8) * scale, i.e. min = -8 * scale (exact in float16). In a block's
+        bytes, code j (< 16) is the low nibble of byte j and code j + 16 its high nibble.
+        """
+        kind = self.ggml_type(name)
+        if kind not in ("Q4_0", "Q4_1"):
+            return None
+        rows, k = self.shape(name)
+        head = 4 if kind == "Q4_1" else 2
+        raw = np.asarray(self.tensors[name].data, dtype=np.uint8).reshape(rows, k // 32,
+                                                                          head + 16)
+        scale = raw[..., 0:2].copy().view(np.float16)[..., 0]
+        q_min = raw[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else \
+            (scale.astype(np.float32) * -8).astype(np.float16)
+        qs = raw[..., head:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, k)
+        return codes, scale, q_min
+
     def get(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 

@@ -583,6 +583,30 @@ __device__ __forceinline__ void dequantize_q4(const uint32_t* __restrict__ qw,
   }
 }
 
+// q4f16_2's float16 weight: w = q * scale + min per group of 32 (q in 0..15), one rounding
+// (q4_unpack's q - 7, plus 7, is q exactly; then one fused multiply-add in half2).
+__device__ __forceinline__ void dequantize_q4_min(const uint32_t* __restrict__ qw,
+                                                  const half* __restrict__ qs,
+                                                  const half* __restrict__ qm,
+                                                  half* __restrict__ w, int groups) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw) + g);
+  const half2 s = __half2half2(__ldg(qs + g)), m = __half2half2(__ldg(qm + g));
+  const half2 seven = __float2half2_rn(7.f);
+  const uint32_t wq[4] = {wv.x, wv.y, wv.z, wv.w};
+  uint4* dst = reinterpret_cast<uint4*>(w) + static_cast<int64_t>(g) * 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint4 out;
+    half2* o = reinterpret_cast<half2*>(&out);
+    q4_unpack(wq[j], o);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = __hfma2(__hadd2(o[i], seven), s, m);
+    dst[j] = out;
+  }
+}
+
 struct Q4Dot {  // gemv_q4's group dot
   __device__ float operator()(const uint4& w, half s, const half* xs, int gi) const {
     return q4_group_dot(w, s, xs, gi);
@@ -593,20 +617,32 @@ struct SameRow {  // gemv_q4's row addressing
 };
 
 // Batch-1 GEMV over q4f16_1 weights: qw is [n, K/8] uint32, qs is [n, K/32] half; x and the
-// modes as in gemv. Each lane reads 16 bytes of a row at a time (four words, 32 weights, one
+// modes as in gemv. With MIN (q4f16_2) qm [n, K/32] half holds each group's minimum, w =
+// q * s + m = (q - 7) * s + (m + 7 s): the group dot as for q4f16_1 plus (m + 7 s) times the
+// group's sum of x, which the CTA computes once in shared memory after staging x. Each lane reads 16 bytes of a row at a time (four words, 32 weights, one
 // group: one scale) and takes its dot with x (q4_group_dot), for up to four groups per row in
 // flight. Dot and RowOf are there for scripts/gpu/q4_probe.cu, which swaps them to time the
 // loads alone or the arithmetic alone.
 template <typename OutT, int K, int MODE = GEMV_PLAIN, typename Dot = Q4Dot,
-          typename RowOf = SameRow>
+          typename RowOf = SameRow, bool MIN = false>
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
                                         const half* __restrict__ qs, OutT* __restrict__ y,
-                                        int n, float eps) {
+                                        int n, float eps, const half* __restrict__ qm = nullptr) {
   constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
   __shared__ __align__(16) half xs[K];
+  __shared__ float xsum[MIN ? GROUPS : 1];  // q4f16_2: each group's sum of x
   gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
+  if constexpr (MIN) {  // a group's 32 elements stay in its 64 bytes whatever the swizzle
+    for (int g = threadIdx.x; g < GROUPS; g += blockDim.x) {
+      float t = 0.f;
+#pragma unroll 8
+      for (int e = 0; e < 32; ++e) t += __half2float(xs[g * 32 + e]);
+      xsum[g] = t;
+    }
+    __syncthreads();
+  }
   const int lane = threadIdx.x & 31;
   auto group = [&](const uint4& wv, half s, int gi) { return Dot{}(wv, s, xs, gi); };
   // this lane's share of R rows at once (R = 2: a gate row and its up row)
@@ -614,12 +650,22 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
     constexpr int R = decltype(rows)::value;
     const uint4* wr[R];
     const half* sr[R];
+    const half* mr[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) {
       const int64_t row = RowOf{}(r[q]);
       wr[q] = reinterpret_cast<const uint4*>(qw + row * (K / 8));
       sr[q] = qs + row * GROUPS;
+      mr[q] = MIN ? qm + row * GROUPS : nullptr;
     }
+    // q4f16_2's term of group gi: (m + 7 s) * sum(x of the group)
+    auto offset = [&](int q, half s, int gi) {
+      if constexpr (MIN) {
+        return (__half2float(__ldg(mr[q] + gi)) + 7.f * __half2float(s)) * xsum[gi];
+      } else {
+        return 0.f;
+      }
+    };
 #pragma unroll 4
     for (int it = 0; it < GROUPS / 32; ++it) {
       const int gi = it * 32 + lane;
@@ -631,12 +677,15 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
         sv[q] = __ldg(sr[q] + gi);
       }
 #pragma unroll
-      for (int q = 0; q < R; ++q) acc[q] += group(wv[q], sv[q], gi);
+      for (int q = 0; q < R; ++q) acc[q] += group(wv[q], sv[q], gi) + offset(q, sv[q], gi);
     }
     if (GROUPS % 32 != 0 && (GROUPS / 32) * 32 + lane < GROUPS) {
       const int gi = (GROUPS / 32) * 32 + lane;
 #pragma unroll
-      for (int q = 0; q < R; ++q) acc[q] += group(__ldg(wr[q] + gi), __ldg(sr[q] + gi), gi);
+      for (int q = 0; q < R; ++q) {
+        const half s = __ldg(sr[q] + gi);
+        acc[q] += group(__ldg(wr[q] + gi), s, gi) + offset(q, s, gi);
+      }
     }
   };
   if constexpr (MODE == GEMV_NORM_SILU) {
