@@ -25,8 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              "machine runs; a library refuses to load on a CPU without it). "
                              "x86-64-v3 = AVX2/FMA (2013+), x86-64-v4 = AVX-512")
     parser.add_argument("--quantization", default=None,
-                        help="weight format (q0f32, q0f16, q4f16_1, q4f16_2); needed when MODEL_DIR "
-                             "holds only mistral-config.json, else taken from its weights")
+                        help="weight format (q0f32, q0f16, q4f16_1, q4f16_2); needed when "
+                             "MODEL_DIR holds only mistral-config.json, else taken from its "
+                             "weights")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="capture decode's static kernel runs in CUDA graphs and replay "
                              "them (default: on for --device cuda; docs/benchmarks.md)")
