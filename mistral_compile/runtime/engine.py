@@ -24,6 +24,7 @@ from mistral_compile.runtime.library import (
     load_vm,
     parse_device,
     read_metadata,
+    to_device,
     tvm_device,
     zeros,
 )
@@ -193,8 +194,7 @@ class Engine:
                 if not (model_dir / fname).is_file():
                     raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
                 files[fname] = SafetensorsFile(model_dir / fname)
-            params.append(tvm.runtime.tensor(self._layout(name, files[fname].get(name)),
-                                             self.device))
+            params.append(to_device(self._layout(name, files[fname].get(name)), self.device))
         return params
 
     def _layout(self, name: str, array: np.ndarray) -> np.ndarray:
@@ -213,7 +213,7 @@ class Engine:
         for name in names:
             value = given[name]
             if isinstance(value, np.ndarray):
-                value = tvm.runtime.tensor(self._layout(name, value), self.device)
+                value = to_device(self._layout(name, value), self.device)
             elif not isinstance(value, tvm.runtime.Tensor):
                 value = tvm.runtime.from_dlpack(value)
             if str(value.dtype) != self.param_dtypes[name]:

