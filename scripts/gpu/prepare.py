@@ -32,6 +32,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# this folder holds profile.py, which would shadow the standard library's (torch imports it)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
 TVM_VERSION = "0.27.0.post1"
@@ -127,7 +129,8 @@ def chat_model(out: Path, arch: str) -> None:
     for quant in ("q0f32", "q0f16"):
         convert_weight(out / "hf", out / quant, quant, progress=False)
         compile_model(out / quant, out / quant / "lib.so", "cuda", arch)
-    compile_model(out / "q0f32", out / "q0f32" / "lib-cpu.so", "cpu")
+    # for the GPU machine's CPU: AVX2 is all we assume of it
+    compile_model(out / "q0f32", out / "q0f32" / "lib-cpu.so", "cpu", cpu="x86-64-v3")
     shutil.rmtree(out / "hf")  # not needed there; the call may carry 64 MiB
     print("  chat model: q0f32 + q0f16 CUDA libraries, q0f32 CPU library")
 
@@ -204,7 +207,7 @@ def recompile(out: Path, arch: str, skip_7b: bool) -> None:
             if (model / name).is_file()]
         for name, device, graph in libs:
             t = compile_model(model, model / name, device, arch if device == "cuda" else None,
-                              quant, cuda_graph=graph)
+                              quant, cuda_graph=graph, cpu="x86-64-v3" if device == "cpu" else None)
             print(f"  {(model / name).relative_to(out)}: compiled in {sum(t.values()):.1f} s")
 
 
