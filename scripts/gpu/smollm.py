@@ -18,12 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import transformers
-
 REPO = Path(__file__).resolve().parents[2]
+# this folder holds profile.py, which would shadow the standard library's (torch imports it)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
 GGUF = Path("/tmp/smollm/SmolLM2-135M-Instruct.Q4_1.gguf")
 STEPS = 32
 PROMPTS = [
@@ -61,10 +64,48 @@ def hf_greedy(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], np.nda
     return tokens, first, (time.perf_counter() - start) / (STEPS - 1)
 
 
+def gguf_params(lib_dir: Path, quantization: str) -> dict[str, np.ndarray]:
+    """The library's weights made from the GGUF in memory, as convert-weight makes them.
+
+    (convert-weight itself builds the model to list its parameters, which needs TVM's compiler;
+    this machine has TVM's runtime only.)
+    """
+    from mistral_compile.config import read_config
+    from mistral_compile.weights.convert import (
+        QUANTIZATIONS,
+        _build_param,
+        _locate,
+        _stored_q4_blocks,
+        find_checkpoint,
+    )
+    from mistral_compile.weights.mapping import GGUF as GGUF_FORMAT
+    from mistral_compile.weights.mapping import build_name_map
+    from mistral_compile.weights.quantize import Q4_FORMATS, quantizable, quantize_as
+
+    config = read_config(lib_dir)
+    where = _locate(find_checkpoint(GGUF).files)
+    dtype = QUANTIZATIONS[quantization]
+    params = {}
+    for name, spec in build_name_map(config, GGUF_FORMAT).items():
+        first = where[spec.sources[0]].shape(spec.sources[0])
+        shape = (sum(spec.rows), *first[1:]) if spec.rows else first
+        base = name.removesuffix("weight")
+        if quantization in Q4_FORMATS and quantizable(shape) and "embed_tokens" not in name:
+            values = (_stored_q4_blocks(name, spec, shape, where)
+                      if quantization == "q4f16_2" else None) or quantize_as(
+                quantization, _build_param(name, spec, shape, where, "float32"))
+            params.update(zip((base + s for s in Q4_FORMATS[quantization]), values,
+                              strict=True))
+        else:
+            params[name] = _build_param(name, spec, shape, where, dtype)
+    return params
+
+
 def main() -> None:
     """Convert, compare, time, print."""
     from mistral_compile.runtime import Engine
-    from mistral_compile.weights import convert_weight
+    from mistral_compile.tokenizer.gguf import write_gguf_tokenizer
+    from mistral_compile.weights.gguf_io import GGUFFile
 
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     join_gguf()
@@ -80,10 +121,10 @@ def main() -> None:
           f"{results['hf_ms_per_token']:.2f} ms/token")
     for quant in ("q0f16", "q4f16_1", "q4f16_2"):
         lib_dir = REPO / "dist-gpu" / "smollm" / quant
-        model = Path("/tmp/smollm") / quant
-        if not (model / "mistral-weights.json").is_file():
-            convert_weight(GGUF, model, quant, progress=False, config=lib_dir)
-        eng = Engine(model, lib_dir / "lib.so", device="cuda")
+        if not (lib_dir / "tokenizer.json").is_file():
+            write_gguf_tokenizer(GGUFFile(GGUF), lib_dir)
+        eng = Engine(lib_dir, lib_dir / "lib.so", device="cuda",
+                     params=gguf_params(lib_dir, quant), tokenizer="hf")
         same, first_delta = [], []
         for ids, (want, logits, _) in zip(prompts, ref, strict=True):
             got = eng.generate(ids, STEPS)
