@@ -157,3 +157,24 @@ def test_example_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "attention sinks   0" in proc.stdout
     assert (tmp_path / "o" / "mistral-config.json").exists()
+
+
+def test_cpu_levels_from_the_cpu_flags(tmp_path):
+    from mistral_compile.compiler.devices import CPU_LEVELS, host_cpu_flags, native_cpu_level
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 bmi1 bmi2 f16c fma movbe\n")
+    assert native_cpu_level(host_cpu_flags(info)) == "x86-64-v3"
+    assert native_cpu_level(set(CPU_LEVELS["x86-64-v4"])) == "x86-64-v4"
+    assert native_cpu_level({"sse2"}) == "x86-64"
+    assert host_cpu_flags(tmp_path / "missing") == set()
+
+
+def test_library_for_missing_cpu_features_is_one_line(tmp_path):
+    from mistral_compile.errors import MistralCompileError
+    from mistral_compile.runtime.library import check_cpu
+
+    check_cpu(tmp_path / "lib.so", {"cpu_level": "x86-64", "cpu_flags": []})
+    with pytest.raises(MistralCompileError, match=r"lib\.so: built for x86-64-v9, and this CPU "
+                       r"lacks avx9000: compile it here \(--cpu native\)"):
+        check_cpu(tmp_path / "lib.so", {"cpu_level": "x86-64-v9", "cpu_flags": ["avx9000"]})

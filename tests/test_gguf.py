@@ -123,6 +123,13 @@ def test_sentencepiece_tokenizer_rebuilt_from_gguf(f32):
     assert ours.encode_chat(messages) == list(ref.apply_chat_template(messages,
                                                                       return_dict=False))
     assert ours.eos_ids == {2} and ours.bos_id == 1
+    # streaming: byte-fallback pieces of one character come out once the character is whole
+    text = "naïve 龘 🦜 café ꙮ"  # none of these characters is a piece: byte fallback
+    ids = ours.encode(text, add_special_tokens=False)
+    assert any(ours.decode([i]).endswith("\ufffd") for i in ids)
+    dec = ours.stream_decoder()
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) == sp.decode(ids) == text and "\ufffd" not in "".join(pieces)
 
 
 def _convert_error(tmp_path, gguf_path):

@@ -105,12 +105,12 @@ def test_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(MistralCompileError, match=r"tokenizer\.json: not a tokenizer\.json"):
         HFTokenizer(tmp_path)
     chatml_tokenizer(tmp_path, chat_template="{{ raise_exception('no system role') }}")
-    with pytest.raises(MistralCompileError,
-                       match=r"tokenizer_config\.json: chat template: no system role"):
+    with pytest.raises(MistralCompileError, match=r"tokenizer_config\.json: field "
+                       "'chat_template': the template raised: no system role"):
         HFTokenizer(tmp_path).encode_chat(CONVERSATIONS[0])
     chatml_tokenizer(tmp_path, chat_template="{% for m in messages %}")
-    with pytest.raises(MistralCompileError, match=r"tokenizer_config\.json: chat template "
-                       "does not parse"):
+    with pytest.raises(MistralCompileError, match=r"tokenizer_config\.json: field "
+                       "'chat_template': does not parse"):
         HFTokenizer(tmp_path)
     chatml_tokenizer(tmp_path, eos_token="<|nope|>")
     with pytest.raises(MistralCompileError, match="field 'eos_token': '<|nope|>' is not in"):

@@ -61,7 +61,7 @@ class ChatTemplate:
         try:
             self._template = _compile(source)
         except jinja2.TemplateSyntaxError as err:
-            raise MistralCompileError(f"{origin}: chat template does not parse (line "
+            raise MistralCompileError(f"{origin}: field 'chat_template': does not parse (line "
                                       f"{err.lineno}: {err.message})") from None
 
     def render(self, messages: list[dict], special_tokens: dict[str, str],
@@ -75,7 +75,8 @@ class ChatTemplate:
                                          add_generation_prompt=add_generation_prompt,
                                          **{**special_tokens, **extra})
         except jinja2.TemplateError as err:
-            raise MistralCompileError(f"{self.origin}: chat template: {err}") from None
+            raise MistralCompileError(f"{self.origin}: field 'chat_template': the template "
+                                      f"raised: {err}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
-            raise MistralCompileError(f"{self.origin}: chat template failed "
-                                      f"({type(err).__name__}: {err})") from None
+            raise MistralCompileError(f"{self.origin}: field 'chat_template': the template "
+                                      f"failed ({type(err).__name__}: {err})") from None
