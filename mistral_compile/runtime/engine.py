@@ -20,6 +20,7 @@ from mistral_compile.runtime.library import (
     LIBRARY_FORMAT_VERSION,
     STATE_PREFIX,
     TokenReader,
+    WeightArena,
     check_cpu,
     load_vm,
     parse_device,
@@ -187,6 +188,8 @@ class Engine:
 
         files: dict[str, SafetensorsFile] = {}
         params = []
+        arena = WeightArena([(entries[n]["shape"], entries[n]["dtype"]) for n in names],
+                            self.device)
         for name in tqdm(names, desc="loading weights", unit="tensor", disable=not self.progress,
                          leave=False):
             fname = entries[name]["file"]
@@ -194,7 +197,7 @@ class Engine:
                 if not (model_dir / fname).is_file():
                     raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
                 files[fname] = SafetensorsFile(model_dir / fname)
-            params.append(to_device(self._layout(name, files[fname].get(name)), self.device))
+            params.append(arena.put(self._layout(name, files[fname].get(name))))
         return params
 
     def _layout(self, name: str, array: np.ndarray) -> np.ndarray:
