@@ -211,3 +211,23 @@ def dequantize_q4_packed(n: int, k: int, panel: int, with_min: bool = False) -> 
                                 qs, qm, jo, wd * PER_WORD // GROUP, ji, with_min)
 
     return func
+
+
+@functools.cache
+def take_rows_packed(vocab: int, hidden: int, panel: int, dtype: str) -> tirx.PrimFunc:
+    """out[i, :] = W[ids[i], :] with W [vocab, hidden] in panels (a tied embedding on CPU)."""
+    no = vocab // panel
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(ids_handle: T.handle, wp: T.Buffer((no, hidden, panel), dtype),
+             out_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        ids = T.match_buffer(ids_handle, (m,), "int32")
+        out = T.match_buffer(out_handle, (m, hidden), dtype)
+        with T.sblock("root"):
+            for i in range(m):
+                for h in range(hidden):
+                    out[i, h] = wp[ids[i] // panel, h, ids[i] % panel]
+
+    return func

@@ -6,7 +6,7 @@ from typing import Any
 
 from tvm.relax.frontend import nn
 
-from mistral_compile.model.mistral import MistralLinear
+from mistral_compile.model.mistral import MistralForCausalLM, MistralLinear
 
 
 class PanelLayout(nn.Mutator):
@@ -29,8 +29,10 @@ class PanelLayout(nn.Mutator):
         return super().visit_module(name, node)
 
 
-def store_in_panels(model: nn.Module, panel: int) -> dict[str, int]:
-    """Apply PanelLayout to ``model`` in place; parameter name -> panel width."""
+def store_in_panels(model: MistralForCausalLM, panel: int) -> dict[str, int]:
+    """Apply PanelLayout to ``model`` in place (a tied embedding too); name -> panel width."""
     mutator = PanelLayout(panel)
     mutator.visit("", model)
+    if model.store_tied_embedding_in_panels(panel):
+        mutator.layouts["model.embed_tokens.weight"] = panel
     return mutator.layouts

@@ -360,6 +360,7 @@ class MistralForCausalLM(nn.Module):
         self.dtype = dtype
         self.model = MistralModel(config, quantization)
         self.tie_word_embeddings = config.tie_word_embeddings
+        self.embed_panel = 0  # CPU: the tied embedding's panel width (store_tied_embedding...)
         if not config.tie_word_embeddings:
             self.lm_head = MistralLinear(config.hidden_size, config.vocab_size, quantization)
         self.kv_state = KVState(config)
@@ -369,12 +370,44 @@ class MistralForCausalLM(nn.Module):
         if dtype is not None:
             self.dtype = dtype
 
+    def store_tied_embedding_in_panels(self, panel: int) -> bool:
+        """CPU: the tied embedding in panels, read by the LM head's GEMM and a gather.
+
+        The LM head streams the whole table every token; in panels it runs at the GEMM's
+        bandwidth, and looking one row up is a strided gather.
+        """
+        vocab, hidden = self.config.vocab_size, self.config.hidden_size
+        if not self.tie_word_embeddings or not cpu_kernels.packable(vocab, hidden, panel):
+            return False
+        table = self.model.embed_tokens
+        table.weight = nn.Parameter((vocab // panel, hidden, panel), dtype=table.weight.dtype)
+        self.embed_panel = panel
+        return True
+
     def get_logits(self, hidden: Tensor) -> Tensor:
+        if self.tie_word_embeddings and self.embed_panel:
+            vocab, width = self.config.vocab_size, self.config.hidden_size
+            b, s, _ = hidden.shape
+            gemm = cpu_kernels.gemm_packed(vocab, width, self.embed_panel,
+                                           cpu_kernels.cpu_tile()[1], hidden.dtype,
+                                           self.model.embed_tokens.weight.dtype, "float32")
+            logits = op.tensor_ir_op(gemm, "lm_head_cpu",
+                                     args=[op.reshape(hidden, (b * s, width)),
+                                           self.model.embed_tokens.weight],
+                                     out=Tensor.placeholder((b * s, vocab), "float32"))
+            return op.reshape(logits, (b, s, vocab))
         if self.tie_word_embeddings:
             return project(hidden, self.model.embed_tokens.weight, "float32")
         return self.lm_head(hidden, out_dtype="float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        if self.embed_panel:
+            vocab, hidden = self.config.vocab_size, self.config.hidden_size
+            table = self.model.embed_tokens.weight
+            func = cpu_kernels.take_rows_packed(vocab, hidden, self.embed_panel, table.dtype)
+            return op.tensor_ir_op(func, "embed_cpu", args=[input_ids, table],
+                                   out=Tensor.placeholder((input_ids.shape[0], hidden),
+                                                          table.dtype))
         return self.model.embed_tokens(input_ids)
 
     def prefill(self, input_embed: Tensor) -> Tensor:
