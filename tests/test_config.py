@@ -61,8 +61,8 @@ def test_chunk_is_min_of_window_context_and_8192():
     assert from_hf(hf(), {"prefill_chunk_size": 7}).prefill_chunk_size == 7
 
 
-@pytest.mark.parametrize("value", [None, 0, ...])
-def test_head_dim_null_zero_or_absent_is_derived_and_logged(value, caplog):
+@pytest.mark.parametrize("value", [None, ...])
+def test_head_dim_null_or_absent_is_derived_and_logged(value, caplog):
     with caplog.at_level(logging.INFO, logger="mistral_compile.config"):
         cfg = from_hf(hf(head_dim=value))
     assert cfg.head_dim == 16
@@ -74,7 +74,28 @@ def test_head_dim_given_is_kept_even_when_it_differs():
     assert cfg.head_dim == 32 and cfg.hidden_size == 80
 
 
-@pytest.mark.parametrize("value", [None, 0, ...])
+@pytest.mark.parametrize("field", ["head_dim", "num_key_value_heads", "prefill_chunk_size",
+                                   "context_window_size", "sliding_window_size"])
+def test_zero_is_an_error_not_a_request_to_derive(field):
+    # only absent or null derive a value; a 0 given is a mistake (issue 17)
+    with pytest.raises(ConfigError, match=f"field '{field}': is 0: give a positive value"):
+        from_hf(hf(), {field: 0}) if field.endswith("_size") else from_hf(hf(**{field: 0}))
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("rms_norm_eps", float("nan"), "must be finite"),
+    ("rms_norm_eps", float("inf"), "must be finite"),
+    ("rope_theta", float("inf"), "positive finite number"),
+    ("rope_theta", float("nan"), "positive finite number"),
+    ("hidden_size", 10**40, "larger than any model"),
+    ("num_key_value_heads", 10**40, "is 10000000000000000000000000000000000000000"),
+])
+def test_nan_inf_and_absurd_values_are_refused(field, value, text):
+    with pytest.raises(ConfigError, match=text):
+        from_hf(hf(**{field: value}))
+
+
+@pytest.mark.parametrize("value", [None, ...])
 def test_kv_heads_null_means_no_gqa(value):
     cfg = from_hf(hf(num_key_value_heads=value))
     assert cfg.num_key_value_heads == 4 and cfg.num_groups == 1
@@ -177,7 +198,7 @@ def test_mixtral_is_refused_not_misread_as_dense(over):
     ({"sliding_window": "4096"}, "sliding_window", "positive integers"),
     ({"rms_norm_eps": "x"}, "rms_norm_eps", "must be a number"),
     ({"rms_norm_eps": 0}, "rms_norm_eps", "must be positive"),
-    ({"rope_theta": -1.0}, "rope_theta", "positive number"),
+    ({"rope_theta": -1.0}, "rope_theta", "positive finite number"),
     ({"hidden_act": "gelu"}, "hidden_act", "not supported"),
     ({"model_type": "qwen2"}, "model_type", "'qwen2' is not supported"),
     ({"architectures": ["Qwen2ForCausalLM"]}, "architectures", "not supported"),

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,12 @@ DEFAULT_ROPE_THETA = 10000.0
 MAX_DEFAULT_PREFILL_CHUNK = 8192
 _REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                   "vocab_size")
-# Optional fields whose null means "absent": they take their dataclass default.
-_OPTIONAL_INTS = {"num_key_value_heads": 0, "head_dim": 0, "context_window_size": 0,
-                  "sliding_window_size": 0, "prefill_chunk_size": 0, "attention_sink_size": 4,
-                  "tensor_parallel_shards": 1, "max_batch_size": 1}
+# Optional fields whose null means "absent": they take their default (None: derived). A
+# value that is given must be valid: 0 is an error, never a request to derive.
+_OPTIONAL_INTS = {"num_key_value_heads": None, "head_dim": None, "context_window_size": None,
+                  "sliding_window_size": None, "prefill_chunk_size": None,
+                  "attention_sink_size": 4, "tensor_parallel_shards": 1, "max_batch_size": 1}
+_MAX_INT = 1 << 31  # larger sizes are a typo, and TVM takes shapes as 32/64-bit integers
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "max_seq_len")
 _ROPE_TYPES_SUPPORTED = (None, "default")
 
@@ -38,7 +41,7 @@ def _type_name(value: Any) -> str:
 class MistralConfig:
     """Shape and runtime-layout decisions of a dense Mistral model.
 
-    Zero in an optional field means "derive it"; ``__post_init__`` derives it from ``kwargs``
+    None in an optional field means "derive it"; ``__post_init__`` derives it from ``kwargs``
     (the raw keys of the source config it does not map directly) and logs each fallback once.
     After construction every field holds a settled, validated value:
 
@@ -54,12 +57,12 @@ class MistralConfig:
     num_hidden_layers: int
     rms_norm_eps: float
     vocab_size: int
-    position_embedding_base: float = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    context_window_size: int = 0
-    sliding_window_size: int = 0
-    prefill_chunk_size: int = 0
+    position_embedding_base: float | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    context_window_size: int | None = None
+    sliding_window_size: int | None = None
+    prefill_chunk_size: int | None = None
     attention_sink_size: int = 4
     tensor_parallel_shards: int = 1
     max_batch_size: int = 1
@@ -87,19 +90,24 @@ class MistralConfig:
                 raise ConfigError(name, "is required but missing or null")
             if not _is_int(value):
                 raise ConfigError(name, f"must be an integer, got {value!r} ({_type_name(value)})")
+            if abs(value) >= _MAX_INT:
+                raise ConfigError(name, f"is {value}: larger than any model")
         for name, default in _OPTIONAL_INTS.items():
             value = getattr(self, name)
             if value is None:
                 setattr(self, name, default)
             elif not _is_int(value):
                 raise ConfigError(name, f"must be an integer, got {value!r} ({_type_name(value)})")
+            elif (value == 0 and name != "attention_sink_size") or abs(value) >= _MAX_INT:
+                raise ConfigError(name, f"is {value}: give a positive value, or leave the key "
+                                  "out (or null) to have it derived")
         if self.rms_norm_eps is None:
             raise ConfigError("rms_norm_eps", "is required but missing or null")
         if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool):
             raise ConfigError("rms_norm_eps", f"must be a number, got {self.rms_norm_eps!r}")
+        if not math.isfinite(self.rms_norm_eps):
+            raise ConfigError("rms_norm_eps", f"must be finite, got {self.rms_norm_eps!r}")
         self.rms_norm_eps = float(self.rms_norm_eps)
-        if self.position_embedding_base is None:
-            self.position_embedding_base = 0
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = False
         if not isinstance(self.tie_word_embeddings, bool):
@@ -129,22 +137,23 @@ class MistralConfig:
                 logger.info("position_embedding_base = %s (from rope_parameters.rope_theta)", theta)
         if yarn is not None:
             raise ConfigError("yarn", "YaRN RoPE scaling is not supported yet")
-        if not self.position_embedding_base:
+        if self.position_embedding_base is None:
             if theta is None:
                 theta = DEFAULT_ROPE_THETA
                 logger.info("position_embedding_base = %s (no rope_theta in the config: "
                             "default)", theta)
             self.position_embedding_base = theta
         base = self.position_embedding_base
-        if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 0:
-            raise ConfigError("rope_theta", f"must be a positive number, got {base!r}")
+        if (not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0
+                or not math.isfinite(base)):
+            raise ConfigError("rope_theta", f"must be a positive finite number, got {base!r}")
         self.position_embedding_base = float(base)
 
     def _settle_heads(self) -> None:
         for name in ("hidden_size", "num_attention_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
-        if self.head_dim == 0:
+        if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError("head_dim", f"is not given and hidden_size={self.hidden_size} "
                                   f"is not divisible by num_attention_heads="
@@ -152,7 +161,7 @@ class MistralConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
             logger.info("head_dim = %d (absent or null: hidden_size // num_attention_heads)",
                         self.head_dim)
-        if self.num_key_value_heads == 0:
+        if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
             logger.info("num_key_value_heads = %d (absent or null: num_attention_heads, no GQA)",
                         self.num_key_value_heads)
@@ -197,7 +206,7 @@ class MistralConfig:
     def _settle_windows(self) -> None:
         n = self.num_hidden_layers
         requested = self.sliding_window_size
-        if requested not in (0, FULL_ATTENTION) and requested <= 0:
+        if requested not in (None, FULL_ATTENTION) and requested <= 0:
             raise ConfigError("sliding_window_size", f"must be positive or -1, got {requested}")
         if self.layer_sliding_window_sizes is not None:  # explicit, e.g. our normalized file
             layers = self.layer_sliding_window_sizes
@@ -207,7 +216,7 @@ class MistralConfig:
                                   f"must have one entry per layer ({n}), got {got}")
             layers = [_window_value("layer_sliding_window_sizes", w) for w in layers]
             expected = max(layers)
-            if requested not in (0, expected):
+            if requested not in (None, expected):
                 raise ConfigError("sliding_window_size", f"is {requested} but the per-layer "
                                   f"windows say {expected} (largest window, -1 for none)")
         else:
@@ -215,12 +224,12 @@ class MistralConfig:
             if requested == FULL_ATTENTION and max(layers) > 0:
                 logger.info("sliding window disabled on all layers (sliding_window_size=-1 given)")
                 layers = [FULL_ATTENTION] * n
-            elif requested > 0:
+            elif requested is not None and requested > 0:
                 windowed = max(layers) > 0
                 layers = [requested if (w > 0 or not windowed) else w for w in layers]
                 logger.info("sliding window %d applied to %s layers (sliding_window_size given)",
                             requested, "all windowed" if windowed else "all")
-            elif requested == 0 and max(layers) == FULL_ATTENTION:
+            elif requested is None and max(layers) == FULL_ATTENTION:
                 logger.info("sliding_window_size = -1 (sliding_window absent, null or -1: "
                             "full attention)")
         self.layer_sliding_window_sizes = layers
@@ -228,7 +237,7 @@ class MistralConfig:
 
     def _settle_context(self) -> None:
         all_windowed = min(self.layer_sliding_window_sizes) > 0
-        if self.context_window_size == 0:
+        if self.context_window_size is None:
             if all_windowed:
                 self.context_window_size = -1
                 logger.info("context_window_size = -1 (unbounded: every layer has a sliding "
@@ -277,7 +286,7 @@ class MistralConfig:
                               f"sliding window minus one ({smallest - 1})")
 
     def _settle_prefill_chunk(self) -> None:
-        if self.prefill_chunk_size != 0:
+        if self.prefill_chunk_size is not None:
             return
         candidates = [MAX_DEFAULT_PREFILL_CHUNK]
         for value in (self.sliding_window_size, self.context_window_size):

@@ -175,7 +175,7 @@ def config_to_json(config: MistralConfig) -> str:
     """Serialize a settled config in our versioned format."""
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
            "fingerprint": config.fingerprint(), "config": config.to_dict()}
-    return json.dumps(doc, indent=2) + "\n"
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
 def write_config(config: MistralConfig, path: str | os.PathLike) -> Path:
