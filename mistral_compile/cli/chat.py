@@ -30,6 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", choices=["mistral", "hf"], default=None,
                         help="use this tokenizer family instead of the one recorded at "
                              "conversion (both must be in MODEL_DIR)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every weight file's sha256 against the manifest before "
+                             "loading (sizes are always checked)")
     parser.set_defaults(run=run)
 
 
@@ -45,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
     engine = Engine(args.model_dir, args.lib, device=args.device,
                     attention_sink_size=args.attention_sink_size, progress=True,
-                    tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None)
+                    tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None,
+                    verify=args.verify)
     return run_chat(engine, params, system=args.system)

@@ -18,7 +18,7 @@ from tvm import relax
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.io import read_json_object
+from mistral_compile.io import ensure_dir, read_json_object
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
 logger = logging.getLogger("mistral_compile.compiler")
@@ -174,7 +174,7 @@ def _build(state: CompileState) -> None:
 
 
 def _export_library(state: CompileState) -> None:
-    state.output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(state.output.parent)
     tmp = state.output.with_name(f".{state.output.name}.partial")
     try:
         state.executable.export_library(str(tmp))
@@ -251,6 +251,7 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
+    ensure_dir(output.parent)  # before minutes of building, not after
     stored = None
     if (model_dir / MANIFEST_NAME).is_file():
         stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]

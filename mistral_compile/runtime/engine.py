@@ -35,6 +35,7 @@ from mistral_compile.tokenizer import Tokenizer
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.panels import pack_rows
 from mistral_compile.weights.safetensors_io import SafetensorsFile
+from mistral_compile.weights.verify import verify_files
 
 logger = logging.getLogger("mistral_compile.runtime")
 
@@ -65,13 +66,15 @@ class Engine:
                  device: str = "cpu", attention_sink_size: int | None = None,
                  prefill_chunk_size: int | None = None,
                  params: Mapping[str, Any] | None = None, progress: bool = False,
-                 kv_cache: str | None = None, tokenizer: str | None = None) -> None:
+                 kv_cache: str | None = None, tokenizer: str | None = None,
+                 verify: bool = False) -> None:
         """Load ``lib`` with the weights in ``model_dir`` on ``device`` (cpu, cuda, cuda:N).
 
         ``params`` (name -> array on the device, anything with DLPack, or numpy) replaces the
         weight files: then ``model_dir`` needs only ``mistral-config.json`` (used by benchmarks
         and GPU checks with random weights made on the device). ``tokenizer`` ("mistral-common"
         or "hf") overrides the family recorded at conversion (mistral_compile/tokenizer).
+        The weight files are checked against the manifest (sizes; with ``verify``, sha256).
         """
         model_dir, lib = Path(model_dir), Path(lib)
         self.model_dir = model_dir
@@ -88,6 +91,7 @@ class Engine:
             if manifest.get("config_fingerprint") != self.config.fingerprint():
                 raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: weights were converted "
                                           "for a different config than mistral-config.json")
+            verify_files(model_dir, manifest, full=verify)
         if not lib.is_file():
             raise MistralCompileError(f"{lib}: library not found")
         kind, index = parse_device(device)
@@ -197,7 +201,11 @@ class Engine:
                 if not (model_dir / fname).is_file():
                     raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
                 files[fname] = SafetensorsFile(model_dir / fname)
-            params.append(arena.put(self._layout(name, files[fname].get(name))))
+            stored = files[fname]
+            if name not in stored.header or list(stored.shape(name)) != entries[name]["shape"]:
+                raise MistralCompileError(f"{stored.path}: tensor '{name}' is not the "
+                                          f"{entries[name]['shape']} the manifest lists")
+            params.append(arena.put(self._layout(name, stored.get(name))))
         return params
 
     def _layout(self, name: str, array: np.ndarray) -> np.ndarray:

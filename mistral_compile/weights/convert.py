@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from mistral_compile.config import (
 )
 from mistral_compile.config.readers import write_config
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.io import read_json_object
+from mistral_compile.io import current_umask, ensure_dir, read_json_object
 from mistral_compile.tokenizer import TOKENIZER_FILES, tokenizer_record
 from mistral_compile.weights.gguf_io import GGUFFile, is_gguf
 from mistral_compile.weights.mapping import (
@@ -37,6 +36,7 @@ from mistral_compile.weights.mapping import (
 )
 from mistral_compile.weights.quantize import Q4_FORMATS, pack_codes, quantize_as
 from mistral_compile.weights.safetensors_io import SafetensorsFile
+from mistral_compile.weights.verify import sha256_file
 
 logger = logging.getLogger("mistral_compile.weights")
 
@@ -208,14 +208,6 @@ def _stored_q4_blocks(name: str, spec: ParamSource, shape: tuple[int, ...],
     return pack_codes(codes), scale, q_min
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
                    quantization: str = "q0f16", allow_pickle: bool = False,
                    progress: bool = True, config: str | os.PathLike | None = None,
@@ -260,22 +252,43 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
         if not out.is_dir() or any(out.iterdir()):
             raise MistralCompileError(f"{out}: exists and is not a converted model; choose "
                                       "another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
+    remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
+    (tmp / ".owner").write_text(str(os.getpid()))  # lets a later run tell a dead one's leftovers
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the model private
     try:
         manifest = _write_all(config, ckpt, name_map, shapes, where, dtype, quantization, tmp,
                               progress, tokenizer_version, tokenizer)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / ".owner").unlink()
         if out.exists():
+            logger.warning("replacing the converted model in %s", out)
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove the ``.OUT.partial-*`` directories of conversions that were killed.
+
+    A partial directory records its process id; one whose process is gone is removed (and
+    said), one whose process still runs is left alone.
+    """
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int((partial / ".owner").read_text())
+            os.kill(pid, 0)
+            continue  # still converting
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            pass  # no owner file (or unreadable): a leftover of an older version
+        logger.warning("removing %s, left by a conversion that did not finish", partial)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, ParamSource],
@@ -334,9 +347,11 @@ def _write_all(config: MistralConfig, ckpt: Checkpoint, name_map: dict[str, Para
         if (ckpt.config_path.parent / fname).is_file():
             shutil.copy2(ckpt.config_path.parent / fname, tmp / fname)
             copied.append(fname)
-    files = {f: _sha256(tmp / f) for f in [*shard_files, NORMALIZED_NAME, *copied]}
+    names = [*shard_files, NORMALIZED_NAME, *copied]
+    files = {f: sha256_file(tmp / f) for f in names}
+    sizes = {f: (tmp / f).stat().st_size for f in names}
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "quantization": quantization, "dtype": dtype,
             "config_fingerprint": config.fingerprint(), "source_format": ckpt.source_format,
             "tokenizer": tokenizer_record(tmp, config.vocab_size, tokenizer, tokenizer_version),
-            "params": params_meta, "files": files}
+            "params": params_meta, "files": files, "sizes": sizes}
