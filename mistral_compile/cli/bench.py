@@ -7,10 +7,23 @@ import argparse
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
             from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -29,7 +42,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="make random weights on the device (no checkpoint needed)")
     parser.add_argument("--prefill-chunks", type=_ints, default=[512, 2048, 4096])
     parser.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384, 32768])
-    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--decode-steps", type=_positive, default=32)
     parser.add_argument("--kv-cache", choices=["owned", "paged"], default="owned",
                         help="the model-owned KV cache (default; a decode step is one CUDA "
                              "graph) or TVM's paged one (what attention sinks use)")

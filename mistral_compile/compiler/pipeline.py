@@ -251,7 +251,6 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
-    ensure_dir(output.parent)  # before minutes of building, not after
     stored = None
     if (model_dir / MANIFEST_NAME).is_file():
         stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]
@@ -271,7 +270,9 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
         raise MistralCompileError("--cuda-graph applies to --device cuda only")
     if cuda_graph is None:  # default: on for CUDA (decode -7..9% on the H100, same logits)
         cuda_graph = device == "cuda"
-    state = CompileState(config=config, dtype=dtype, target=make_target(device, arch, cpu),
+    target = make_target(device, arch, cpu)
+    ensure_dir(output.parent)  # before the build, not after it (every argument checked first)
+    state = CompileState(config=config, dtype=dtype, target=target,
                          output=output, quantization=quantization, cuda_graph=cuda_graph,
                          cpu_level=resolve_cpu(cpu) if device == "cpu" else None)
     with state.target:

@@ -29,6 +29,17 @@ _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "max_seq_len"
 _ROPE_TYPES_SUPPORTED = (None, "default")
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere inside ``value`` (JSON cannot hold them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -84,6 +95,9 @@ class MistralConfig:
 
     # ---------------------------------------------------------------- normalization steps
     def _check_types(self) -> None:
+        for key, value in self.kwargs.items():  # the leftovers are written out too
+            if not _finite(value):
+                raise ConfigError(key, f"holds a NaN or infinite number ({value!r})")
         for name in _REQUIRED_INTS:
             value = getattr(self, name)
             if value is None:

@@ -226,9 +226,16 @@ def resolve_source(source: str | os.PathLike) -> Path:
         return path
     if path.is_dir():
         for name in ("config.json", "params.json"):
-            if (path / name).is_file():
-                return path / name
+            candidate = path / name
+            if candidate.is_symlink() and not candidate.exists():
+                raise MistralCompileError(f"{candidate}: a symbolic link that leads nowhere "
+                                          "(dangling, or a loop)")
+            if candidate.is_file():
+                return candidate
         raise MistralCompileError(f"{path}: directory holds neither config.json nor params.json")
+    if path.is_symlink():
+        raise MistralCompileError(f"{path}: a symbolic link that leads nowhere (dangling, or a "
+                                  "loop)")
     if _REPO_ID.match(str(source)):
         return _resolve_cached_repo(str(source))
     raise MistralCompileError(f"{source}: no such file or directory")

@@ -189,8 +189,20 @@ def _assemble(spec: ParamSource, parts: list[np.ndarray]) -> np.ndarray:
 def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
                  where: dict[str, SafetensorsFile], dtype: str) -> np.ndarray:
     sources = _checked_sources(name, spec, shape, where)
-    out = _assemble(spec, [f.get(src) for f, src in sources])
-    return np.ascontiguousarray(out.astype(dtype))
+    parts = []
+    for f, src in sources:
+        w = f.get(src)
+        if not np.isfinite(w).all():  # a NaN or inf weight would poison every output
+            bad = int((~np.isfinite(w)).sum())
+            raise MistralCompileError(f"{f.path}: tensor '{src}' holds {bad} NaN or infinite "
+                                      "values")
+        parts.append(w)
+    out = _assemble(spec, parts)
+    out = np.ascontiguousarray(out.astype(dtype))
+    if dtype == "float16" and not np.isfinite(out).all():
+        raise MistralCompileError(f"tensor '{name}': values beyond float16's range (65504); "
+                                  "convert with --quantization q0f32")
+    return out
 
 
 def _stored_q4_blocks(name: str, spec: ParamSource, shape: tuple[int, ...],
