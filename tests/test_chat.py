@@ -121,7 +121,10 @@ def test_tokenizer_chosen_from_file_or_recorded_version(full, tmp_path):
     manifest = json.loads((model / "mistral-weights.json").read_text())
     assert manifest["tokenizer"] == {"family": "mistral-common", "files": ["tokenizer.model.v3"],
                                      "version": "v3"}
-    (model / "tokenizer.model.v3").unlink()
+    (model / "tokenizer.model.v3").unlink()  # as if converted without it (not in the manifest)
+    for key in ("files", "sizes"):
+        del manifest[key]["tokenizer.model.v3"]
+    (model / "mistral-weights.json").write_text(json.dumps(manifest))
     # no file: the recorded version selects mistral-common's bundled v3
     assert engine(full).tokenizer.size == 32768
     eng = Engine(model, full / "lib.so")

@@ -85,8 +85,8 @@ def test_zero_is_an_error_not_a_request_to_derive(field):
 @pytest.mark.parametrize("field, value, text", [
     ("rms_norm_eps", float("nan"), "must be finite"),
     ("rms_norm_eps", float("inf"), "must be finite"),
-    ("rope_theta", float("inf"), "positive finite number"),
-    ("rope_theta", float("nan"), "positive finite number"),
+    ("rope_theta", float("inf"), "NaN or infinite"),
+    ("rope_theta", float("nan"), "NaN or infinite"),
     ("hidden_size", 10**40, "larger than any model"),
     ("num_key_value_heads", 10**40, "is 10000000000000000000000000000000000000000"),
 ])
