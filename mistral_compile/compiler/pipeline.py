@@ -18,6 +18,7 @@ from tvm import relax
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
+from mistral_compile.model.kv_paged import PAGE_SIZE
 from mistral_compile.io import ensure_dir, read_json_object
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
@@ -76,7 +77,7 @@ def _attach_metadata(state: CompileState) -> None:
             "cpu_flags": list(CPU_LEVELS[state.cpu_level]) if state.cpu_level else None,
             "param_layouts": state.param_layouts,
             "params": state.param_names, "param_shapes": state.param_shapes,
-            "param_dtypes": state.param_dtypes}
+            "param_dtypes": state.param_dtypes, "page_size": PAGE_SIZE}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     bb = relax.BlockBuilder()
     with bb.function(METADATA_FUNC, []):

@@ -13,6 +13,7 @@ from tvm.target import Target
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
 from mistral_compile.model.kernels import own_attention_kernels
+from mistral_compile.model.kv_paged import PAGE_SIZE, kv_groups
 from mistral_compile.model.window import exact_window_kernels
 
 
@@ -64,8 +65,11 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
     on the device), so a greedy loop feeds each step's output to the next without the host.
     ``prefill`` and ``decode`` use the model-owned cache (its storage is among the parameters);
     the ``*_paged`` pair does the same on TVM's paged cache, which the engine uses for sinks.
+    ``batch_step`` runs a ragged batch on our paged cache, one table and pool per window group.
     """
-    hidden, dtype = model.config.hidden_size, model.dtype
+    config = model.config
+    hidden, dtype = config.hidden_size, model.dtype
+    groups = kv_groups(config)
     cache = nn.spec.Object(object_type=PagedKVCache)
     packed = {"param_mode": "packed", "effect_mode": "none"}
     embeds = nn.spec.Tensor([1, "seq_len", hidden], dtype)
@@ -76,12 +80,17 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
         "prefill_paged": {"input_embed": embeds, "cache": cache, "$": packed},
         "decode_paged": {"input_ids": nn.spec.Tensor([1], "int32"), "cache": cache,
                          "$": packed},
-        "batch_prefill": {"input_embeds": embeds,
-                          "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-                          "cache": cache, "$": packed},
-        "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], dtype),
-                         "cache": cache, "$": packed},
-        "batch_verify": {"input_embeds": embeds, "cache": cache, "$": packed},
+        "batch_step": {
+            "input_ids": nn.spec.Tensor(["num_tokens"], "int32"),
+            "positions": nn.spec.Tensor(["num_tokens"], "int32"),
+            "rows": nn.spec.Tensor(["num_tokens"], "int32"),
+            "logit_index": nn.spec.Tensor(["num_logits"], "int32"),
+            "tables": [nn.spec.Tensor(["num_rows", f"width_{g}"], "int32")
+                       for g in range(len(groups))],
+            "pools": [nn.spec.Tensor([f"pages_{g}", len(group.layers), 2,
+                                      config.num_key_value_heads, PAGE_SIZE, config.head_dim],
+                                     dtype) for g, group in enumerate(groups)],
+            "$": packed},
         "create_paged_kv_cache": {
             "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
             "page_size": int, "support_sliding_window": int,

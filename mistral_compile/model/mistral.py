@@ -13,6 +13,7 @@ from mistral_compile.config import MistralConfig
 from mistral_compile.model import cpu_kernels, kernels
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
+from mistral_compile.model.kv_paged import PagedKVCache
 from mistral_compile.weights.quantize import (
     GROUP,
     MAX_INT,
@@ -350,8 +351,8 @@ class MistralModel(nn.Module):
 class MistralForCausalLM(nn.Module):
     """The exported model (model/exports.py), which holds the model-owned KV cache.
 
-    ``prefill`` and ``decode`` use that cache (model/kv_owned.py); ``*_paged`` and ``batch_*``
-    use TVM's paged one.
+    ``prefill`` and ``decode`` use that cache (model/kv_owned.py); ``*_paged`` use TVM's paged
+    one (attention sinks); ``batch_step`` runs a batch on our paged cache (model/kv_paged.py).
     """
 
     def __init__(self, config: MistralConfig, dtype: str = "float32",
@@ -435,19 +436,20 @@ class MistralForCausalLM(nn.Module):
         logits = self.get_logits(self.model(embed, cache))
         return logits, _argmax(logits), cache
 
-    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor,
-                      cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        hidden = self.model(input_embeds, cache)
-        hidden = op.take(hidden, logit_positions, axis=1)
-        return self.get_logits(hidden), cache
+    def batch_step(self, input_ids: Tensor, positions: Tensor, rows: Tensor,
+                   logit_index: Tensor, tables: list[Tensor], pools: list[Tensor]) -> Tensor:
+        """One step of a batch: T tokens of several sequences (ragged), on the paged cache.
 
-    def batch_decode(self, input_embeds: Tensor,
-                     cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self.get_logits(self.model(input_embeds, cache)), cache
-
-    def batch_verify(self, input_embeds: Tensor,
-                     cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self.get_logits(self.model(input_embeds, cache)), cache
+        Token t is at ``positions[t]`` of the sequence in row ``rows[t]`` of each group's page
+        table (model/kv_paged.py); its key and value are written to the pools in place. The
+        logits [R, vocab] are those of the tokens at ``logit_index`` (each sequence's last).
+        """
+        embed = self.embed(input_ids)
+        hidden = op.reshape(embed, (1, input_ids.shape[0], self.config.hidden_size))
+        cache = PagedKVCache(self.config, positions, rows, tables, pools)
+        hidden = op.take(self.model(hidden, cache), logit_index, axis=1)
+        logits = self.get_logits(hidden)
+        return op.reshape(logits, (logit_index.shape[0], self.config.vocab_size))
 
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,

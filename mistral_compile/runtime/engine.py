@@ -7,35 +7,20 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tvm
 
-from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.io import read_json_object
+from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.library import (
-    LIBRARY_FORMAT_VERSION,
     STATE_PREFIX,
     TokenReader,
-    WeightArena,
-    check_cpu,
-    load_vm,
-    parse_device,
-    read_metadata,
-    to_device,
-    tvm_device,
-    zeros,
 )
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.tokenizer import Tokenizer
-from mistral_compile.weights.convert import MANIFEST_NAME
-from mistral_compile.weights.panels import pack_rows
-from mistral_compile.weights.safetensors_io import SafetensorsFile
-from mistral_compile.weights.verify import verify_files
 
 logger = logging.getLogger("mistral_compile.runtime")
 
@@ -76,70 +61,21 @@ class Engine:
         or "hf") overrides the family recorded at conversion (mistral_compile/tokenizer).
         The weight files are checked against the manifest (sizes; with ``verify``, sha256).
         """
-        model_dir, lib = Path(model_dir), Path(lib)
-        self.model_dir = model_dir
-        self.progress = progress
-        self.config = read_config(model_dir)
-        manifest = None
+        self.artifact = art = Artifact(model_dir, lib, device, params, progress, verify)
+        self.model_dir, self.progress = art.model_dir, progress
+        self.config, self.device, self.vm, self.meta = art.config, art.device, art.vm, art.meta
+        self.dtype, self.quantization = art.dtype, art.quantization
+        self.tokenizer_record = art.tokenizer_record
+        self.params, self._state = art.params, art.state
         self._tokenizer = None
         self._tokenizer_family = tokenizer
         self._last_turn: Turn | None = None
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
-        if params is None:
-            manifest = read_json_object(model_dir / MANIFEST_NAME)
-            if manifest.get("config_fingerprint") != self.config.fingerprint():
-                raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: weights were converted "
-                                          "for a different config than mistral-config.json")
-            verify_files(model_dir, manifest, full=verify)
-        if not lib.is_file():
-            raise MistralCompileError(f"{lib}: library not found")
-        kind, index = parse_device(device)
-        self.device = tvm_device(kind, index)
-        self.vm = load_vm(lib, self.device, kind)
-        try:
-            meta = read_metadata(self.vm)
-        except (AttributeError, ValueError, KeyError) as err:
-            raise MistralCompileError(f"{lib}: not a mistral-compile library ({err})") from None
-        if meta.get("format_version") != LIBRARY_FORMAT_VERSION:
-            raise MistralCompileError(f"{lib}: library format {meta.get('format_version')}, "
-                                      f"this version reads {LIBRARY_FORMAT_VERSION}: recompile")
-        if meta["config_fingerprint"] != self.config.fingerprint():
-            raise MistralCompileError(f"{lib}: library was compiled for a different config "
-                                      f"than {model_dir / 'mistral-config.json'}")
-        if meta["target"] != kind:
-            raise MistralCompileError(f"{lib}: library was compiled for {meta['target']}, "
-                                      f"not {kind}")
-        if kind == "cpu":
-            check_cpu(lib, meta)
-        self.meta = meta
-        self.layouts = meta.get("param_layouts") or {}  # name -> panel width (CPU libraries)
-        self.dtype = meta["dtype"]
-        self.quantization = meta["quantization"]
-        self.param_dtypes = dict(zip(meta["params"], meta["param_dtypes"], strict=True))
-        state = {name: shape for name, shape in zip(meta["params"], meta["param_shapes"],
-                                                    strict=True) if name.startswith(STATE_PREFIX)}
-        weights = [n for n in meta["params"] if n not in state]
-        if manifest is not None:
-            if manifest["quantization"] != self.quantization:
-                raise MistralCompileError(f"{lib}: library is {self.quantization}, weights are "
-                                          f"{manifest['quantization']}")
-            self.params = self._load_params(model_dir, manifest, weights)
-            self.tokenizer_record = manifest.get("tokenizer") or {}
-        else:
-            self.params = self._given_params(params, weights)
-            self.tokenizer_record = {}
-        # the owned cache's storage (zeros) and length, in the library's parameter order
-        self._state = {name: zeros(shape, self.param_dtypes[name], self.device)
-                       for name, shape in state.items()}
-        loaded = dict(zip(weights, self.params, strict=True))
-        # one FFI array, not a Python list: a list (291 tensors for a 7B model) would be
-        # converted again on every call
-        self.params = tvm.runtime.convert([loaded[n] if n in loaded else self._state[n]
-                                           for n in meta["params"]])
+        kind, index = art.kind, art.index
         self._kv_length = self._state[STATE_PREFIX + "length"]
-        self._kv_slots = int(state[STATE_PREFIX + "storage"][3])
         storage = self._state[STATE_PREFIX + "storage"]
+        self._kv_slots = int(storage.shape[3])
         logger.info("KV cache: %d slots per layer, %.2f GiB on %s", self._kv_slots,
                     storage.numel() * storage.dtype.itemsize / 2**30, self.device)
         sink = self.config.attention_sink_size if attention_sink_size is None \
@@ -181,57 +117,6 @@ class Engine:
         self.cache = None
         self.length = 0
         self.reset()
-
-    def _load_params(self, model_dir: Path, manifest: dict, names: list[str]) -> list:
-        entries = {p["name"]: p for p in manifest["params"]}
-        missing = [n for n in names if n not in entries]
-        if missing:
-            raise MistralCompileError(f"{model_dir / MANIFEST_NAME}: parameter '{missing[0]}' "
-                                      "required by the library is not in the weights")
-        from tqdm import tqdm
-
-        files: dict[str, SafetensorsFile] = {}
-        params = []
-        arena = WeightArena([(entries[n]["shape"], entries[n]["dtype"]) for n in names],
-                            self.device)
-        for name in tqdm(names, desc="loading weights", unit="tensor", disable=not self.progress,
-                         leave=False):
-            fname = entries[name]["file"]
-            if fname not in files:
-                if not (model_dir / fname).is_file():
-                    raise MistralCompileError(f"{model_dir / fname}: weight shard not found")
-                files[fname] = SafetensorsFile(model_dir / fname)
-            stored = files[fname]
-            if name not in stored.header or list(stored.shape(name)) != entries[name]["shape"]:
-                raise MistralCompileError(f"{stored.path}: tensor '{name}' is not the "
-                                          f"{entries[name]['shape']} the manifest lists")
-            params.append(arena.put(self._layout(name, stored.get(name))))
-        return params
-
-    def _layout(self, name: str, array: np.ndarray) -> np.ndarray:
-        """A weight as the library reads it: in panels where it says so, else as stored."""
-        panel = self.layouts.get(name)
-        if panel and array.ndim == 2:
-            return pack_rows(array, panel)
-        return np.array(array)
-
-    def _given_params(self, given: Mapping[str, Any], names: list[str]) -> list:
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise MistralCompileError(f"params: '{missing[0]}' required by the library is "
-                                      f"missing ({len(missing)} missing)")
-        out = []
-        for name in names:
-            value = given[name]
-            if isinstance(value, np.ndarray):
-                value = to_device(self._layout(name, value), self.device)
-            elif not isinstance(value, tvm.runtime.Tensor):
-                value = tvm.runtime.from_dlpack(value)
-            if str(value.dtype) != self.param_dtypes[name]:
-                raise MistralCompileError(f"params: '{name}' is {value.dtype}, the library "
-                                          f"expects {self.param_dtypes[name]}")
-            out.append(value)
-        return out
 
     def reset(self) -> None:
         """Forget the sequence and the last chat turn: a fresh KV cache."""

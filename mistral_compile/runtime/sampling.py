@@ -9,6 +9,8 @@ import numpy as np
 
 from mistral_compile.errors import MistralCompileError
 
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI's API allows
+
 
 @dataclass
 class SamplingParams:
@@ -21,18 +23,31 @@ class SamplingParams:
     max_tokens: int | None = None  # None = until EOS, the context or a stop string
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: on tokens generated so far
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k (<= 20)
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
         """Plain argmax: the engine can pick tokens on the device (Engine.greedy)."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        return (self.temperature == 0 and self.repetition_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty
+                and not self.logit_bias)
 
     def __post_init__(self) -> None:
         checks = (("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                   ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-                  ("max_tokens", self.max_tokens is None or self.max_tokens > 0, "> 0"))
+                  ("max_tokens", self.max_tokens is None or self.max_tokens > 0, "> 0"),
+                  ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+                  ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                   f"in [0, {MAX_LOGPROBS}]"))
         for name, ok, rule in checks:
             if not ok:
                 raise MistralCompileError(f"{name}={getattr(self, name)}: must be {rule}")
