@@ -14,6 +14,7 @@ from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
 from mistral_compile.model.kernels import own_attention_kernels
 from mistral_compile.model.kv_paged import PAGE_SIZE, kv_groups
+from mistral_compile.model.sampler import NUM_OPTIONS
 from mistral_compile.model.window import exact_window_kernels
 
 
@@ -65,11 +66,14 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
     on the device), so a greedy loop feeds each step's output to the next without the host.
     ``prefill`` and ``decode`` use the model-owned cache (its storage is among the parameters);
     the ``*_paged`` pair does the same on TVM's paged cache, which the engine uses for sinks.
-    ``batch_step`` runs a ragged batch on our paged cache, one table and pool per window group.
+    ``batch_step`` runs a ragged batch on our paged cache, one table and pool per window group;
+    ``sample`` and ``top_logprobs`` pick its tokens on the device (model/sampler.py).
     """
     config = model.config
     hidden, dtype = config.hidden_size, model.dtype
     groups = kv_groups(config)
+    vocab = config.vocab_size
+    plain = {"param_mode": "none", "effect_mode": "none"}
     cache = nn.spec.Object(object_type=PagedKVCache)
     packed = {"param_mode": "packed", "effect_mode": "none"}
     embeds = nn.spec.Tensor([1, "seq_len", hidden], dtype)
@@ -91,6 +95,13 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
                                       config.num_key_value_heads, PAGE_SIZE, config.head_dim],
                                      dtype) for g, group in enumerate(groups)],
             "$": packed},
+        "sample": {"logits": nn.spec.Tensor(["num_logits", vocab], "float32"),
+                   "options": nn.spec.Tensor(["num_logits", NUM_OPTIONS], "float32"),
+                   "rng": nn.spec.Tensor(["num_logits", 2], "int32"),
+                   "adjust": nn.spec.Tensor(["num_adjust", 4], "int32"),
+                   "bias": nn.spec.Tensor(["num_adjust"], "float32"), "$": plain},
+        "top_logprobs": {"logits": nn.spec.Tensor(["num_logits", vocab], "float32"),
+                         "k": nn.spec.Tensor([1], "int32"), "$": plain},
         "create_paged_kv_cache": {
             "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
             "page_size": int, "support_sliding_window": int,

@@ -19,7 +19,7 @@ TARGET_CTAS = 256  # enough CTAs to fill an H100's 132 SMs twice at batch 1
 MAX_SPLITS = 64
 
 
-def _splits(batch: tirx.PrimExpr, num_kv_heads: int) -> tirx.PrimExpr:
+def split_count(batch: tirx.PrimExpr, num_kv_heads: int) -> tirx.PrimExpr:
     """How many CTAs share one sequence's KV rows for one KV head."""
     return T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, batch * num_kv_heads)))
 
@@ -81,33 +81,33 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
         q_rope = T.match_buffer(q_rope_handle, (B,), "int32", elem_offset=q_rope_off)
         output = T.match_buffer(output_handle, (B, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
-        ws = T.alloc_buffer((B * h_qo * _splits(B, h_kv) * (d + 2),), "float32")
+        ws = T.alloc_buffer((B * h_qo * split_count(B, h_kv) * (d + 2),), "float32")
         # ws is passed as access_ptr (whole extent): with address_of(ws[0]) TVM's
         # CompactBufferAllocation shrank it to one element and the kernels wrote past it
-        for _bx in T.thread_binding(_splits(B, h_kv), thread="blockIdx.x"):
+        for _bx in T.thread_binding(split_count(B, h_kv), thread="blockIdx.x"):
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
                 for _bz in T.thread_binding(B, thread="blockIdx.z"):
                     for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads()
-                            T.writes(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
+                            T.writes(ws[0:B * h_qo * split_count(B, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
                                 "void", partial, T.address_of(Q[0, 0, 0]),
                                 T.address_of(pages[0, 0, 0, 0, 0]), T.address_of(indptr[0]),
                                 T.address_of(values[0]), length_info.access_ptr("r"), B,
                                 T.address_of(k_rope[0]), T.address_of(q_rope[0]),
                                 ws.access_ptr("rw"),
-                                _splits(B, h_kv), rotary_mode, rope_scale,
+                                split_count(B, h_kv), rotary_mode, rope_scale,
                                 rope_theta, sm_scale))
         for _hx in T.thread_binding(h_qo, thread="blockIdx.x"):
             for _by in T.thread_binding(B, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):
                     with T.sblock("merge"):
-                        T.reads(ws[0:B * h_qo * _splits(B, h_kv) * (d + 2)])
+                        T.reads(ws[0:B * h_qo * split_count(B, h_kv) * (d + 2)])
                         T.writes()
                         T.evaluate(T.call_extern(
                             "void", merge, ws.access_ptr("rw"), B,
-                            _splits(B, h_kv),
+                            split_count(B, h_kv),
                             T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0])))
 
     return decode

@@ -30,7 +30,7 @@ from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
-from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS
+from mistral_compile.model.kernels import CTYPES, split_count
 
 PAGE_SIZE = 16  # tokens per page: the unit of allocation, sharing and freeing
 
@@ -71,7 +71,7 @@ def _pool_shape(layers: int, h_kv: int, d: int, pages: tirx.Var) -> tuple:
     return (pages, layers, 2, h_kv, PAGE_SIZE, d)
 
 
-class PagedKVCache:
+class PagedCache:
     """Stands where the owned cache stands in the layers (``attention_with_fused_qkv``).
 
     Holds the step's positions, rows, and each group's table and pool (relax tensors).
@@ -288,11 +288,11 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
     """Split-KV attention of appended rows through the page tables, then the merge.
 
     mc::paged_attn_partial splits each (row, KV head)'s keys over ``nsplit`` CTAs, chosen from
-    the row count so that a small batch still fills the GPU; mc::decode_attn_merge merges them.
+    the row count so that a small batch still fills the GPU; mc::paged_merge merges them.
     """
     group = h_q // h_kv
     partial = f"mc::paged_attn_partial<{CTYPES[dtype]}, {d}, {group}, {h_kv}, {PAGE_SIZE}>"
-    merge = f"mc::decode_attn_merge<{CTYPES[dtype]}, {d}>"
+    merge = f"mc::paged_merge<{CTYPES[dtype]}, {d}>"
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_handle: T.handle, pos_handle: T.handle, row_handle: T.handle,
@@ -306,31 +306,29 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
         table = T.match_buffer(table_handle, (b, w), "int32")
         pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
-        nsplit = T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, n * h_kv)))
-        ws = T.alloc_buffer((n * h_q * nsplit * (d + 2),), "float32")
-        for _bx in T.thread_binding(nsplit, thread="blockIdx.x"):
+        ws = T.alloc_buffer((n * h_q * split_count(n, h_kv) * (d + 2),), "float32")
+        for _bx in T.thread_binding(split_count(n, h_kv), thread="blockIdx.x"):
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
                 for _bz in T.thread_binding(n, thread="blockIdx.z"):
                     for _tx in T.thread_binding(128, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads(q[0, 0:n, 0:h_q, 0:d], positions[0:n], rows[0:n],
                                     table[0:b, 0:w])
-                            T.writes(ws[0:n * h_q * nsplit * (d + 2)])
+                            T.writes(ws[0:n * h_q * split_count(n, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
                                 "void", partial, q.access_ptr("r"), positions.access_ptr("r"),
                                 rows.access_ptr("r"), table.access_ptr("r"),
                                 T.Cast("int32", w), pool.access_ptr("r"), layer, layers,
-                                window, ws.access_ptr("rw"), T.Cast("int32", nsplit),
+                                window, ws.access_ptr("rw"), T.Cast("int32", split_count(n, h_kv)),
                                 T.float32(sm_scale)))
         for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
             for _by in T.thread_binding(n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):
                     with T.sblock("merge"):
-                        T.reads(ws[0:n * h_q * nsplit * (d + 2)])
+                        T.reads(ws[0:n * h_q * split_count(n, h_kv) * (d + 2)])
                         T.writes(out[0, 0:n, 0:h_q, 0:d])
                         T.evaluate(T.call_extern(
                             "void", merge, ws.access_ptr("r"), T.Cast("int32", n),
-                            T.Cast("int32", nsplit), out.access_ptr("w"),
-                            T.reinterpret("handle", T.uint64(0))))
+                            T.Cast("int32", split_count(n, h_kv)), out.access_ptr("w")))
 
     return func

@@ -10,10 +10,10 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.model import cpu_kernels, kernels
+from mistral_compile.model import cpu_kernels, kernels, sampler
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
-from mistral_compile.model.kv_paged import PagedKVCache
+from mistral_compile.model.kv_paged import PagedCache
 from mistral_compile.weights.quantize import (
     GROUP,
     MAX_INT,
@@ -446,10 +446,19 @@ class MistralForCausalLM(nn.Module):
         """
         embed = self.embed(input_ids)
         hidden = op.reshape(embed, (1, input_ids.shape[0], self.config.hidden_size))
-        cache = PagedKVCache(self.config, positions, rows, tables, pools)
+        cache = PagedCache(self.config, positions, rows, tables, pools)
         hidden = op.take(self.model(hidden, cache), logit_index, axis=1)
         logits = self.get_logits(hidden)
         return op.reshape(logits, (logit_index.shape[0], self.config.vocab_size))
+
+    def sample(self, logits: Tensor, options: Tensor, rng: Tensor, adjust: Tensor,
+               bias: Tensor) -> tuple[Tensor, Tensor]:
+        """A token per row of ``batch_step``'s logits, and its logprob (model/sampler.py)."""
+        return sampler.sample(logits, options, rng, adjust, bias)
+
+    def top_logprobs(self, logits: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The k most likely tokens per row and their logprobs (model/sampler.py)."""
+        return sampler.top_logprobs(logits, k)
 
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,

@@ -1,25 +1,95 @@
-"""The sampler of a batched step: a token (and the logprobs asked for) per sequence."""
+"""The sampler of a batched step: each row's options up, ``sample`` on the device, ids back."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import tvm
 
+from mistral_compile.model.sampler import (
+    NUM_OPTIONS,
+    OPT_FREQUENCY,
+    OPT_MIN_P,
+    OPT_PRESENCE,
+    OPT_REPETITION,
+    OPT_TEMPERATURE,
+    OPT_TOP_K,
+    OPT_TOP_P,
+)
 from mistral_compile.runtime.artifact import Artifact
-from mistral_compile.runtime.sampling import sample
+from mistral_compile.runtime.sampling import SamplingParams
+
+
+def options_row(p: SamplingParams) -> list[float]:
+    """A request's sampling options as the kernels' option columns."""
+    row = [0.0] * NUM_OPTIONS
+    row[OPT_TEMPERATURE], row[OPT_TOP_P], row[OPT_TOP_K] = p.temperature, p.top_p, p.top_k
+    row[OPT_MIN_P], row[OPT_REPETITION] = p.min_p, p.repetition_penalty
+    row[OPT_PRESENCE], row[OPT_FREQUENCY] = p.presence_penalty, p.frequency_penalty
+    return row
+
+
+def adjustments(p: SamplingParams, prompt: list[int],
+                output: list[int]) -> list[tuple[int, int, int, float]]:
+    """(token, generated count, seen, bias) for every token a request's penalties or bias touch.
+
+    The repetition penalty (Hugging Face's) applies to tokens of the prompt and the output;
+    presence and frequency penalties (OpenAI's) to generated tokens, by count.
+    """
+    counts = Counter(output) if (p.presence_penalty or p.frequency_penalty) else Counter()
+    seen = set(prompt) | set(output) if p.repetition_penalty != 1.0 else set()
+    tokens = set(counts) | seen | set(int(t) for t in p.logit_bias)
+    return [(t, counts.get(t, 0), int(t in seen), float(p.logit_bias.get(t, 0.0)))
+            for t in sorted(tokens)]
 
 
 class Sampler:
-    """Picks each row's next token from a step's logits."""
+    """Picks each row's next token from a step's logits on the device."""
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
+        self.fn = artifact.vm["sample"]
+        self.top = artifact.vm["top_logprobs"]
+
+    def _up(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.artifact.device)
 
     def sample(self, logits: tvm.runtime.Tensor, seqs: list) -> tuple[np.ndarray, list | None]:
-        host = logits.numpy()
-        out = np.zeros(len(seqs), dtype="int32")
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            rng = np.random.default_rng([p.seed or 0, len(seq.output)])
-            out[i] = sample(host[i], p, rng, seq.tokens)
-        return out, None
+        """Token ids [rows] (numpy), and per row its logprob entry where one was asked for.
+
+        ``seqs`` carry ``params``, ``seed``, ``prompt`` and ``output``; the noise of a token is
+        keyed by (seed, index of the token in the output).
+        """
+        options = np.array([options_row(s.params) for s in seqs], dtype="float32")
+        rng = np.array([[s.seed, len(s.output)] for s in seqs], dtype="int64")
+        rng = rng.astype("uint32").view("int32")
+        entries, bias = [(0, 0, 0, 0)], [0.0]  # a no-op entry: never an empty tensor
+        for row, s in enumerate(seqs):
+            for token, count, seen, b in adjustments(s.params, s.prompt, s.output):
+                entries.append((row, token, count, seen))
+                bias.append(b)
+        tokens, logprob = self.fn(logits, self._up(options), self._up(rng),
+                                  self._up(np.array(entries, dtype="int32")),
+                                  self._up(np.array(bias, dtype="float32")))
+        tokens = tokens.numpy()
+        wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        if not wanted:
+            return tokens, None
+        logprob = logprob.numpy()
+        top_ids = top_values = None
+        k = max(wanted)
+        if k > 0:
+            ids, values = self.top(logits, self._up(np.array([k], dtype="int32")))
+            top_ids, top_values = ids.numpy(), values.numpy()
+        out = []
+        for row, s in enumerate(seqs):
+            n = s.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            top = [] if not n else list(zip(top_ids[row, :n].tolist(),
+                                            top_values[row, :n].tolist(), strict=True))
+            out.append({"token": int(tokens[row]), "logprob": float(logprob[row]),
+                        "top": top})
+        return tokens, out

@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mistral_compile.runtime.kv_cache import KVCacheManager, SequencePages
 from mistral_compile.runtime.sampling import SamplingParams
 
@@ -34,6 +36,7 @@ class Sequence:
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache gave it (first admission)
     admitted: bool = False
+    seed: int = 0  # the sampling noise's key (the request's seed, else a random one)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -76,10 +79,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._arrivals = itertools.count()
+        self._rng = np.random.default_rng()
 
     def add(self, request_id: Any, prompt: list[int], params: SamplingParams) -> Sequence:
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         seq = Sequence(request_id, list(prompt), params, self.kv.new_sequence(),
-                       next(self._arrivals))
+                       next(self._arrivals), seed=seed % 2**32)
         self.waiting.append(seq)
         return seq
 

@@ -1467,21 +1467,21 @@ __device__ __forceinline__ void owned_append(const T* __restrict__ qkv, const in
   }
 }
 
-// Split-KV attention over the owned cache, pass 1 (pass 2 is decode_attn_merge). Grid
-// (nsplit, H_kv, rows), 128 threads, the row and lane layout of decode_attn_partial. Query row b
-// sits at position p = len[0] + b and sees keys [lo, p], lo = max(0, p - window + 1) with a
-// window (else 0), read from their slots.
+// Split-KV attention of query rows over a KV layout, pass 1 (pass 2 merges). Grid (nsplit, H_kv,
+// rows), 128 threads, the row and lane layout of decode_attn_partial. Query row b = blockIdx.z
+// sits at position `pos` and sees keys [lo, pos], lo = max(0, pos - window + 1) with a window
+// (else 0); the key and value at position p are at kbase / vbase + slot(p) (the layout policy:
+// the owned ring, or a page table).
 // FUSED (decode, one row): q is the un-rotated fused projection [1, HQ + 2 HKV, D]; the kernel
-// rotates q and the new key, reads keys [lo, p) from the cache and the new one from registers
-// (last split), and that split also writes the new k and v to slot p % C. Otherwise q is already
-// rotated ([rows, HQ, D]) and every key, p included, comes from the cache.
-template <typename T, int D, int G, int HKV, bool FUSED>
-__device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
-                                                   const int* __restrict__ len,
-                                                   T* __restrict__ state, int layer, int cap,
-                                                   int window, float* __restrict__ ws, int nsplit,
-                                                   float rope_scale, float rope_theta,
-                                                   float sm_scale) {
+// rotates q and the new key, reads keys [lo, pos) from the cache and the new one from registers
+// (last split), and that split also writes the new k and v to slot(pos). Otherwise q is already
+// rotated ([rows, HQ, D]) and every key, pos included, comes from the cache.
+template <typename T, int D, int G, int HKV, bool FUSED, typename Slot>
+__device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T* kbase,
+                                             T* vbase, Slot slot, int window,
+                                             float* __restrict__ ws, int nsplit,
+                                             float rope_scale, float rope_theta,
+                                             float sm_scale) {
   constexpr int VEC = Vec<T>::N;
   constexpr int L = D / VEC;
   constexpr int RPW = 32 / L;
@@ -1499,14 +1499,11 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   const int sub = lane % L, rg = warp * RPW + lane / L;
   const int d0 = sub * VEC;
 
-  const int pos = len[0] + b;
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
   const int stored_end = FUSED ? pos : pos + 1;  // keys [lo, stored_end) come from the cache
   const int n_keys = stored_end - lo;
   const int chunk = max((n_keys + nsplit - 1) / nsplit, 16);
   const int row_begin = lo + split * chunk, row_end = min(row_begin + chunk, stored_end);
-  T* kbase = owned_rows<T, HKV, D>(state, layer, 0, kvh, cap);
-  T* vbase = owned_rows<T, HKV, D>(state, layer, 1, kvh, cap);
   // a batch of UNROLL rows per row group, loaded raw: the first batch is in flight while q is
   // rotated, and each next batch while the current one is scored (software pipelining)
   auto load_batch = [&](int base, uint4* kr, uint4* vr) {
@@ -1514,7 +1511,7 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
     for (int u = 0; u < UNROLL; ++u) {
       const int r = base + u * GROUPS + rg;
       if (r < row_end) {
-        const int64_t at = static_cast<int64_t>(r % cap) * D + d0;
+        const int64_t at = slot(r) + d0;
         kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + at));
         vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + at));
       } else {
@@ -1606,7 +1603,7 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
     for (int e = 0; e < VEC; ++e) kf[e] = round_to(static_cast<T*>(nullptr), kf[e]);
     accumulate(kf, vf, rg == 0);
     if (rg == 0) {
-      const int64_t at = static_cast<int64_t>(pos % cap) * D + d0;
+      const int64_t at = slot(pos) + d0;
       store16(kbase + at, kf);
       store16(vbase + at, vf);
     }
@@ -1645,6 +1642,100 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   __syncthreads();
   split_kv_write<G, D, WARPS>(sm_o, sm_m, sm_d, ws, static_cast<int64_t>(rows) * HQ * nsplit * D,
                               (static_cast<int64_t>(b) * HQ + kvh * G) * nsplit + split, nsplit);
+}
+
+// The owned cache's split-KV attention (attn_partial): row b at position len[0] + b, the key at
+// position p in slot p % C of layer `layer`.
+template <typename T, int D, int G, int HKV, bool FUSED>
+__device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
+                                                   const int* __restrict__ len,
+                                                   T* __restrict__ state, int layer, int cap,
+                                                   int window, float* __restrict__ ws, int nsplit,
+                                                   float rope_scale, float rope_theta,
+                                                   float sm_scale) {
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  attn_partial<T, D, G, HKV, FUSED>(
+      q, len[0] + b, owned_rows<T, HKV, D>(state, layer, 0, kvh, cap),
+      owned_rows<T, HKV, D>(state, layer, 1, kvh, cap),
+      [cap](int r) { return static_cast<int64_t>(r % cap) * D; }, window, ws, nsplit,
+      rope_scale, rope_theta, sm_scale);
+}
+
+// ---- The paged cache of a batch (mistral_compile/model/kv_paged.py) ----
+// Pool [pages, LG, 2 (k, v), H_kv, P, D]: the key at position p of the sequence in table row
+// `row` is in page table[row * width + (p / P) % width], slot p % P, rotated when written.
+
+template <typename T, int HKV, int D, int P>
+__device__ __forceinline__ T* paged_rows(T* pool, int layer, int layers, int kind, int kvh) {
+  return pool + ((static_cast<int64_t>(layer) * 2 + kind) * HKV + kvh) * P * D;
+}
+
+// Rows t of a step: qkv [n, HQ + 2 HKV, D] at positions[t] of table row rows[t]. q is rotated
+// into q_out [n, HQ, D]; k (rotated) and v go to their pages. Threads as in owned_append.
+template <typename T, int D, int HQ, int HKV, int P>
+__device__ __forceinline__ void paged_append(const T* __restrict__ qkv,
+                                             const int* __restrict__ positions,
+                                             const int* __restrict__ rows, int n,
+                                             const int* __restrict__ table, int width,
+                                             T* __restrict__ pool, int layer, int layers,
+                                             T* __restrict__ q_out, float theta) {
+  constexpr int H = HQ + 2 * HKV, CH = D / 16;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= static_cast<int64_t>(n) * H * CH) return;
+  const int c = static_cast<int>(i % CH) * 8, h = static_cast<int>(i / CH % H);
+  const int r = static_cast<int>(i / CH / H), pos = positions[r];
+  const T* src = qkv + (static_cast<int64_t>(r) * H + h) * D;
+  float lo[8], hi[8];
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    load16(src + c + j, lo + j);
+    load16(src + D / 2 + c + j, hi + j);
+  }
+  if (h < HQ + HKV) rope_pair<D>(lo, hi, c, static_cast<float>(pos), theta);
+  T* dst;
+  if (h < HQ) {
+    dst = q_out + (static_cast<int64_t>(r) * HQ + h) * D;
+  } else {
+    const int kind = h < HQ + HKV ? 0 : 1;
+    const int page = table[static_cast<int64_t>(rows[r]) * width + (pos / P) % width];
+    dst = paged_rows<T, HKV, D, P>(pool, layer, layers, kind, h - HQ - kind * HKV) +
+          static_cast<int64_t>(page) * layers * 2 * HKV * P * D +
+          static_cast<int64_t>(pos % P) * D;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j += Vec<T>::N) {
+    store16(dst + c + j, lo + j);
+    store16(dst + D / 2 + c + j, hi + j);
+  }
+}
+
+// Split-KV attention of a step's rows (appended, q rotated) through the page tables: grid
+// (nsplit, H_kv, n), 128 threads; row b at positions[b] of table row rows[b] (attn_partial).
+template <typename T, int D, int G, int HKV, int P>
+__device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
+                                                   const int* __restrict__ positions,
+                                                   const int* __restrict__ rows,
+                                                   const int* __restrict__ table, int width,
+                                                   T* __restrict__ pool, int layer, int layers,
+                                                   int window, float* __restrict__ ws,
+                                                   int nsplit, float sm_scale) {
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int* trow = table + static_cast<int64_t>(rows[b]) * width;
+  const int64_t page_stride = static_cast<int64_t>(layers) * 2 * HKV * P * D;
+  attn_partial<T, D, G, HKV, false>(
+      q, positions[b], paged_rows<T, HKV, D, P>(pool, layer, layers, 0, kvh),
+      paged_rows<T, HKV, D, P>(pool, layer, layers, 1, kvh),
+      [=](int r) {
+        return trow[(r / P) % width] * page_stride + static_cast<int64_t>(r % P) * D;
+      },
+      window, ws, nsplit, 1.f, 1.f, sm_scale);
+}
+
+// Pass 2 of paged_attn_partial: decode_attn_merge without the log-sum-exp.
+template <typename T, int D>
+__device__ __forceinline__ void paged_merge(const float* __restrict__ ws, int n, int nsplit,
+                                            T* __restrict__ out) {
+  decode_attn_merge<T, D>(ws, n, nsplit, out, nullptr);
 }
 
 // Tensor-core prefill attention over the owned cache (the keys of this chunk already appended
@@ -1773,6 +1864,219 @@ __device__ __forceinline__ void argmax_advance(const float* __restrict__ x, int 
                                                int32_t* __restrict__ out, int* __restrict__ len) {
   argmax_rows(x, n, out);
   if (blockIdx.x == 0 && threadIdx.x == 0) len[0] += 1;
+}
+
+
+// ---- Sampling on the device (mistral_compile/model/sampler.py; numpy twin in
+// runtime/sampling_ref.py). One CTA of SAMPLE_THREADS per row. ----
+constexpr int SAMPLE_THREADS = 1024;
+constexpr int OPT_TEMPERATURE = 0, OPT_TOP_P = 1, OPT_TOP_K = 2, OPT_MIN_P = 3,
+              OPT_REPETITION = 4, OPT_PRESENCE = 5, OPT_FREQUENCY = 6, NUM_OPTIONS = 7;
+
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The noise of token v at output index `step` of a request with `seed`: Exp(1), from a
+// counter-based hash, so a request draws the same numbers in any batch.
+__device__ __forceinline__ float exp_noise(uint32_t seed, uint32_t step, uint32_t v) {
+  const uint32_t h = fmix32(seed ^ fmix32(step ^ fmix32(v * 0x9E3779B1u + 0x7F4A7C15u)));
+  const float u = (static_cast<float>(h >> 8) + 0.5f) * (1.f / 16777216.f);
+  return -logf(u);
+}
+
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, Op op, float* sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sm[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = sm[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) v = op(v, sm[w]);
+  return v;
+}
+
+// Penalties and biases: logits [B, V] copied to work (sample_copy), then for entry e = (row,
+// token, generated count, seen in prompt or output) of adj [E, 4] with bias[e]: + bias, the
+// repetition penalty (HF: divide a positive logit, multiply a negative one) where seen, and
+// OpenAI's presence and frequency penalties on generated counts. One thread per entry (the
+// entries of a row name distinct tokens).
+__device__ __forceinline__ void sample_copy(const float* __restrict__ logits, int64_t total,
+                                            float* __restrict__ work) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride)
+    work[i] = logits[i];
+}
+
+__device__ __forceinline__ void sample_adjust_entries(const float* __restrict__ options,
+                                                      const int* __restrict__ adj,
+                                                      const float* __restrict__ bias,
+                                                      int entries, int vocab,
+                                                      float* __restrict__ work) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= entries) return;
+  const int row = adj[e * 4], token = adj[e * 4 + 1], count = adj[e * 4 + 2],
+            seen = adj[e * 4 + 3];
+  const float* opt = options + static_cast<int64_t>(row) * NUM_OPTIONS;
+  float x = work[static_cast<int64_t>(row) * vocab + token] + bias[e];
+  const float rep = opt[OPT_REPETITION];
+  if (seen && rep != 1.f) x = x > 0.f ? x / rep : x * rep;
+  if (count > 0) x -= opt[OPT_PRESENCE] + opt[OPT_FREQUENCY] * static_cast<float>(count);
+  work[static_cast<int64_t>(row) * vocab + token] = x;
+}
+
+// One row per CTA: the token (greedy: the first largest adjusted logit; else temperature,
+// top-k, top-p, min-p, then the largest e_i / E_i, E_i ~ Exp(1), which draws i with
+// probability proportional to e_i among the kept tokens) and its logprob under the raw logits.
+// Thresholds are exact: bisection over the bit patterns of e_i = exp((x_i - max) / T) in
+// [0, 1] (31 steps each), so top-k keeps every value at least the k-th largest and top-p the
+// tokens whose strictly larger mass is under top_p of the kept mass (Hugging Face's rule).
+__device__ __forceinline__ void sample_rows(const float* __restrict__ logits,
+                                            float* __restrict__ work, int vocab,
+                                            const float* __restrict__ options,
+                                            const int* __restrict__ rng,
+                                            int32_t* __restrict__ token_out,
+                                            float* __restrict__ logprob_out) {
+  __shared__ float sm[32];
+  __shared__ int smi[32];
+  const int row = blockIdx.x, tid = threadIdx.x;
+  const float* raw = logits + static_cast<int64_t>(row) * vocab;
+  float* x = work + static_cast<int64_t>(row) * vocab;
+  const float* opt = options + static_cast<int64_t>(row) * NUM_OPTIONS;
+  const float temperature = opt[OPT_TEMPERATURE];
+  auto fmax_op = [](float a, float b) { return fmaxf(a, b); };
+  auto sum_op = [](float a, float b) { return a + b; };
+  int token;
+  if (temperature <= 0.f) {
+    argmax_rows(work, vocab, token_out);  // row blockIdx.x of work
+    __syncthreads();
+    token = token_out[row];
+  } else {
+    float m = -INFINITY;
+    for (int i = tid; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
+    m = block_reduce(m, fmax_op, sm);
+    const float inv_t = 1.f / temperature;
+    for (int i = tid; i < vocab; i += blockDim.x) x[i] = __expf((x[i] - m) * inv_t);
+    __syncthreads();
+    float t = 0.f;  // keep e_i >= t
+    const int top_k = static_cast<int>(opt[OPT_TOP_K]);
+    if (top_k > 0 && top_k < vocab) {
+      int lo = 0, hi = 0x3F800001;  // count(e >= lo) >= k, count(e >= hi) < k
+      while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        const float f = __int_as_float(mid);
+        float c = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) c += x[i] >= f ? 1.f : 0.f;
+        c = block_reduce(c, sum_op, sm);
+        if (c >= static_cast<float>(top_k)) lo = mid; else hi = mid;
+      }
+      t = __int_as_float(lo);
+    }
+    const float top_p = opt[OPT_TOP_P];
+    if (top_p < 1.f) {
+      float z = 0.f;
+      for (int i = tid; i < vocab; i += blockDim.x) z += x[i] >= t ? x[i] : 0.f;
+      z = block_reduce(z, sum_op, sm);
+      int lo = -1, hi = 0x3F800000;  // mass(e > lo) >= p z, mass(e > hi) < p z
+      while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        const float f = __int_as_float(mid);
+        float mass = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) mass += x[i] > f && x[i] >= t ? x[i] : 0.f;
+        mass = block_reduce(mass, sum_op, sm);
+        if (mass < top_p * z) hi = mid; else lo = mid;
+      }
+      t = fmaxf(t, __int_as_float(hi));
+    }
+    t = fmaxf(t, opt[OPT_MIN_P]);
+    const uint32_t seed = static_cast<uint32_t>(rng[row * 2]),
+                   step = static_cast<uint32_t>(rng[row * 2 + 1]);
+    float best = -1.f;
+    int bi = vocab;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      if (x[i] >= t && x[i] > 0.f) argmax_better(best, bi, x[i] / exp_noise(seed, step, i), i);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_better(best, bi, __shfl_xor_sync(0xffffffffu, best, o),
+                    __shfl_xor_sync(0xffffffffu, bi, o));
+    __syncthreads();
+    if ((tid & 31) == 0) {
+      sm[tid >> 5] = best;
+      smi[tid >> 5] = bi;
+    }
+    __syncthreads();
+    best = sm[0];
+    bi = smi[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) argmax_better(best, bi, sm[w], smi[w]);
+    token = bi < vocab ? bi : 0;
+  }
+  // the logprob of the token under the raw logits
+  float m = -INFINITY;
+  for (int i = tid; i < vocab; i += blockDim.x) m = fmaxf(m, raw[i]);
+  m = block_reduce(m, fmax_op, sm);
+  float z = 0.f;
+  for (int i = tid; i < vocab; i += blockDim.x) z += __expf(raw[i] - m);
+  z = block_reduce(z, sum_op, sm);
+  if (tid == 0) {
+    token_out[row] = token;
+    logprob_out[row] = raw[token] - m - logf(z);
+  }
+}
+
+// The k (<= 20) most likely tokens of each row under the raw logits and their logprobs, by k
+// passes of a first-index argmax that skips the ones already taken. One CTA per row.
+__device__ __forceinline__ void top_logprobs_rows(const float* __restrict__ logits, int vocab,
+                                                  int k, int32_t* __restrict__ ids,
+                                                  float* __restrict__ values, int width) {
+  __shared__ float sm[32];
+  __shared__ int smi[32];
+  __shared__ int taken[32];
+  const int row = blockIdx.x, tid = threadIdx.x;
+  const float* raw = logits + static_cast<int64_t>(row) * vocab;
+  auto fmax_op = [](float a, float b) { return fmaxf(a, b); };
+  auto sum_op = [](float a, float b) { return a + b; };
+  float m = -INFINITY;
+  for (int i = tid; i < vocab; i += blockDim.x) m = fmaxf(m, raw[i]);
+  m = block_reduce(m, fmax_op, sm);
+  float z = 0.f;
+  for (int i = tid; i < vocab; i += blockDim.x) z += __expf(raw[i] - m);
+  z = block_reduce(z, sum_op, sm);
+  const float lse = m + logf(z);
+  for (int j = 0; j < k; ++j) {
+    float v = -INFINITY;
+    int bi = vocab;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      bool skip = false;
+      for (int q = 0; q < j; ++q) skip |= taken[q] == i;
+      if (!skip) argmax_better(v, bi, raw[i], i);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_better(v, bi, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    __syncthreads();
+    if ((tid & 31) == 0) {
+      sm[tid >> 5] = v;
+      smi[tid >> 5] = bi;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      float bv = sm[0];
+      int bb = smi[0];
+      for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) argmax_better(bv, bb, sm[w], smi[w]);
+      taken[j] = bb;
+      ids[static_cast<int64_t>(row) * width + j] = bb < vocab ? bb : 0;
+      values[static_cast<int64_t>(row) * width + j] = bv - lse;
+    }
+    __syncthreads();
+  }
 }
 
 }  // namespace mc
