@@ -76,3 +76,19 @@ def chatml_tokenizer(path, vocab_size=300, **config):
     cfg = {k: v for k, v in cfg.items() if v is not None}
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     return tok
+
+
+def tiny_library(root, cls="MistralForCausalLM", quantization="q0f32", **overrides):
+    """A tiny HF checkpoint (eager attention), converted and compiled for the CPU under ``root``.
+
+    Returns the HF model; the converted model is ``root / "model"``, the library
+    ``root / "lib.so"``. Default shape as tiny_checkpoint, rope_theta 10000.
+    """
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    model = tiny_checkpoint(root / "hf", cls, rope_theta=10000.0, attn_implementation="eager",
+                            **overrides)
+    convert_weight(root / "hf", root / "model", quantization, progress=False)
+    compile_model(root / "model", root / "lib.so")
+    return model
