@@ -161,14 +161,12 @@ class LLM:
         params = params or SamplingParams()
         if request_id in self.outputs and not self.outputs[request_id].finished:
             raise MistralCompileError(f"request {request_id!r} is already running")
-        self._check_prompt(prompt, params)
-        tokenizer = self.tokenizer if text and self._has_tokenizer() else None
+        self.check_request(prompt, params)
+        tokenizer = self.tokenizer if text and self.has_tokenizer() else None
         eos = frozenset(tokenizer.eos_ids) if tokenizer is not None else frozenset()
         context = self.config.context_window_size if min(
             self.config.layer_sliding_window_sizes) <= 0 else 0
         rule = StopRule(eos, tuple(params.stop), params.max_tokens, context, params.ignore_eos)
-        if params.stop and tokenizer is None:
-            raise MistralCompileError("stop strings need a tokenizer")
         seq = self.scheduler.add(request_id, prompt, params)
         self._seqs[request_id] = seq
         self._text[request_id] = TextOutput(len(prompt), rule, tokenizer)
@@ -176,14 +174,22 @@ class LLM:
         self.outputs[request_id] = out
         return out
 
-    def _has_tokenizer(self) -> bool:
+    def has_tokenizer(self) -> bool:
+        """Whether the model has a tokenizer (text, EOS and stop strings need one)."""
         try:
             self.tokenizer  # noqa: B018
         except MistralCompileError:
             return False
         return True
 
-    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: list[int], params: SamplingParams, where: str = "") -> None:
+        """Refuse, in one line, a request this engine cannot run (``where`` names it)."""
+        try:
+            self._check(prompt, params)
+        except MistralCompileError as err:
+            raise MistralCompileError(f"{where}: {err}" if where else str(err)) from None
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
         cfg = self.config
         if not prompt:
             raise MistralCompileError("a prompt needs at least one token")
@@ -199,6 +205,14 @@ class LLM:
         if min(cfg.layer_sliding_window_sizes) <= 0 and limit > 0 and len(prompt) >= limit:
             raise MistralCompileError(f"prompt of {len(prompt)} tokens leaves no room in the "
                                       f"context window ({limit})")
+        if params.stop and not self.has_tokenizer():
+            raise MistralCompileError("stop strings need a tokenizer; the model has none")
+        pages = [len(range(0, len(prompt) + 1, PAGE_SIZE))] * len(self.groups)
+        for g, group in enumerate(self.groups):  # the longest sequence must fit the pool
+            if group.window <= 0 and pages[g] > self.kv.pools[g].num_pages:
+                raise MistralCompileError(f"prompt of {len(prompt)} tokens needs {pages[g]} "
+                                          f"KV pages, the cache has {self.kv.pools[g].num_pages}"
+                                          ": give it more memory (--kv-cache-gb)")
 
     def abort(self, request_id: Any) -> None:
         """Cancel a request: its pages are freed now."""

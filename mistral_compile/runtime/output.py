@@ -44,19 +44,22 @@ def render(output: Sequence[int], prompt_length: int, rule: StopRule,
     """
     text, kept = "", []
     decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    def flushed() -> str:
+        return text + decoder.flush() if decoder is not None else text
+
     for i, token in enumerate(output):
         kept.append(token)
         if token in rule.eos_ids and not rule.ignore_eos:
-            return text, kept, "stop"
+            return flushed(), kept, "stop"
         if decoder is not None:
             text += decoder.push(token)
             hit = [j for j in (text.find(s) for s in rule.stop) if j >= 0]
             if hit:
                 return text[:min(hit)], kept, "stop"
         if rule.max_tokens is not None and i + 1 >= rule.max_tokens:
-            return text, kept, "length"
+            return flushed(), kept, "length"
         if rule.max_length and prompt_length + i + 1 >= rule.max_length:
-            return text, kept, "length"
+            return flushed(), kept, "length"
     return text, kept, None
 
 
@@ -69,6 +72,7 @@ class TextOutput:
         self.text, self.tokens = "", []
         self.finish_reason: str | None = None
         self.emitted = 0  # characters handed out as stream pieces
+        self._hit = False  # ended by a stop string (the text is cut there)
 
     def push(self, token: int) -> str:
         """Add a generated token; the text that can be streamed now (stop strings held back)."""
@@ -83,11 +87,14 @@ class TextOutput:
                 hit = [j for j in (self.text.find(s) for s in rule.stop) if j >= 0]
                 if hit:
                     self.text, self.finish_reason = self.text[:min(hit)], "stop"
+                    self._hit = True
             n = len(self.tokens)
             if self.finish_reason is None and (
                     (rule.max_tokens is not None and n >= rule.max_tokens)
                     or (rule.max_length and self.prompt_length + n >= rule.max_length)):
                 self.finish_reason = "length"
+        if self.finish_reason is not None and self.decoder is not None and not self._hit:
+            self.text += self.decoder.flush()
         safe = len(self.text) if self.finish_reason else \
             len(self.text) - held_back(self.text, rule.stop)
         piece = self.text[self.emitted:safe] if safe > self.emitted else ""

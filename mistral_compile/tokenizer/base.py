@@ -74,6 +74,13 @@ class StreamDecoder:
             return after[len(before):]
         return ""
 
+    def flush(self) -> str:
+        """The text still held back (incomplete UTF-8 shows as U+FFFD, as a full decode)."""
+        before = self._decode(self.tokens[self._prefix:self._read])
+        after = self._decode(self.tokens[self._prefix:])
+        self._prefix = self._read = len(self.tokens)
+        return after[len(before):] if len(after) > len(before) else ""
+
 
 def message_dicts(messages: Sequence[Any]) -> list[dict]:
     """Messages as plain dicts (dicts pass through; pydantic/mistral-common objects are dumped)."""
