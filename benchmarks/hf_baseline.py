@@ -1,7 +1,7 @@
 """Peer baseline: Hugging Face transformers batch-1 decode on the same shape, dtype and GPU.
 
 Usage (on the GPU machine): python benchmarks/hf_baseline.py [--config configs/mistral-7b-v0.1.json]
-    [--contexts 1024,4096] [--steps 32] [--no-compile] [--json FILE]
+    [--contexts 1024,4096] [--steps 32] [--no-compile] [--batches 8,32,64] [--json FILE]
 Measures, with random fp16 weights: eager decode with a DynamicCache, and decode with a
 StaticCache under torch.compile(mode="reduce-overhead") (CUDA graphs), at each context; prefill of
 1024 tokens. Median of timed steps after warm-up, synchronised, as in the device tool's METHOD.md.
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--batches", default="",
+                        help="also batched decode at the first context: e.g. 8,32,64")
     parser.add_argument("--json")
     args = parser.parse_args()
     cfg = json.loads(Path(args.config).read_text())
@@ -109,6 +111,33 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"  torch.compile warm-up {time.perf_counter() - start:.0f} s")
             record("StaticCache + torch.compile", context, timed(compiled_step, args.steps))
+    for batch in [int(b) for b in args.batches.split(",") if b]:
+        context = contexts[0]  # batched decode: B sequences of `context` tokens, one step
+        torch._dynamo.reset()
+        cache = transformers.StaticCache(config=hf_cfg, max_cache_len=context + 64,
+                                         max_batch_size=batch)
+        prompt = torch.randint(3, hf_cfg.vocab_size, (batch, context), device="cuda")
+        with torch.no_grad():
+            for i in range(0, context, 256):  # in pieces: eager attention's scores stay small
+                model(prompt[:, i:i + 256], past_key_values=cache, use_cache=True,
+                      logits_to_keep=1, cache_position=torch.arange(i, min(i + 256, context),
+                                                                    device="cuda"))
+        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        tok = torch.full((batch, 1), 5, device="cuda")
+        pos = torch.tensor([context], device="cuda")
+
+        def batch_step(step: Callable = step, tok: torch.Tensor = tok, cache: object = cache,
+                       pos: torch.Tensor = pos) -> None:
+            with torch.no_grad():
+                step(tok, past_key_values=cache, use_cache=True, cache_position=pos)
+        batch_step()
+        batch_step()
+        t = timed(batch_step, args.steps)
+        row = {"method": "StaticCache + torch.compile", "batch": batch, "context": context,
+               "ms_per_step": t * 1e3, "tokens_per_s": batch / t}
+        out.setdefault("batch_rows", []).append(row)
+        print(f"StaticCache + torch.compile, batch {batch:3d} at {context}: {t * 1e3:7.2f} "
+              f"ms/step, {batch / t:8.0f} tok/s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mistral_compile.runtime.sampling import SamplingParams
+
 M32 = 0xFFFFFFFF
 
 
@@ -84,3 +86,10 @@ def sample(logits, p, seed, prompt=(), output=()):
 def logprobs(logits):
     x = logits.astype(np.float64)
     return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+CASES = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7),
+         SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
+         SamplingParams(temperature=0.9, top_k=40, top_p=0.9),
+         SamplingParams(temperature=1.0, min_p=0.05),
+         SamplingParams(temperature=2.0, top_p=0.5, min_p=0.1, top_k=100)]

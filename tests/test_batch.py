@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import tiny_library  # noqa: E402
 
-from mistral_compile.model.kv_paged import PAGE_SIZE  # noqa: E402
+from mistral_compile.abi import PAGE_SIZE  # noqa: E402
 from mistral_compile.runtime.llm import LLM, EngineConfig  # noqa: E402
 from mistral_compile.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -38,8 +38,10 @@ def windowed(tmp_path_factory):
     return tiny_library(root, sliding_window=W), root
 
 
-def engine(root, **settings):
-    llm = LLM(root / "model", root / "lib.so", engine_config=EngineConfig(**settings))
+def engine(root, model_dir=None, lib=None, device="cpu", **settings):
+    """An LLM on ``root``'s model and library that records the logits it samples from."""
+    llm = LLM(model_dir or root / "model", lib or root / "lib.so", device,
+              engine_config=EngineConfig(**settings))
     seen = defaultdict(list)  # request id -> logits of each sampled position
     run = llm.runner.run
 
@@ -57,10 +59,11 @@ def engine(root, **settings):
 
 def hf_logits(ref, tokens):
     with torch.no_grad():
-        return ref(torch.tensor([tokens])).logits[0].numpy()
+        device = next(ref.parameters()).device
+        return ref(torch.tensor([tokens], device=device)).logits[0].float().cpu().numpy()
 
 
-def check_against_hf(ref, llm, seen, prompts):
+def check_against_hf(ref, llm, seen, prompts, tol=TOL):
     """Every request's recorded logits equal HF's on its own tokens; greedy tokens equal."""
     worst = 0.0
     for rid, prompt in prompts.items():
@@ -71,7 +74,7 @@ def check_against_hf(ref, llm, seen, prompts):
         assert got.shape == want.shape
         assert out.token_ids == want.argmax(-1).tolist()
         worst = max(worst, float(np.abs(got - want).max()))
-    assert worst <= TOL, worst
+    assert worst <= tol, worst
     return worst
 
 

@@ -119,5 +119,5 @@ def test_a_bad_line_is_one_error_naming_it(model, run_cli, tmp_path, case):
     assert done.returncode == 1
     errors = [x for x in done.stderr.splitlines() if "error" in x]
     assert len(errors) == 1 and "Traceback" not in done.stderr
-    assert f"in.jsonl:2: " in errors[0] and message in errors[0], errors[0]
+    assert "in.jsonl:2: " in errors[0] and message in errors[0], errors[0]
     assert not (tmp_path / "out.jsonl").exists()

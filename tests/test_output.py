@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import chatml_tokenizer
+
 from mistral_compile.runtime.output import StopRule, TextOutput, render
 from mistral_compile.tokenizer import load_tokenizer
 

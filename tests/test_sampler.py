@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sampling_reference as ref
 import tvm
 
-import sampling_reference as ref
+from mistral_compile import abi
 from mistral_compile.compiler.pipeline import compile_model
 from mistral_compile.model import sampler as kernels
 from mistral_compile.runtime.sampler import adjustments, options_row
@@ -47,11 +48,7 @@ def run(vm, logits, params, seeds, histories=None):
     return tokens.numpy(), logprob.numpy()
 
 
-CASES = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7),
-         SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
-         SamplingParams(temperature=0.9, top_k=40, top_p=0.9),
-         SamplingParams(temperature=1.0, min_p=0.05), SamplingParams(temperature=2.0, top_p=0.5,
-                                                                      min_p=0.1, top_k=100)]
+CASES = ref.CASES
 
 
 @pytest.mark.parametrize("params", CASES, ids=lambda p: f"t{p.temperature}-k{p.top_k}-"
@@ -138,7 +135,7 @@ def test_option_columns_are_the_kernels():
     for name in ("TEMPERATURE", "TOP_P", "TOP_K", "MIN_P", "REPETITION", "PRESENCE",
                  "FREQUENCY"):
         value = re.search(rf"OPT_{name} = (\d+)", header).group(1)
-        assert int(value) == getattr(kernels, f"OPT_{name}")
-    assert int(re.search(r"NUM_OPTIONS = (\d+)", header).group(1)) == kernels.NUM_OPTIONS
+        assert int(value) == getattr(abi, f"OPT_{name}")
+    assert int(re.search(r"NUM_OPTIONS = (\d+)", header).group(1)) == abi.NUM_OPTIONS
     assert int(re.search(r"SAMPLE_THREADS = (\d+)", header).group(1)) == \
         kernels.SAMPLE_THREADS

@@ -15,11 +15,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import ensure_dir, read_json_object
-from mistral_compile.model.kv_paged import PAGE_SIZE
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
 logger = logging.getLogger("mistral_compile.compiler")

@@ -21,45 +21,22 @@ any sequences in any order; each sequence's rows of a step are consecutive posit
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from mistral_compile import abi
+from mistral_compile.abi import PAGE_SIZE, KVGroup
 from mistral_compile.config import MistralConfig
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
 from mistral_compile.model.kernels import CTYPES, split_count
 
-PAGE_SIZE = 16  # tokens per page: the unit of allocation, sharing and freeing
-
-
-@dataclass(frozen=True)
-class KVGroup:
-    """Layers that share a window (0: none), and so a page pool and a page table."""
-
-    window: int
-    layers: tuple[int, ...]
-
 
 def kv_groups(config: MistralConfig) -> list[KVGroup]:
-    """The window groups of a model, in the order of their first layer."""
-    order: dict[int, list[int]] = {}
-    for layer, window in enumerate(config.layer_sliding_window_sizes):
-        order.setdefault(window, []).append(layer)
-    return [KVGroup(w, tuple(layers)) for w, layers in order.items()]
-
-
-def ring_width(window: int, chunk: int, context: int) -> int:
-    """Table slots (pages) a sequence needs in a group: the pages its next step can touch.
-
-    A step of up to ``chunk`` tokens after L reads keys from L - W + 1 to L + chunk - 1; those
-    pages, plus one for alignment, must sit in distinct slots. Without a window: the context.
-    """
-    if window <= 0:
-        return -(-context // PAGE_SIZE)
-    return (window - 1 + chunk - 1) // PAGE_SIZE + 2
+    """The window groups of a model (abi.kv_groups of its per-layer windows)."""
+    return abi.kv_groups(config.layer_sliding_window_sizes)
 
 
 def _on_cuda() -> bool:

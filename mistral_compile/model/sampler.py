@@ -17,10 +17,18 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target
 
-# option columns (mc_kernels.cuh OPT_*; tests/test_sampler.py holds them equal)
-OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P = 0, 1, 2, 3
-OPT_REPETITION, OPT_PRESENCE, OPT_FREQUENCY, NUM_OPTIONS = 4, 5, 6, 7
-MAX_TOP_LOGPROBS = 20
+from mistral_compile.abi import (
+    MAX_TOP_LOGPROBS,
+    NUM_OPTIONS,
+    OPT_FREQUENCY,
+    OPT_MIN_P,
+    OPT_PRESENCE,
+    OPT_REPETITION,
+    OPT_TEMPERATURE,
+    OPT_TOP_K,
+    OPT_TOP_P,
+)
+
 SAMPLE_THREADS = 1024
 ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mistral_compile.model.kv_paged import PAGE_SIZE, KVGroup, ring_width
+from mistral_compile.abi import PAGE_SIZE, KVGroup, ring_width
 
 
 class PagePool:

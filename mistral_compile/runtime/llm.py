@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mistral_compile.abi import PAGE_SIZE, kv_groups, ring_width
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.model.kv_paged import PAGE_SIZE, kv_groups, ring_width
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
 from mistral_compile.runtime.output import StopRule, TextOutput
@@ -83,7 +83,7 @@ class LLM:
         self.config = cfg = self.artifact.config
         self.settings = settings = engine_config or EngineConfig()
         self.chunk_size = settings.prefill_chunk_size or cfg.prefill_chunk_size
-        self.groups = kv_groups(cfg)
+        self.groups = kv_groups(cfg.layer_sliding_window_sizes)
         pages = settings.num_pages or self._plan_pages()
         if len(pages) != len(self.groups) or min(pages) <= 0:
             raise MistralCompileError(f"num_pages={pages}: one positive count per window group "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from mistral_compile.model.kv_paged import PAGE_SIZE
+from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
 from mistral_compile.runtime.library import zeros

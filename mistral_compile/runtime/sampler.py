@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import tvm
 
-from mistral_compile.model.sampler import (
+from mistral_compile.abi import (
     NUM_OPTIONS,
     OPT_FREQUENCY,
     OPT_MIN_P,

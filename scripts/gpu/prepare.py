@@ -13,8 +13,10 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
               7b-full*/lib-nograph.so: compiled with --no-cuda-graph
   smollm/     SmolLM2-135M-Instruct configs and CUDA libraries (--smollm; the GGUF is split into
               dist-smol-a/ and dist-smol-b/ for two calls)
+  --batch: instead of chat/ and the 7B variants, 7b-full/, 7b-full-q4/ and ministral-8b/ for
+           scripts/gpu/batch.sh
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
-           [--q4-pair] [--smollm]
+           [--q4-pair] [--batch] [--smollm]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
 
@@ -155,6 +157,22 @@ def big_models(out: Path, arch: str) -> None:
                           cuda_graph=False)
 
 
+def batch_models(out: Path, arch: str) -> None:
+    """The batched runtime's benchmarks: 7B shape fp16 and q4f16_1 (full attention, 32k), and
+    Ministral-8B fp16 (vocabulary 131072, 1 full : 3 windowed layers) for the sampled step."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    full = {"sliding_window_size": -1, "context_window_size": 32768}
+    for name, src, quant, overrides in (
+            ("7b-full", "mistral-7b-v0.1.json", "q0f16", full),
+            ("7b-full-q4", "mistral-7b-v0.1.json", "q4f16_1", full),
+            ("ministral-8b", "ministral-8b-instruct-2410.json", "q0f16", {})):
+        convert_config(REPO / "configs" / src, out / name, overrides)
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s")
+
+
 def q4_pair(out: Path, arch: str) -> None:
     """7b-full-q4 (q4f16_1) and 7b-full-q4m (q4f16_2) only: the two 4-bit layouts' speeds."""
     from mistral_compile.compiler.pipeline import compile_model
@@ -220,6 +238,9 @@ def main() -> None:
     parser.add_argument("--libs-only", action="store_true")
     parser.add_argument("--q4-pair", action="store_true",
                         help="instead of the four 7B variants, 7b-full-q4 and 7b-full-q4m only")
+    parser.add_argument("--batch", action="store_true",
+                        help="instead of the four 7B variants and the chat model, the batched "
+                             "runtime's: 7b-full, 7b-full-q4, ministral-8b (scripts/gpu/batch.sh)")
     parser.add_argument("--smollm", action="store_true",
                         help="also SmolLM2-135M-Instruct (real weights; scripts/gpu/smollm.py)")
     args = parser.parse_args()
@@ -234,8 +255,12 @@ def main() -> None:
     download_wheels(out / "wheels")
     print("tiny checkpoints and CUDA libraries")
     tiny_models(out / "tiny", args.arch)
-    chat_model(out / "chat", args.arch)
-    if args.q4_pair:
+    if not args.batch:
+        chat_model(out / "chat", args.arch)
+    if args.batch:
+        print("batched runtime: 7B-shaped fp16 and q4f16_1, Ministral-8B fp16")
+        batch_models(out, args.arch)
+    elif args.q4_pair:
         print("Mistral-7B-shaped q4f16_1 and q4f16_2 CUDA libraries")
         q4_pair(out, args.arch)
     elif not args.skip_7b:

@@ -1,0 +1,115 @@
+"""The batched runtime on the GPU (CUDA libraries from scripts/gpu/prepare.py) against HF."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_DIR = Path(os.environ.get("MISTRAL_COMPILE_GPU_DIR", REPO / "dist-gpu"))
+TOL = {"q0f32": 1e-3, "q0f16": 5e-2}
+W = 16
+
+if not torch.cuda.is_available() or not (GPU_DIR / "prepared.json").is_file():
+    pytest.skip("needs an NVIDIA GPU and the prepared dist-gpu/ folder", allow_module_level=True)
+
+from test_batch import check_against_hf, engine  # noqa: E402
+
+from mistral_compile.runtime.sampling import SamplingParams  # noqa: E402
+
+MODELS = ["windowed", "full", "per_layer"]
+
+
+def hf(name, quant):
+    dtype = torch.float32 if quant == "q0f32" else torch.float16
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        GPU_DIR / "tiny" / name / "hf", dtype=torch.float32, attn_implementation="eager")
+    return model.to(dtype).cuda().eval()
+
+
+def gpu_engine(name, quant, **settings):
+    root = GPU_DIR / "tiny" / name / quant
+    return engine(root, root, root / "lib.so", "cuda", **settings)
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_sequences_joining_and_leaving_equal_hf_alone(name, quant):
+    llm, seen = gpu_engine(name, quant, max_batch_size=4, prefill_chunk_size=8,
+                           max_step_tokens=20)
+    rng = np.random.default_rng(0)
+    lengths = [1, 7, W, W + 1, 2 * W + 3, 4 * W + 6, 3]
+    budgets = [20, 5, 12, 30, 8, 10, 25]
+    prompts = {}
+    schedule = {0: [0, 1, 2], 2: [3], 3: [4, 5], 9: [6]}
+    step = 0
+    while step <= max(schedule) or llm.has_unfinished():
+        for i in schedule.get(step, []):
+            prompts[i] = rng.integers(3, 256, lengths[i]).tolist()
+            llm.add_request(i, prompts[i], SamplingParams(max_tokens=budgets[i]))
+        llm.step()
+        step += 1
+    worst = check_against_hf(hf(name, quant), llm, seen, prompts, TOL[quant])
+    print(f"{name} {quant}: max |dlogit| {worst:.2e}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_preemption_and_prefix_sharing_give_the_same_tokens(name):
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(3, 256, 3 * W + 2).tolist()
+    prompts = {i: prefix + rng.integers(3, 256, n).tolist() for i, n in enumerate([3, 20, 9])}
+    params = SamplingParams(max_tokens=24)
+    outs = {}
+    probe, _ = gpu_engine(name, "q0f32")
+    tiny = [w if g.window > 0 else 8 for g, w in zip(probe.kv.groups, probe.kv.widths,
+                                                      strict=True)]
+    for label, settings in (("ample", {}), ("tiny", {"num_pages": tiny}),
+                            ("unshared", {"prefix_caching": False})):
+        llm, _ = gpu_engine(name, "q0f32", max_batch_size=4, prefill_chunk_size=16, **settings)
+        outs[label] = [o.token_ids for o in llm.generate(list(prompts.values()), params)]
+        if label == "tiny":
+            assert llm.stats()["preemptions"] > 0
+        if label == "ample":
+            assert llm.stats()["prefix_hit_tokens"] > 0
+    assert outs["ample"] == outs["tiny"] == outs["unshared"]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (12, 40, 5, 70)]
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=100 + i, max_tokens=20)
+              for i in range(4)]
+    llm, _ = gpu_engine("windowed", "q0f32", max_batch_size=4, prefill_chunk_size=8)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    for prompt, p, want in zip(prompts, params, together, strict=True):
+        alone, _ = gpu_engine("windowed", "q0f32", max_batch_size=1, prefill_chunk_size=16)
+        assert alone.generate([prompt], p)[0].token_ids == want
+
+
+def test_the_cuda_sampler_equals_the_numpy_definition():
+    import sampling_reference as ref
+    import tvm
+    from test_sampler import CASES
+
+    from mistral_compile.runtime.sampler import adjustments, options_row
+
+    llm, _ = gpu_engine("windowed", "q0f32")
+    fn = llm.artifact.vm["sample"]
+    dev = llm.artifact.device
+    rng = np.random.default_rng(5)
+    for params in CASES:
+        logits = rng.normal(0, 3, (32, 256)).astype("float32")
+        seeds = rng.integers(0, 2**32, 32).tolist()
+        options = np.array([options_row(params)] * 32, dtype="float32")
+        keys = np.array([[s, 0] for s in seeds], dtype="int64").astype("uint32").view("int32")
+        up = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
+        tokens, _ = fn(up(logits), up(options), up(keys), up(np.zeros((1, 4), "int32")),
+                       up(np.zeros(1, "float32")))
+        want = [ref.sample(row, params, s) for row, s in zip(logits, seeds, strict=True)]
+        assert tokens.numpy().tolist() == want, params
+    assert adjustments(SamplingParams(), [1], [2]) == []
