@@ -158,8 +158,11 @@ def big_models(out: Path, arch: str) -> None:
 
 
 def batch_models(out: Path, arch: str) -> None:
-    """The batched runtime's benchmarks: 7B shape fp16 and q4f16_1 (full attention, 32k), and
-    Ministral-8B fp16 (vocabulary 131072, 1 full : 3 windowed layers) for the sampled step."""
+    """The batched runtime's benchmark libraries: 7B shape, Ministral-8B.
+
+    7B fp16 and q4f16_1 with full attention (32k); Ministral-8B fp16 (vocabulary 131072, 1 full :
+    3 windowed layers) for the sampled step.
+    """
     from mistral_compile.compiler.pipeline import compile_model
     from mistral_compile.config import convert_config
 
