@@ -72,7 +72,9 @@ def check_against_hf(ref, llm, seen, prompts, tol=TOL):
         want = hf_logits(ref, tokens)[len(prompt) - 1:len(tokens) - 1]
         got = np.stack(seen[rid])
         assert got.shape == want.shape
-        assert out.token_ids == want.argmax(-1).tolist()
+        for step, (token, row) in enumerate(zip(out.token_ids, want, strict=True)):
+            # greedy: HF's argmax, or (fp16) a token HF scores within the tolerance of it
+            assert row[token] >= row.max() - 2 * tol, (rid, step)
         worst = max(worst, float(np.abs(got - want).max()))
     assert worst <= tol, worst
     return worst

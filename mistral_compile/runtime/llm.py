@@ -123,6 +123,10 @@ class LLM:
             free = self.artifact.free_device_bytes()
             budget = min(CPU_DEFAULT_KV, sum(n * s for n, s in zip(want, sizes, strict=True))) \
                 if free is None else int((free - ACTIVATION_RESERVE) * GPU_MEMORY_FRACTION)
+            if free is not None and budget <= 0:
+                raise MistralCompileError(f"{free / 2**30:.2f} GiB free on the GPU after the "
+                                          "weights: no room for a KV cache (--kv-cache-gb sets "
+                                          "its size)")
         full = [i for i, g in enumerate(self.groups) if g.window <= 0]
         pages = [0] * len(self.groups)
         if full:  # windowed groups first (bounded), the rest to the full ones by bytes
