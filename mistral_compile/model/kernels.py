@@ -548,6 +548,17 @@ def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
 GEMM_EPILOGUES = {"plain": 0, "residual": 1, "silu": 2}  # GEMM_* in the header
 
 
+SKINNY_MAX_ROWS = 128  # rows up to which gemm_wgmma runs mc::skinny_partial (2 weight reads)
+SKINNY_SLAB, SKINNY_WARPS = 64, 4  # mc_kernels.cuh SK_SLAB, SK_WARPS
+TARGET_SKINNY_CTAS = 264  # two per SM of an H100/H200
+
+
+def skinny_splits(n: int, k: int) -> int:
+    """How many CTAs share a weight row's K in mc::skinny_partial: enough CTAs for the GPU."""
+    ctas = -(-n // (16 * SKINNY_WARPS))
+    return max(1, min(k // 128, -(-TARGET_SKINNY_CTAS // ctas)))
+
+
 def wgmma_supported(in_features: int, dtype: str) -> bool:
     """Whether gemm_wgmma applies: a CUDA sm_90 target, float16, K a multiple of 64."""
     target = Target.current(allow_none=True)
@@ -561,11 +572,53 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     """y[b, s, N'] = x[b, s, K] @ W[N, K]^T on Hopper's warpgroup MMA (sm_90a).
 
     Two launches: one warp writes the TMA descriptors of x and W into a 256-byte workspace;
-    then 128 x 256 tiles, fed by TMA through 4 shared-memory stages, float32 accumulation. The
+    then 128 x 256 tiles, fed by TMA through 4 shared-memory stages, float32 accumulation. Up to
+    SKINNY_MAX_ROWS rows (a batched decode step), where those tiles would leave most SMs idle
+    (N / 256 CTAs), mc::skinny_partial streams the weight on every SM instead, K split over
+    skinny_splits CTAs, and mc::skinny_epilogue sums the splits and applies the epilogue. The
     epilogue "residual" adds res[b, s, N] (an extra argument before y); "silu" takes
     W = [gate; up] and writes silu(x gate^T) * (x up^T), N' = N / 2.
     """
     n, k = out_features, in_features
+    outputs = n // 2 if epilogue == "silu" else n
+    wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
+    skinny_launches = _skinny_macro(n, k, out_dtype, epilogue, 0)
+    skinny = k % 128 == 0
+
+    @T.macro
+    def launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        # TVMScript has no optional parameter: the two prim_funcs below share these launches
+        b, s = x.shape[0], x.shape[1]
+        if skinny and b * s <= SKINNY_MAX_ROWS:  # a batched step's few rows
+            skinny_launches(x, w, x, x, y, extra_reads, *extra_args)
+        else:
+            wgmma_launches(x, w, y, extra_reads, *extra_args)
+
+    @T.prim_func(private=True, s_tir=True)
+    def with_residual(x_handle: T.handle, w: T.Buffer((n, k), "float16"), res_handle: T.handle,
+                      y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        res = T.match_buffer(res_handle, (b, s, outputs), out_dtype)
+        y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        launches(x, w, y, [res[0:b, 0:s, 0:outputs]], res.access_ptr("r"))
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        launches(x, w, y, [])
+
+    return with_residual if epilogue == "residual" else func
+
+
+def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
+    """The two launches of mc::gemm_wgmma (TMA descriptors, then the tiles) as a TIR macro."""
     outputs = n // 2 if epilogue == "silu" else n
     cols = WG_BN // 2 if epilogue == "silu" else WG_BN
     extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
@@ -573,8 +626,7 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     grid_n = (outputs + cols - 1) // cols
 
     @T.macro
-    def launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
-        # TVMScript has no optional parameter: the two prim_funcs below share these launches
+    def wgmma_launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
         maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
         for _bx in T.thread_binding(1, thread="blockIdx.x"):
@@ -597,24 +649,102 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
                                                  y.access_ptr("w"), T.Cast("int32", b * s),
                                                  outputs, smem.access_ptr("rw"), *extra_args))
 
+    return wgmma_launches
+
+
+def _skinny_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # noqa: ANN202
+    """mc::skinny_partial (K split over skinny_splits CTAs) and mc::skinny_epilogue, as a macro.
+
+    ``q4``: 0 float16 weights (w), 1 q4f16_1 (w codes, scales), 2 q4f16_2 (also minimums).
+    """
+    outputs = n // 2 if epilogue == "silu" else n
+    splits = skinny_splits(n, k)
+    partial = f"mc::skinny_partial<{k}, {q4}>"
+    finish = f"mc::skinny_epilogue<{CTYPES[out_dtype]}, {GEMM_EPILOGUES[epilogue]}>"
+    words = k // 8 if q4 else k
+
+    @T.macro
+    def skinny_launches(x, w, scales, mins, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        b, s = x.shape[0], x.shape[1]
+        ws = T.alloc_buffer((splits * b * s * n,), "float32")
+        for _bx in T.thread_binding(-(-n // (16 * SKINNY_WARPS)), thread="blockIdx.x"):
+            for _by in T.thread_binding(splits, thread="blockIdx.y"):
+                for _bz in T.thread_binding((b * s + SKINNY_SLAB - 1) // SKINNY_SLAB,
+                                            thread="blockIdx.z"):
+                    for _tx in T.thread_binding(32 * SKINNY_WARPS, thread="threadIdx.x"):
+                        with T.sblock("skinny"):
+                            T.reads(x[0:b, 0:s, 0:k], w[0:n, 0:words])
+                            T.writes(ws[0:splits * b * s * n])
+                            T.evaluate(T.call_extern(
+                                "void", partial, x.access_ptr("r"), T.Cast("int32", b * s),
+                                w.access_ptr("r"), scales.access_ptr("r"),
+                                mins.access_ptr("r"), n, ws.access_ptr("w")))
+        for _bx in T.thread_binding(T.min(2048, T.ceildiv(b * s * outputs, 256)),
+                                    thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("skinny_epilogue"):
+                    T.reads(ws[0:splits * b * s * n], *extra_reads)
+                    T.writes(y[0:b, 0:s, 0:outputs])
+                    T.evaluate(T.call_extern(
+                        "void", finish, ws.access_ptr("r"), splits, T.Cast("int32", b * s),
+                        n, y.access_ptr("w"), *(extra_args or [y.access_ptr("r")])))
+
+    return skinny_launches
+
+
+@functools.cache
+def gemm_q4(out_features: int, in_features: int, out_dtype: str, epilogue: str = "plain",
+            with_min: bool = False) -> tirx.PrimFunc:
+    """gemm_wgmma with 4-bit weights: codes, scales, minimums (q4f16_1: its scales, unread).
+
+    Up to SKINNY_MAX_ROWS rows mc::skinny_partial dequantizes in its loads (the weight is read
+    once, 4.5 bits a weight); more rows (prefill) dequantize to a float16 workspace first.
+    """
+    n, k = out_features, in_features
+    outputs = n // 2 if epilogue == "silu" else n
+    wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
+    skinny_launches = _skinny_macro(n, k, out_dtype, epilogue, 2 if with_min else 1)
+    dequantize = f"mc::dequantize_q4_any<{'true' if with_min else 'false'}>"
+    groups = n * k // 32
+
+    @T.macro
+    def launches(x, qw, qs, qm, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        b, s = x.shape[0], x.shape[1]
+        if b * s <= SKINNY_MAX_ROWS:
+            skinny_launches(x, qw, qs, qm, y, extra_reads, *extra_args)
+        else:
+            dense = T.alloc_buffer((n, k), "float16")
+            for _bx in T.thread_binding((groups + 255) // 256, thread="blockIdx.x"):
+                for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                    with T.sblock("dequantize_q4"):
+                        T.reads(qw[0:n, 0:k // 8], qs[0:n, 0:k // 32], qm[0:n, 0:k // 32])
+                        T.writes(dense[0:n, 0:k])
+                        T.evaluate(T.call_extern("void", dequantize, qw.access_ptr("r"),
+                                                 qs.access_ptr("r"), qm.access_ptr("r"),
+                                                 dense.access_ptr("w"), groups))
+            wgmma_launches(x, dense, y, extra_reads, *extra_args)
+
     @T.prim_func(private=True, s_tir=True)
-    def with_residual(x_handle: T.handle, w: T.Buffer((n, k), "float16"), res_handle: T.handle,
-                      y_handle: T.handle):
+    def with_residual(x_handle: T.handle, qw: T.Buffer((n, k // 8), "uint32"),
+                      qs: T.Buffer((n, k // 32), "float16"), qm: T.Buffer((n, k // 32), "float16"),
+                      res_handle: T.handle, y_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b = T.int64()
         s = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         res = T.match_buffer(res_handle, (b, s, outputs), out_dtype)
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
-        launches(x, w, y, [res[0:b, 0:s, 0:outputs]], res.access_ptr("r"))
+        launches(x, qw, qs, qm, y, [res[0:b, 0:s, 0:outputs]], res.access_ptr("r"))
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x_handle: T.handle, w: T.Buffer((n, k), "float16"), y_handle: T.handle):
+    def func(x_handle: T.handle, qw: T.Buffer((n, k // 8), "uint32"),
+             qs: T.Buffer((n, k // 32), "float16"), qm: T.Buffer((n, k // 32), "float16"),
+             y_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b = T.int64()
         s = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
-        launches(x, w, y, [])
+        launches(x, qw, qs, qm, y, [])
 
     return with_residual if epilogue == "residual" else func

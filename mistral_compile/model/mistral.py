@@ -112,7 +112,22 @@ class MistralLinear(nn.Module):
             return op.tensor_ir_op(kernels.gemv_q4(n, k, out_dtype, with_min=self.with_min),
                                    "gemv_q4", args=[x, x, *self.q4_params()],
                                    out=Tensor.placeholder((1, 1, n), out_dtype))
+        if self._q4_gemm(x):
+            b, s, _ = x.shape
+            return op.tensor_ir_op(kernels.gemm_q4(n, k, out_dtype, "plain", self.with_min),
+                                   "gemm_q4", args=[x, *self._q4_gemm_params()],
+                                   out=Tensor.placeholder((b, s, n), out_dtype))
         return project(x, self._dense(x.dtype), out_dtype)
+
+    def _q4_gemm(self, x: Tensor) -> bool:
+        """Whether kernels.gemm_q4 takes this 4-bit weight (Hopper, float16, K % 128 == 0)."""
+        return (self.quantized and x.dtype == "float16" and self.in_features % 128 == 0
+                and kernels.wgmma_supported(self.in_features, x.dtype)
+                and kernels.gemm_supported(self.out_features, self.in_features, x.dtype))
+
+    def _q4_gemm_params(self) -> list[Tensor]:
+        """Codes, scales, minimums for gemm_q4 (q4f16_1: the scales stand for the minimums)."""
+        return [self.q_weight, self.q_scale, self.q_min if self.with_min else self.q_scale]
 
     def _dense(self, dtype: str) -> Tensor:
         """The weight as a dense [out, in] tensor (q4f16_*: dequantized, by our kernel on CUDA)."""
@@ -135,6 +150,11 @@ class MistralLinear(nn.Module):
             return None
         b, s, _ = x.shape
         out = n // 2 if epilogue == "silu" else n
+        if self._q4_gemm(x):
+            return op.tensor_ir_op(kernels.gemm_q4(n, k, x.dtype, epilogue, self.with_min),
+                                   f"gemm_q4_{epilogue}",
+                                   args=[x, *self._q4_gemm_params(), *extra],
+                                   out=Tensor.placeholder((b, s, out), x.dtype))
         return op.tensor_ir_op(kernels.gemm_wgmma(n, k, x.dtype, epilogue), f"gemm_{epilogue}",
                                args=[x, self._dense(x.dtype), *extra],
                                out=Tensor.placeholder((b, s, out), x.dtype))

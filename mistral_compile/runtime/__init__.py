@@ -1,10 +1,10 @@
-"""Runtime stage: the Engine that runs a compiled library with converted weights, and chat."""
+"""Runtime stage: the Engine (one sequence, chat) and LLM (batched) over a compiled library."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Engine", "SamplingParams"]
+__all__ = ["LLM", "Engine", "EngineConfig", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,6 +13,10 @@ def __getattr__(name: str) -> Any:
         from mistral_compile.runtime.engine import Engine
 
         return Engine
+    if name in ("LLM", "EngineConfig"):
+        from mistral_compile.runtime import llm
+
+        return getattr(llm, name)
     if name == "SamplingParams":
         from mistral_compile.runtime.sampling import SamplingParams
 

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_DIR = Path(os.environ.get("MISTRAL_COMPILE_GPU_DIR", REPO / "dist-gpu"))
-TOL = {"q0f32": 1e-3, "q0f16": 5e-2}
+TOL = {"q0f32": 1e-3, "q0f16": 5e-2, "q4f16_1": 5e-2, "q4f16_2": 5e-2}
 W = 16
 
 if not torch.cuda.is_available() or not (GPU_DIR / "prepared.json").is_file():
@@ -26,9 +26,14 @@ MODELS = ["windowed", "full", "per_layer"]
 
 
 def hf(name, quant):
+    """HF on the GPU: fp32 or fp16; for q4f16_*, fp16 with the dequantized q4 weights."""
     dtype = torch.float32 if quant == "q0f32" else torch.float16
     model = transformers.AutoModelForCausalLM.from_pretrained(
         GPU_DIR / "tiny" / name / "hf", dtype=torch.float32, attn_implementation="eager")
+    if quant.startswith("q4"):
+        from test_quantize import _dequantized_reference
+
+        model = _dequantized_reference(model, GPU_DIR / "tiny" / name / quant)
     return model.to(dtype).cuda().eval()
 
 
@@ -38,11 +43,16 @@ def gpu_engine(name, quant, **settings):
     return engine(root, root, root / "lib.so", "cuda", **settings)
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
-@pytest.mark.parametrize("name", MODELS)
+CASES = [(name, quant) for name in MODELS for quant in ("q0f32", "q0f16")] + [
+    ("wide", "q0f16"), ("wide", "q4f16_1"), ("wide", "q4f16_2")]
+
+
+@pytest.mark.parametrize(("name", "quant"), CASES)
 def test_sequences_joining_and_leaving_equal_hf_alone(name, quant):
-    llm, seen = gpu_engine(name, quant, max_batch_size=4, prefill_chunk_size=8,
-                           max_step_tokens=20)
+    # wide: steps of up to 100 rows (two slabs of the skinny GEMM), else 20
+    big = name == "wide"
+    llm, seen = gpu_engine(name, quant, max_batch_size=4, prefill_chunk_size=64 if big else 8,
+                           max_step_tokens=100 if big else 20)
     rng = np.random.default_rng(0)
     lengths = [1, 7, W, W + 1, 2 * W + 3, 4 * W + 6, 3]
     budgets = [20, 5, 12, 30, 8, 10, 25]

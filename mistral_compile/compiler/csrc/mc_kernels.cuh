@@ -1087,6 +1087,7 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
 #endif
 }
 
+
 // ---- Tensor-core flash attention for prefill (mma.sync m16n8k16, float32 accumulation) ----
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const half* p) {
@@ -1109,6 +1110,157 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uin
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// dequantize_q4 or dequantize_q4_min by a flag (gemm_q4's prefill branch)
+template <bool WITH_MIN>
+__device__ __forceinline__ void dequantize_q4_any(const uint32_t* __restrict__ qw,
+                                                  const half* __restrict__ qs,
+                                                  const half* __restrict__ qm,
+                                                  half* __restrict__ w, int groups) {
+  if (WITH_MIN) dequantize_q4_min(qw, qs, qm, w, groups);
+  else dequantize_q4(qw, qs, w, groups);
+}
+
+// ---- Skinny GEMM: a batched step's projections (M <= SK_SLAB rows per slab) ----
+// y = x[M, K] @ W[N, K]^T with W streamed once per slab of SK_SLAB rows, on mma.sync m16n8k16
+// in the transposed form D[n, m] = W[n, :] . x[m, :]: each warp owns 16 weight rows, lanes load
+// 16-byte runs of them (32 consecutive k per lane per round of 128), and the MMA's k slots are
+// permuted so that a lane's A and B fragments come from the same runs: slot s of step j is
+// k = base + 32 t + 4 j + (s < 8 ? s - 2 t : s - 8 - 2 t + 2), t = lane % 4. x is staged in
+// shared memory SK_KC columns at a time. K is split over gridDim.y CTAs (partials in a float32
+// workspace [splits, M, N]); skinny_epilogue sums them and applies the GEMM epilogue.
+constexpr int SK_WARPS = 4, SK_SLAB = 64, SK_KC = 256, SK_LD = SK_KC + 8;
+
+__device__ __forceinline__ void sk_q4_run(uint4 words, float scale, float minimum, bool with_min,
+                                          uint32_t* out) {
+  // 32 weights of one q4 group as 16 half2 (k order); q4f16_1: (q - 7) s, q4f16_2: q s + min
+  const uint32_t wv[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int shift = (j / 2) * 4 + (j % 2) * 16;
+      const float q = static_cast<float>((wv[i] >> shift) & 0xFu);
+      v[j] = with_min ? q * scale + minimum : (q - 7.f) * scale;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i * 4 + j] = pack_half2(v[2 * j], v[2 * j + 1]);
+  }
+}
+
+template <int K, int Q4>  // Q4: 0 float16 weights, 1 q4f16_1, 2 q4f16_2
+__device__ __forceinline__ void skinny_partial(const half* __restrict__ x, int m,
+                                               const void* __restrict__ w,
+                                               const half* __restrict__ scales,
+                                               const half* __restrict__ mins, int n,
+                                               float* __restrict__ ws) {
+  static_assert(K % 128 == 0, "K must be a multiple of 128");
+  __shared__ __align__(16) half xs[SK_SLAB * SK_LD];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = (blockIdx.x * SK_WARPS + warp) * 16;
+  const int splits = gridDim.y, m0 = blockIdx.z * SK_SLAB;
+  constexpr int ROUNDS = K / 128;
+  const int r_begin = ROUNDS * blockIdx.y / splits, r_end = ROUNDS * (blockIdx.y + 1) / splits;
+  const int tiles = min(SK_SLAB, m - m0 + 7) / 8;  // m tiles of 8 rows with work
+  float c[SK_SLAB / 8][4];
+#pragma unroll
+  for (int i = 0; i < SK_SLAB / 8; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+  const bool row_a = n0 + g < n, row_b = n0 + g + 8 < n;
+  for (int r0 = r_begin; r0 < r_end; r0 += SK_KC / 128) {
+    const int k0 = r0 * 128, rounds = min(SK_KC / 128, r_end - r0);
+    __syncthreads();  // the previous chunk's reads are done
+    for (int i = threadIdx.x; i < SK_SLAB * (SK_KC / 8); i += blockDim.x) {
+      const int row = i / (SK_KC / 8), col = (i % (SK_KC / 8)) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (m0 + row < m && col < rounds * 128)
+        v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m0 + row) * K + k0 + col);
+      *reinterpret_cast<uint4*>(xs + row * SK_LD + col) = v;
+    }
+    __syncthreads();
+    for (int rr = 0; rr < rounds; ++rr) {
+      const int kb = k0 + rr * 128 + 32 * t;  // this lane's run
+      uint32_t wa[16], wb[16];  // 32 weights of rows n0 + g and n0 + g + 8
+      if (Q4 == 0) {
+        const half* wh = static_cast<const half*>(w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 va = row_a ? __ldg(reinterpret_cast<const uint4*>(
+                                       wh + static_cast<int64_t>(n0 + g) * K + kb) + i)
+                                 : make_uint4(0u, 0u, 0u, 0u);
+          const uint4 vb = row_b ? __ldg(reinterpret_cast<const uint4*>(
+                                       wh + static_cast<int64_t>(n0 + g + 8) * K + kb) + i)
+                                 : make_uint4(0u, 0u, 0u, 0u);
+          wa[4 * i] = va.x; wa[4 * i + 1] = va.y; wa[4 * i + 2] = va.z; wa[4 * i + 3] = va.w;
+          wb[4 * i] = vb.x; wb[4 * i + 1] = vb.y; wb[4 * i + 2] = vb.z; wb[4 * i + 3] = vb.w;
+        }
+      } else {
+        const uint32_t* wq = static_cast<const uint32_t*>(w);
+        const int64_t ga = static_cast<int64_t>(n0 + g) * (K / 32) + kb / 32;
+        const int64_t gb = static_cast<int64_t>(n0 + g + 8) * (K / 32) + kb / 32;
+        const uint4 qa = row_a ? __ldg(reinterpret_cast<const uint4*>(wq + ga * 4))
+                               : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 qb = row_b ? __ldg(reinterpret_cast<const uint4*>(wq + gb * 4))
+                               : make_uint4(0u, 0u, 0u, 0u);
+        const float sa = row_a ? __half2float(scales[ga]) : 0.f;
+        const float sb = row_b ? __half2float(scales[gb]) : 0.f;
+        const float ma = Q4 == 2 && row_a ? __half2float(mins[ga]) : 0.f;
+        const float mb = Q4 == 2 && row_b ? __half2float(mins[gb]) : 0.f;
+        sk_q4_run(qa, sa, ma, Q4 == 2, wa);
+        sk_q4_run(qb, sb, mb, Q4 == 2, wb);
+      }
+      const half* xrow = xs + g * SK_LD + rr * 128 + 32 * t;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t a[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
+#pragma unroll
+        for (int mt = 0; mt < SK_SLAB / 8; ++mt) {
+          if (mt < tiles) {
+            const uint2 bx = *reinterpret_cast<const uint2*>(xrow + mt * 8 * SK_LD + 4 * j);
+            const uint32_t b[2] = {bx.x, bx.y};
+            mma_16816(c[mt], a, b);
+          }
+        }
+      }
+    }
+  }
+  // c[mt]: (n0 + g, m 2t / 2t + 1) and (n0 + g + 8, same m) of this split
+  float* out = ws + static_cast<int64_t>(blockIdx.y) * m * n;
+#pragma unroll
+  for (int mt = 0; mt < SK_SLAB / 8; ++mt) {
+    const int mm = m0 + mt * 8 + 2 * t;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = mm + (e & 1), col = n0 + g + (e >> 1) * 8;
+      if (mt < tiles && row < m && col < n) out[static_cast<int64_t>(row) * n + col] = c[mt][e];
+    }
+  }
+}
+
+// The split partials summed, then the epilogue: GEMM_PLAIN y = sum, GEMM_RESIDUAL y = aux + sum,
+// GEMM_SILU (W = [gate; up], n = 2 I) y[:, j] = silu(gate_j) * up_j. Grid-stride over y.
+template <typename OutT, int EPI>
+__device__ __forceinline__ void skinny_epilogue(const float* __restrict__ ws, int splits, int m,
+                                                int n, OutT* __restrict__ y,
+                                                const OutT* __restrict__ aux) {
+  const int cols = EPI == GEMM_SILU ? n / 2 : n;
+  const int64_t total = static_cast<int64_t>(m) * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    const int64_t row = i / cols, col = i % cols;
+    float v = 0.f, u = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* part = ws + static_cast<int64_t>(s) * m * n + row * n;
+      v += part[col];
+      if (EPI == GEMM_SILU) u += part[col + cols];
+    }
+    if (EPI == GEMM_SILU) v = v / (1.f + __expf(-v)) * u;
+    if (EPI == GEMM_RESIDUAL) v += to_float(aux[i]);
+    store(y + i, v);
+  }
+}
+
 
 // query rows and key rows per tile, threads per CTA (16 query rows per warp). 64-row CTAs of 4
 // warps run two per SM: 0.71 ms per 7B layer of a 4096-token causal prefill on the H100, where
