@@ -65,12 +65,13 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
 def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_1 decode reads the packed weights in mc::gemv_q4 (nvcc must take it: GPU tests
     # check its numbers); with each fusion mode, and lm_head's plain one into float32 logits.
-    # Prefill unpacks them with mc::dequantize_q4.
+    # Prefill and batched steps run gemm_q4: up to 128 rows the skinny GEMM dequantizes in its
+    # loads (mc::skinny_partial<K, 1>), more rows unpack to float16 first (dequantize_q4_any).
     _, code = _compile_tiny(run_cli, tmp_path, "q4f16_1", "sm_90")
     for mode in (1, 2, 3):
         assert f"mc::gemv_q4<half, 256, {mode}>" in code
     assert "mc::gemv_q4<float, 256, 0>" in code
-    assert "mc::dequantize_q4" in code  # prefill's float16 weights, for the tensor-core GEMMs
+    assert "mc::dequantize_q4_any<false>" in code and "mc::skinny_partial<256, 1>" in code
     decode, capture = _vm_functions(tmp_path / "l.so", "decode", "decode_cuda_graph_capture")
     assert "gemv_norm_silu" in capture and "owned_decode" in capture  # the layers, in the graph
     assert "gemv_q4" in decode  # lm_head, after it
@@ -78,12 +79,13 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
 
 def test_q4_with_minimums_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_2 (w = q * scale + min): the same GEMV with the minimum's term, every fusion mode,
-    # and its prefill dequantize
+    # and its prefill GEMM (gemm_q4 with minimums)
     _, code = _compile_tiny(run_cli, tmp_path, "q4f16_2", "sm_90")
     for mode in (1, 2, 3):
         assert f"mc::gemv_q4<half, 256, {mode}, mc::Q4Dot, mc::SameRow, true>" in code
     assert "mc::gemv_q4<float, 256, 0, mc::Q4Dot, mc::SameRow, true>" in code
-    assert "mc::dequantize_q4_min" in code and "mc::gemv_q4<half, 256, 1>" not in code
+    assert "mc::dequantize_q4_any<true>" in code and "mc::skinny_partial<256, 2>" in code
+    assert "mc::gemv_q4<half, 256, 1>" not in code
 
 
 def _compile_tiny(run_cli, tmp_path, quantization, arch):

@@ -31,12 +31,20 @@ from mistral_compile import abi
 from mistral_compile.abi import PAGE_SIZE, KVGroup
 from mistral_compile.config import MistralConfig
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
-from mistral_compile.model.kernels import CTYPES, split_count
+from mistral_compile.model.kernels import CTYPES, MAX_SPLITS
 
 
 def kv_groups(config: MistralConfig) -> list[KVGroup]:
     """The window groups of a model (abi.kv_groups of its per-layer windows)."""
     return abi.kv_groups(config.layer_sliding_window_sizes)
+
+
+TARGET_CTAS = 1056  # split-KV CTAs a step aims for: 8 per SM of an H200 (132 SMs)
+
+
+def _splits(rows: tirx.PrimExpr, h_kv: int) -> tirx.PrimExpr:
+    """CTAs that share one row's keys for one KV head in mc::paged_attn_partial."""
+    return T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, rows * h_kv)))
 
 
 def _on_cuda() -> bool:
@@ -283,29 +291,29 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
         table = T.match_buffer(table_handle, (b, w), "int32")
         pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
-        ws = T.alloc_buffer((n * h_q * split_count(n, h_kv) * (d + 2),), "float32")
-        for _bx in T.thread_binding(split_count(n, h_kv), thread="blockIdx.x"):
+        ws = T.alloc_buffer((n * h_q * _splits(n, h_kv) * (d + 2),), "float32")
+        for _bx in T.thread_binding(_splits(n, h_kv), thread="blockIdx.x"):
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
                 for _bz in T.thread_binding(n, thread="blockIdx.z"):
                     for _tx in T.thread_binding(128, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads(q[0, 0:n, 0:h_q, 0:d], positions[0:n], rows[0:n],
                                     table[0:b, 0:w])
-                            T.writes(ws[0:n * h_q * split_count(n, h_kv) * (d + 2)])
+                            T.writes(ws[0:n * h_q * _splits(n, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
                                 "void", partial, q.access_ptr("r"), positions.access_ptr("r"),
                                 rows.access_ptr("r"), table.access_ptr("r"),
                                 T.Cast("int32", w), pool.access_ptr("r"), layer, layers,
-                                window, ws.access_ptr("rw"), T.Cast("int32", split_count(n, h_kv)),
+                                window, ws.access_ptr("rw"), T.Cast("int32", _splits(n, h_kv)),
                                 T.float32(sm_scale)))
         for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
             for _by in T.thread_binding(n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):
                     with T.sblock("merge"):
-                        T.reads(ws[0:n * h_q * split_count(n, h_kv) * (d + 2)])
+                        T.reads(ws[0:n * h_q * _splits(n, h_kv) * (d + 2)])
                         T.writes(out[0, 0:n, 0:h_q, 0:d])
                         T.evaluate(T.call_extern(
                             "void", merge, ws.access_ptr("r"), T.Cast("int32", n),
-                            T.Cast("int32", split_count(n, h_kv)), out.access_ptr("w")))
+                            T.Cast("int32", _splits(n, h_kv)), out.access_ptr("w")))
 
     return func

@@ -1149,6 +1149,41 @@ __device__ __forceinline__ void sk_q4_run(uint4 words, float scale, float minimu
   }
 }
 
+// One round's weights of a lane (rows n0 + g and n0 + g + 8, 32 k each), as loaded: float16
+// runs in raw[0..7], or q4 codes in raw[0..1] with their scales and minimums.
+struct SkRun {
+  uint4 raw[8];
+  float scale[2], minimum[2];
+};
+
+template <int K, int Q4>
+__device__ __forceinline__ void sk_load(SkRun& run, const void* __restrict__ w,
+                                        const half* __restrict__ scales,
+                                        const half* __restrict__ mins, int row, bool ok_a,
+                                        bool ok_b, int kb) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  if (Q4 == 0) {
+    const half* wh = static_cast<const half*>(w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      run.raw[i] = ok_a ? __ldg(reinterpret_cast<const uint4*>(
+                              wh + static_cast<int64_t>(row) * K + kb) + i) : zero;
+      run.raw[4 + i] = ok_b ? __ldg(reinterpret_cast<const uint4*>(
+                                  wh + static_cast<int64_t>(row + 8) * K + kb) + i) : zero;
+    }
+  } else {
+    const uint32_t* wq = static_cast<const uint32_t*>(w);
+    const int64_t ga = static_cast<int64_t>(row) * (K / 32) + kb / 32;
+    const int64_t gb = ga + 8 * (K / 32);
+    run.raw[0] = ok_a ? __ldg(reinterpret_cast<const uint4*>(wq + ga * 4)) : zero;
+    run.raw[1] = ok_b ? __ldg(reinterpret_cast<const uint4*>(wq + gb * 4)) : zero;
+    run.scale[0] = ok_a ? __half2float(scales[ga]) : 0.f;
+    run.scale[1] = ok_b ? __half2float(scales[gb]) : 0.f;
+    run.minimum[0] = Q4 == 2 && ok_a ? __half2float(mins[ga]) : 0.f;
+    run.minimum[1] = Q4 == 2 && ok_b ? __half2float(mins[gb]) : 0.f;
+  }
+}
+
 template <int K, int Q4>  // Q4: 0 float16 weights, 1 q4f16_1, 2 q4f16_2
 __device__ __forceinline__ void skinny_partial(const half* __restrict__ x, int m,
                                                const void* __restrict__ w,
@@ -1156,6 +1191,7 @@ __device__ __forceinline__ void skinny_partial(const half* __restrict__ x, int m
                                                const half* __restrict__ mins, int n,
                                                float* __restrict__ ws) {
   static_assert(K % 128 == 0, "K must be a multiple of 128");
+  constexpr int CHUNK = SK_KC / 128;  // rounds of 128 k per staged x chunk
   __shared__ __align__(16) half xs[SK_SLAB * SK_LD];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = (blockIdx.x * SK_WARPS + warp) * 16;
@@ -1166,63 +1202,52 @@ __device__ __forceinline__ void skinny_partial(const half* __restrict__ x, int m
   float c[SK_SLAB / 8][4];
 #pragma unroll
   for (int i = 0; i < SK_SLAB / 8; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
-  const bool row_a = n0 + g < n, row_b = n0 + g + 8 < n;
-  for (int r0 = r_begin; r0 < r_end; r0 += SK_KC / 128) {
-    const int k0 = r0 * 128, rounds = min(SK_KC / 128, r_end - r0);
-    __syncthreads();  // the previous chunk's reads are done
-    for (int i = threadIdx.x; i < SK_SLAB * (SK_KC / 8); i += blockDim.x) {
-      const int row = i / (SK_KC / 8), col = (i % (SK_KC / 8)) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m0 + row < m && col < rounds * 128)
-        v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m0 + row) * K + k0 + col);
-      *reinterpret_cast<uint4*>(xs + row * SK_LD + col) = v;
-    }
-    __syncthreads();
-    for (int rr = 0; rr < rounds; ++rr) {
-      const int kb = k0 + rr * 128 + 32 * t;  // this lane's run
-      uint32_t wa[16], wb[16];  // 32 weights of rows n0 + g and n0 + g + 8
-      if (Q4 == 0) {
-        const half* wh = static_cast<const half*>(w);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint4 va = row_a ? __ldg(reinterpret_cast<const uint4*>(
-                                       wh + static_cast<int64_t>(n0 + g) * K + kb) + i)
-                                 : make_uint4(0u, 0u, 0u, 0u);
-          const uint4 vb = row_b ? __ldg(reinterpret_cast<const uint4*>(
-                                       wh + static_cast<int64_t>(n0 + g + 8) * K + kb) + i)
-                                 : make_uint4(0u, 0u, 0u, 0u);
-          wa[4 * i] = va.x; wa[4 * i + 1] = va.y; wa[4 * i + 2] = va.z; wa[4 * i + 3] = va.w;
-          wb[4 * i] = vb.x; wb[4 * i + 1] = vb.y; wb[4 * i + 2] = vb.z; wb[4 * i + 3] = vb.w;
-        }
-      } else {
-        const uint32_t* wq = static_cast<const uint32_t*>(w);
-        const int64_t ga = static_cast<int64_t>(n0 + g) * (K / 32) + kb / 32;
-        const int64_t gb = static_cast<int64_t>(n0 + g + 8) * (K / 32) + kb / 32;
-        const uint4 qa = row_a ? __ldg(reinterpret_cast<const uint4*>(wq + ga * 4))
-                               : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 qb = row_b ? __ldg(reinterpret_cast<const uint4*>(wq + gb * 4))
-                               : make_uint4(0u, 0u, 0u, 0u);
-        const float sa = row_a ? __half2float(scales[ga]) : 0.f;
-        const float sb = row_b ? __half2float(scales[gb]) : 0.f;
-        const float ma = Q4 == 2 && row_a ? __half2float(mins[ga]) : 0.f;
-        const float mb = Q4 == 2 && row_b ? __half2float(mins[gb]) : 0.f;
-        sk_q4_run(qa, sa, ma, Q4 == 2, wa);
-        sk_q4_run(qb, sb, mb, Q4 == 2, wb);
+  const bool ok_a = n0 + g < n, ok_b = n0 + g + 8 < n;
+  SkRun cur, nxt;
+  if (r_begin < r_end) sk_load<K, Q4>(cur, w, scales, mins, n0 + g, ok_a, ok_b, r_begin * 128 + 32 * t);
+  for (int r = r_begin; r < r_end; ++r) {
+    const int in_chunk = (r - r_begin) % CHUNK;
+    if (in_chunk == 0) {  // stage x for rounds [r, r + CHUNK)
+      const int k0 = r * 128, cols = min(CHUNK, r_end - r) * 128;
+      __syncthreads();  // the previous chunk's reads are done
+      for (int i = threadIdx.x; i < SK_SLAB * (SK_KC / 8); i += blockDim.x) {
+        const int row = i / (SK_KC / 8), col = (i % (SK_KC / 8)) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (m0 + row < m && col < cols)
+          v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m0 + row) * K + k0 + col);
+        *reinterpret_cast<uint4*>(xs + row * SK_LD + col) = v;
       }
-      const half* xrow = xs + g * SK_LD + rr * 128 + 32 * t;
+      __syncthreads();
+    }
+    if (r + 1 < r_end)  // the next round's weights are in flight while this one computes
+      sk_load<K, Q4>(nxt, w, scales, mins, n0 + g, ok_a, ok_b, (r + 1) * 128 + 32 * t);
+    uint32_t wa[16], wb[16];
+    if (Q4 == 0) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const uint32_t a[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
+      for (int i = 0; i < 4; ++i) {
+        wa[4 * i] = cur.raw[i].x; wa[4 * i + 1] = cur.raw[i].y;
+        wa[4 * i + 2] = cur.raw[i].z; wa[4 * i + 3] = cur.raw[i].w;
+        wb[4 * i] = cur.raw[4 + i].x; wb[4 * i + 1] = cur.raw[4 + i].y;
+        wb[4 * i + 2] = cur.raw[4 + i].z; wb[4 * i + 3] = cur.raw[4 + i].w;
+      }
+    } else {
+      sk_q4_run(cur.raw[0], cur.scale[0], cur.minimum[0], Q4 == 2, wa);
+      sk_q4_run(cur.raw[1], cur.scale[1], cur.minimum[1], Q4 == 2, wb);
+    }
+    const half* xrow = xs + g * SK_LD + in_chunk * 128 + 32 * t;
 #pragma unroll
-        for (int mt = 0; mt < SK_SLAB / 8; ++mt) {
-          if (mt < tiles) {
-            const uint2 bx = *reinterpret_cast<const uint2*>(xrow + mt * 8 * SK_LD + 4 * j);
-            const uint32_t b[2] = {bx.x, bx.y};
-            mma_16816(c[mt], a, b);
-          }
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t a[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
+#pragma unroll
+      for (int mt = 0; mt < SK_SLAB / 8; ++mt) {
+        if (mt < tiles) {
+          const uint2 bx = *reinterpret_cast<const uint2*>(xrow + mt * 8 * SK_LD + 4 * j);
+          const uint32_t b[2] = {bx.x, bx.y};
+          mma_16816(c[mt], a, b);
         }
       }
     }
+    cur = nxt;
   }
   // c[mt]: (n0 + g, m 2t / 2t + 1) and (n0 + g + 8, same m) of this split
   float* out = ws + static_cast<int64_t>(blockIdx.y) * m * n;
