@@ -548,7 +548,12 @@ def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
 GEMM_EPILOGUES = {"plain": 0, "residual": 1, "silu": 2}  # GEMM_* in the header
 
 
-SKINNY_MAX_ROWS = 128  # rows up to which gemm_wgmma runs mc::skinny_partial (2 weight reads)
+# rows up to which the GEMMs run mc::skinny_partial (measured on the H200, 7B shape, batched
+# decode at 1k: float16 skinny 8.65 / 9.79 / 14.78 / 22.25 ms at 1 / 8 / 32 / 64 rows against
+# the 128 x 256 wgmma tiles' 11.80 / 12.45 / 15.37 / 20.95; 4-bit skinny 19.06 ms at 64 rows
+# against 31.07 ms for dequantize + wgmma)
+SKINNY_MAX_ROWS = 32
+SKINNY_MAX_ROWS_Q4 = 128
 SKINNY_SLAB, SKINNY_WARPS = 64, 4  # mc_kernels.cuh SK_SLAB, SK_WARPS
 TARGET_SKINNY_CTAS = 264  # two per SM of an H100/H200
 
@@ -697,7 +702,7 @@ def gemm_q4(out_features: int, in_features: int, out_dtype: str, epilogue: str =
             with_min: bool = False) -> tirx.PrimFunc:
     """gemm_wgmma with 4-bit weights: codes, scales, minimums (q4f16_1: its scales, unread).
 
-    Up to SKINNY_MAX_ROWS rows mc::skinny_partial dequantizes in its loads (the weight is read
+    Up to SKINNY_MAX_ROWS_Q4 rows mc::skinny_partial dequantizes in its loads (the weight is read
     once, 4.5 bits a weight); more rows (prefill) dequantize to a float16 workspace first.
     """
     n, k = out_features, in_features
@@ -710,7 +715,7 @@ def gemm_q4(out_features: int, in_features: int, out_dtype: str, epilogue: str =
     @T.macro
     def launches(x, qw, qs, qm, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
-        if b * s <= SKINNY_MAX_ROWS:
+        if b * s <= SKINNY_MAX_ROWS_Q4:
             skinny_launches(x, qw, qs, qm, y, extra_reads, *extra_args)
         else:
             dense = T.alloc_buffer((n, k), "float16")
