@@ -204,3 +204,19 @@ def test_abort_frees_the_pages_at_once(windowed):
         llm.step()
     assert llm.kv.pools[0].in_use == 0
     assert len(llm.outputs["y"].token_ids) == 50
+
+
+def test_the_single_sequence_engine_samples_on_the_device_as_the_batch_does(windowed):
+    # Engine (owned cache, batch 1) and LLM (paged, batched) share the device sampler and its
+    # noise keys: the same seed gives the same tokens
+    from mistral_compile.runtime import Engine
+
+    _, root = windowed
+    prompt = np.random.default_rng(6).integers(3, 256, 30).tolist()
+    options = dict(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.2, seed=7)
+    single = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    engine_tokens = single.generate(prompt, 24, **options)
+    llm, _ = engine(root, max_batch_size=2, prefill_chunk_size=16)
+    batch = llm.generate([prompt, prompt[:9]], SamplingParams(max_tokens=24, **options))
+    assert engine_tokens == batch[0].token_ids
+    assert engine_tokens != single.generate(prompt, 24)  # sampling, not an argmax

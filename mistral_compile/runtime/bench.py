@@ -236,8 +236,8 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
             steps.close()
             result["decode_sampled"] = sampled_decode(engine, context, decode_steps, warmup)
             log(f"decode at {context:6d}, sampled ({SAMPLED}): "
-                f"{result['decode_sampled']['ms_per_token']:7.2f} ms/token (logits to the "
-                "host, sampled there)")
+                f"{result['decode_sampled']['ms_per_token']:7.2f} ms/token (sampled on the "
+                "device)")
     result["decode"] = decode
     return result
 
@@ -248,7 +248,7 @@ SAMPLED = "temperature 0.7, top-p 0.95, repetition penalty 1.1"
 def sampled_decode(engine: Any, context: int, steps: int, warmup: int) -> dict[str, Any]:
     """Median ms of a sampled decode step as `chat` runs it at its defaults plus a penalty.
 
-    The logits come to the host and are sampled there (runtime/sampling.py); the cache
+    The library's ``sample`` picks each token on the device (runtime/sampler.py); the cache
     continues from where the greedy run left it.
     """
     from mistral_compile.runtime.sampling import SamplingParams

@@ -18,6 +18,7 @@ from mistral_compile.runtime.library import (
     STATE_PREFIX,
     TokenReader,
 )
+from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ class Engine:
         self.tokenizer_record = art.tokenizer_record
         self.params, self._state = art.params, art.state
         self._tokenizer = None
+        self._sampler: Sampler | None = None  # the device sampler, made on first use
         self._tokenizer_family = tokenizer
         self._last_turn: Turn | None = None
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
@@ -282,21 +284,31 @@ class Engine:
                       rng: np.random.Generator | None, prompt: list[int]) -> Iterator[int]:
         """The tokens after a prefill whose last logits are ``logits``, one per ``next``.
 
-        The first is sampled from ``logits``; each later one costs a decode step, run when it
-        is asked for. Greedy sampling goes through ``greedy`` (the argmax on the device);
-        otherwise the logits come to the host and are sampled with ``prompt`` plus the tokens
-        so far as the repetition penalty's history.
+        Each later token costs a decode step, run when it is asked for. Greedy sampling goes
+        through ``greedy`` (the argmax on the device). Otherwise the library's ``sample`` picks
+        each token on the device (runtime/sampler.py): only the token id comes back. Its noise
+        is keyed by (seed, index of the token in the answer), the seed being ``params.seed`` or
+        one drawn from ``rng``; the repetition penalty sees ``prompt`` and the tokens so far.
         """
-        history = list(prompt)
-        token = sample(logits, params, rng, history)
         if params.greedy:
+            token = sample(logits, params, rng, list(prompt))
             yield token
             yield from self.greedy(token)
             return
+        if self._sampler is None:
+            self._sampler = Sampler(self.artifact)
+        seed = params.seed if params.seed is not None else \
+            int((rng or np.random.default_rng()).integers(2**32))
+        state = SamplingState(params, seed % 2**32, list(prompt), [])
+        vocab = self.config.vocab_size
+        rows = tvm.runtime.tensor(np.asarray(logits, dtype="float32").reshape(1, vocab),
+                                  self.device)
         while True:
+            token = int(self._sampler.sample(rows, [state])[0][0])
             yield token
-            history.append(token)
-            token = sample(self.decode(token), params, rng, history)
+            self._check_tokens([token])
+            state.output.append(token)
+            rows = self._decode_step(self._upload([token]), token)[0]._create_view((1, vocab))
 
     @property
     def capacity(self) -> int:

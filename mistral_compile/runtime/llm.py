@@ -83,6 +83,10 @@ class LLM:
         self.config = cfg = self.artifact.config
         self.settings = settings = engine_config or EngineConfig()
         self.chunk_size = settings.prefill_chunk_size or cfg.prefill_chunk_size
+        if cfg.attention_sink_size:
+            logger.warning("the config asks for %d attention sinks: the batched runtime runs the "
+                           "exact sliding window (sinks: the single-sequence Engine)",
+                           cfg.attention_sink_size)
         self.groups = kv_groups(cfg.layer_sliding_window_sizes)
         pages = settings.num_pages or self._plan_pages()
         if len(pages) != len(self.groups) or min(pages) <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -42,6 +43,16 @@ def adjustments(p: SamplingParams, prompt: list[int],
     tokens = set(counts) | seen | set(int(t) for t in p.logit_bias)
     return [(t, counts.get(t, 0), int(t in seen), float(p.logit_bias.get(t, 0.0)))
             for t in sorted(tokens)]
+
+
+@dataclass
+class SamplingState:
+    """What the sampler needs of a sequence: its options, noise seed, prompt and answer so far."""
+
+    params: SamplingParams
+    seed: int
+    prompt: list[int]
+    output: list[int]
 
 
 class Sampler:
