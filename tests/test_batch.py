@@ -220,3 +220,16 @@ def test_the_single_sequence_engine_samples_on_the_device_as_the_batch_does(wind
     batch = llm.generate([prompt, prompt[:9]], SamplingParams(max_tokens=24, **options))
     assert engine_tokens == batch[0].token_ids
     assert engine_tokens != single.generate(prompt, 24)  # sampling, not an argmax
+
+
+def test_a_sequence_that_outgrows_the_cache_alone_ends_with_length(model):
+    name, ref, root = model
+    llm, seen = engine(root, max_batch_size=2, prefill_chunk_size=16,
+                       num_pages=[4] * len(set(MODELS[name][1].get("layer_types", [0]))))
+    prompt = np.random.default_rng(7).integers(3, 256, 40).tolist()
+    out = llm.generate([prompt], SamplingParams(max_tokens=100))[0]
+    assert out.finish_reason == "length"
+    if name == "windowed":  # the ring always fits: the budget ends it
+        assert len(out.token_ids) == 100
+    else:  # full layers hold every token: the 4 pages (64 tokens) end it
+        assert len(prompt) + len(out.token_ids) <= 4 * PAGE_SIZE + 1

@@ -240,17 +240,25 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one batched step; the outputs that changed."""
         work = self.scheduler.schedule()
+        changed = []
+        for seq in self.scheduler.ended:  # alone, it outgrew the KV cache
+            logger.warning("request %r ended: the KV cache (%s pages) cannot hold it",
+                           seq.request_id, [p.num_pages for p in self.kv.pools])
+            self.outputs[seq.request_id].finish_reason = seq.finish_reason
+            self._seqs.pop(seq.request_id, None)
+            self._text.pop(seq.request_id, None)
+            changed.append(self.outputs[seq.request_id])
+        self.scheduler.ended.clear()
         if not work:
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() and not changed:
                 raise MistralCompileError("the KV cache cannot hold the waiting request's next "
                                           "step: give the engine more pages")
-            return []
+            return changed
         logits = self.runner.run(work)
         tokens, logprobs = self.sampler.sample(logits, [w.seq for w in work])
         self.scheduler.completed(work)
         self.steps += 1
         now = time.perf_counter()
-        changed = []
         for i, w in enumerate(work):
             if not w.samples:
                 continue

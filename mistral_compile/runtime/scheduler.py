@@ -78,6 +78,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.ended: list[Sequence] = []  # ended by the scheduler (cache full), to report
         self._arrivals = itertools.count()
         self._rng = np.random.default_rng()
 
@@ -126,12 +127,20 @@ class Scheduler:
         return work
 
     def _reserve(self, seq: Sequence, count: int, scheduled: set[int]) -> bool:
-        """Pages for ``count`` tokens of a running sequence, preempting newer ones if needed."""
+        """Pages for ``count`` tokens of a running sequence, preempting newer ones if needed.
+
+        A sequence that cannot grow even with every other one gone ends ("length": the cache
+        is full) instead of being recomputed forever.
+        """
         while not self.kv.reserve(seq.pages, count):
             victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
             victim = max(victims, key=lambda s: s.arrival) if victims else seq
             if victim.arrival < seq.arrival:
                 victim = seq  # never preempt an older sequence for a newer one
+            if victim is seq and len(self.running) == 1:
+                self.finish(seq, "length")
+                self.ended.append(seq)
+                return False
             self.preempt(victim)
             if victim is seq:
                 return False
