@@ -23,7 +23,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences running at once (default 64)")
     parser.add_argument("--kv-cache-gb", type=_gigabytes, default=None, metavar="G",
                         help="memory for KV pages (default: 90%% of the GPU's free memory after "
-                             "the weights; on a CPU what the batch needs, at most 4 GB)")
+                             "the weights; on a CPU what the batch needs, at most 1 GB)")
     parser.add_argument("--prefill-chunk-size", type=_positive, default=None, metavar="N",
                         help="prompt tokens per sequence per step (default: the config's)")
     parser.add_argument("--no-prefix-caching", action="store_true",

@@ -28,7 +28,7 @@ logger = logging.getLogger("mistral_compile.runtime")
 
 GPU_MEMORY_FRACTION = 0.90  # of the free memory after the weights, for pages by default
 ACTIVATION_RESERVE = 2 << 30  # bytes kept free for a step's activations on a GPU
-CPU_DEFAULT_KV = 4 << 30  # at most this much KV on a CPU unless told
+CPU_DEFAULT_KV = 1 << 30  # at most this much KV on a CPU unless told
 
 
 @dataclass
@@ -106,7 +106,8 @@ class LLM:
         self.steps = 0
         logger.info("KV pages: %s of %d tokens (%.2f GiB) for %s", pages, PAGE_SIZE,
                     self.runner.pool_bytes / 2**30,
-                    ", ".join(f"window {g.window or 'none'}: {len(g.layers)} layers"
+                    ", ".join(f"window {g.window if g.window > 0 else 'none'}: "
+                              f"{len(g.layers)} layers"
                               for g in self.groups))
 
     def _plan_pages(self) -> list[int]:
@@ -115,7 +116,7 @@ class LLM:
         Windowed groups get what a full batch needs, twice (the prefix cache keeps the rest),
         full-context groups share the remaining bytes. The budget: ``kv_cache_bytes``; on a GPU
         90% of the free memory less a reserve for activations; on a CPU what a full batch at
-        full length needs, twice, at most CPU_DEFAULT_KV.
+        full length needs, twice, at most CPU_DEFAULT_KV (1 GiB).
         """
         cfg, settings = self.config, self.settings
         sizes = [page_bytes(self.artifact, len(g.layers)) for g in self.groups]

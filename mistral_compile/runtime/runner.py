@@ -8,7 +8,6 @@ import tvm
 from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
-from mistral_compile.runtime.library import zeros
 from mistral_compile.runtime.scheduler import Work
 
 
@@ -26,8 +25,10 @@ class ModelRunner:
         self.artifact, self.kv = artifact, kv
         cfg = artifact.config
         self.fn = artifact.vm["batch_step"]
-        self.pools = [zeros((pool.num_pages, len(group.layers), 2, cfg.num_key_value_heads,
-                             PAGE_SIZE, cfg.head_dim), artifact.dtype, artifact.device)
+        # not zeroed: a slot is always written (append) before any query reads it
+        self.pools = [tvm.runtime.empty((pool.num_pages, len(group.layers), 2,
+                                         cfg.num_key_value_heads, PAGE_SIZE, cfg.head_dim),
+                                        artifact.dtype, artifact.device)
                       for pool, group in zip(kv.pools, kv.groups, strict=True)]
         self._pools = tvm.runtime.convert(self.pools)
         self.pool_bytes = sum(p.numel() * p.dtype.itemsize for p in self.pools)
