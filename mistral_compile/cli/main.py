@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from mistral_compile import __version__
-from mistral_compile.cli import bench, chat, convert_config, convert_weight, generate
+from mistral_compile.cli import bench, chat, convert_config, convert_weight, generate, serve
 from mistral_compile.cli import compile as compile_cmd
 from mistral_compile.errors import MistralCompileError
 
-SUBCOMMANDS = (convert_config, convert_weight, compile_cmd, chat, generate, bench)
+SUBCOMMANDS = (convert_config, convert_weight, compile_cmd, chat, generate, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

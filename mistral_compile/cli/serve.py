@@ -1,0 +1,63 @@
+"""`mistral-compile serve`: an OpenAI-compatible HTTP server (mistral_compile/serve/)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mistral_compile.cli.bench import _positive
+from mistral_compile.cli.generate import add_engine_arguments, engine_config
+
+API_KEY_ENV = "MISTRAL_COMPILE_API_KEY"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    parser = commands.add_parser(
+        "serve", help="serve a compiled model over an OpenAI-compatible HTTP API",
+        description="POST /v1/chat/completions and /v1/completions (streaming as server-sent "
+                    "events), GET /v1/models and /health, over the batched runtime.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR")
+    parser.add_argument("--lib", required=True, metavar="LIB.so")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_positive, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model's name in the API (default: MODEL_DIR's folder name)")
+    parser.add_argument("--max-queue", type=_positive, default=1024,
+                        help="waiting requests before 503 (default 1024)")
+    parser.add_argument("--tokenizer", choices=["mistral", "hf"], default=None)
+    add_engine_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the engine and serve until interrupted."""
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from mistral_compile.runtime.llm import LLM
+    from mistral_compile.serve.app import build_app
+    from mistral_compile.serve.engine_loop import AsyncEngine
+    from mistral_compile.tokenizer import FAMILY_CHOICES
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    llm = LLM(args.model_dir, args.lib, args.device, engine_config(args), progress=True,
+              tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None)
+    llm.tokenizer  # noqa: B018 (a model without a tokenizer fails here, in one line)
+    engine = AsyncEngine(llm)
+    name = args.served_model_name or Path(args.model_dir).resolve().name
+    app = build_app(engine, name, api_key, args.max_queue)
+    logging.getLogger("mistral_compile.serve").info(
+        "serving '%s' on http://%s:%d/v1 (API key %s)", name, args.host, args.port,
+        "required" if api_key else "not required")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

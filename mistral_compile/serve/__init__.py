@@ -1,0 +1,1 @@
+"""`mistral-compile serve`: an OpenAI-compatible HTTP server over the batched runtime."""

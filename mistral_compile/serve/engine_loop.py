@@ -1,0 +1,126 @@
+"""The engine loop: one thread owns the LLM and steps it; requests stream from it to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mistral_compile.runtime.llm import LLM, RequestOutput
+from mistral_compile.runtime.sampling import SamplingParams
+
+logger = logging.getLogger("mistral_compile.serve")
+
+
+class AsyncEngine:
+    """Runs ``llm.step()`` on its own thread while requests are running.
+
+    Requests are added and aborted through a command queue drained between steps, so the LLM is
+    only ever touched by that thread. Each step's outputs go to the requests' asyncio queues as
+    snapshots (copies); a request whose consumer goes away (client disconnect) is aborted, its
+    pages freed before the next step.
+    """
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._subscribers: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.llm.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.llm.scheduler.running)
+
+    async def generate(self, request_id: Any, prompt: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The request's output after each step that changed it, until it finishes."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", request_id, prompt, params, loop, outputs))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+                self._wake.set()
+
+    def _deliver(self, request_id: Any, item: Any) -> None:
+        target = self._subscribers.get(request_id)
+        if target is None:
+            return
+        loop, outputs = target
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        except RuntimeError:  # the event loop is closed
+            self._subscribers.pop(request_id, None)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, rid, prompt, params, loop, outputs = command
+                self._subscribers[rid] = (loop, outputs)
+                try:
+                    self.llm.add_request(rid, prompt, params)
+                except Exception as err:  # noqa: BLE001 (reported to the request)
+                    self._deliver(rid, err)
+                    self._subscribers.pop(rid, None)
+            else:
+                rid = command[1]
+                self.llm.abort(rid)
+                self.llm.outputs.pop(rid, None)
+                self._subscribers.pop(rid, None)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain()
+            if not self.llm.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                changed = self.llm.step()
+            except Exception as err:  # noqa: BLE001 (every running request gets the error)
+                logger.exception("engine step failed")
+                for rid in list(self._subscribers):
+                    self._deliver(rid, err)
+                    self.llm.abort(rid)
+                    self.llm.outputs.pop(rid, None)
+                self._subscribers.clear()
+                continue
+            for out in changed:
+                snapshot = dataclasses.replace(out, token_ids=list(out.token_ids),
+                                               logprobs=list(out.logprobs),
+                                               token_times=list(out.token_times[-2:]))
+                self._deliver(out.request_id, snapshot)
+                if out.finished:
+                    self._subscribers.pop(out.request_id, None)
+                    self.llm.outputs.pop(out.request_id, None)
