@@ -27,7 +27,7 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model(tmp_path_factory):
     from mistral_compile.compiler.pipeline import compile_model
     from mistral_compile.weights import convert_weight
 
@@ -37,11 +37,15 @@ def server(tmp_path_factory):
     chatml_tokenizer(root / "hf")
     convert_weight(root / "hf", root / "model", "q0f32", progress=False)
     compile_model(root / "model", root / "lib.so")
+    return root
+
+
+def start(root, *extra):
+    """A server process on a free port; (process, base URL) once /health answers."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mistral_compile", "serve", root / "model", "--lib",
-         root / "lib.so", "--port", str(port), "--served-model-name", NAME,
-         "--max-batch-size", "8"],
+         root / "lib.so", "--port", str(port), "--served-model-name", NAME, *extra],
         env={**__import__("os").environ, "MISTRAL_COMPILE_API_KEY": KEY},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -53,6 +57,12 @@ def server(tmp_path_factory):
             if proc.poll() is not None:
                 raise AssertionError(proc.stdout.read()) from None
             time.sleep(0.1)
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    proc, base = start(model, "--max-batch-size", "8")
     yield base, openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
@@ -201,5 +211,34 @@ def test_an_oversized_body_is_413(server):
         conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: "
                      f"Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: "
                      f"{9 << 20}\r\n\r\n".encode())
-        answer = conn.recv(65536).decode()
-    assert answer.startswith("HTTP/1.1 413") and '"error"' in answer
+        conn.settimeout(10)
+        answer = b""
+        while b'"error"' not in answer:  # headers and body may come in separate reads
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
+
+
+def test_a_full_queue_is_503_with_retry_after(model):
+    # one running, one waiting: the next request is turned away at once
+    proc, base = start(model, "--max-batch-size", "1", "--max-queue", "1")
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    long = dict(model=NAME, prompt="x", max_tokens=200, extra_body={"ignore_eos": True},
+                temperature=0)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(client.completions.create, **long) for _ in range(2)]
+            for _ in range(100):
+                if metric(base, "mistral_compile_requests_waiting") >= 1:
+                    break
+                time.sleep(0.02)
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model=NAME, prompt="y", max_tokens=2)
+            assert err.value.status_code == 503
+            assert err.value.response.headers["retry-after"]
+            assert all(f.result().usage.completion_tokens == 200 for f in busy)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
