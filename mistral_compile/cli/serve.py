@@ -30,6 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=_positive, default=1024,
                         help="waiting requests before 503 (default 1024)")
     parser.add_argument("--tokenizer", choices=["mistral", "hf"], default=None)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="make random weights on the device (load tests of a model shape; "
+                             "MODEL_DIR may hold only mistral-config.json)")
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -47,9 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.tokenizer import FAMILY_CHOICES
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    llm = LLM(args.model_dir, args.lib, args.device, engine_config(args), progress=True,
+    params = None
+    if args.random_weights:
+        from mistral_compile.runtime.bench import random_params
+
+        params = random_params(Path(args.lib), args.device)
+    llm = LLM(args.model_dir, args.lib, args.device, engine_config(args), params=params,
+              progress=True,
               tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None)
-    llm.tokenizer  # noqa: B018 (a model without a tokenizer fails here, in one line)
+    if not llm.has_tokenizer():
+        logging.getLogger("mistral_compile.serve").warning(
+            "no tokenizer: only /v1/completions with token-id prompts work, without text")
     engine = AsyncEngine(llm)
     name = args.served_model_name or Path(args.model_dir).resolve().name
     app = build_app(engine, name, api_key, args.max_queue)

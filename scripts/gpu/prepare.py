@@ -57,10 +57,14 @@ TINY = {  # name: (transformers class, extra config)
 }
 
 
-# Not on the GPU machine's image: TVM's own needs, and mistral-common (chat) with its needs.
+# Not on the GPU machine's image: TVM's own needs, mistral-common (chat) with its needs, and
+# the server's.
 CARRIED = ("apache-tvm-ffi", "ml_dtypes", "mistral_common", "pydantic", "pydantic-core",
            "annotated-types", "typing-inspection", "pydantic-extra-types", "jsonschema",
-           "referencing", "rpds-py", "jsonschema-specifications", "pycountry", "gguf")
+           "referencing", "rpds-py", "jsonschema-specifications", "pycountry", "gguf",
+           # serve (scripts/gpu/serve_load.sh): the server and the load client
+           "fastapi", "starlette", "uvicorn", "prometheus-client", "openai", "h11", "anyio",
+           "jiter", "sniffio", "click")
 
 
 def _versions() -> dict[str, str]:
