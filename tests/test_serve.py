@@ -221,24 +221,49 @@ def test_an_oversized_body_is_413(server):
     assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
 
 
-def test_a_full_queue_is_503_with_retry_after(model):
-    # one running, one waiting: the next request is turned away at once
-    proc, base = start(model, "--max-batch-size", "1", "--max-queue", "1")
+@pytest.fixture(scope="module")
+def windowed_model(tmp_path_factory):
+    """The same tiny model with a window of 16: no context end, so requests can run long."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    root = tmp_path_factory.mktemp("serve_windowed")
+    tiny_checkpoint(root / "hf", vocab_size=300, sliding_window=16)
+    chatml_tokenizer(root / "hf")
+    convert_weight(root / "hf", root / "model", "q0f32", progress=False)
+    compile_model(root / "model", root / "lib.so")
+    return root
+
+
+def test_a_full_queue_is_503_with_retry_after(windowed_model):
+    # one long request running, one waiting: the next one is turned away at once; closing the
+    # two streams then cancels them
+    proc, base = start(windowed_model, "--max-batch-size", "1", "--max-queue", "1")
     client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
-    long = dict(model=NAME, prompt="x", max_tokens=200, extra_body={"ignore_eos": True},
-                temperature=0)
+    streams = [client.completions.create(model=NAME, prompt="x", max_tokens=100000,
+                                         temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}) for _ in range(2)]
     try:
-        with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(client.completions.create, **long) for _ in range(2)]
-            for _ in range(100):
-                if metric(base, "mistral_compile_requests_waiting") >= 1:
-                    break
-                time.sleep(0.02)
-            with pytest.raises(openai.APIStatusError) as err:
-                client.completions.create(model=NAME, prompt="y", max_tokens=2)
-            assert err.value.status_code == 503
-            assert err.value.response.headers["retry-after"]
-            assert all(f.result().usage.completion_tokens == 200 for f in busy)
+        next(iter(streams[0]))  # the first is running
+        for _ in range(200):
+            if metric(base, "mistral_compile_requests_waiting") >= 1:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the second request never waited")
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=NAME, prompt="y", max_tokens=2)
+        assert err.value.status_code == 503
+        assert err.value.response.headers["retry-after"]
+        for stream in streams:
+            stream.close()
+        for _ in range(200):
+            if metric(base, "mistral_compile_requests_running") + \
+                    metric(base, "mistral_compile_requests_waiting") == 0:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the closed streams kept their sequences")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
