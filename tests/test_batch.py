@@ -80,11 +80,11 @@ def check_against_hf(ref, llm, seen, prompts, tol=TOL):
     return worst
 
 
-def test_sequences_joining_and_leaving_equal_hf_alone(model):
-    # lengths 1 to past 4W, added at different steps, ending at different steps; chunks of 8
-    # and at most 20 tokens a step, so prompts are read in pieces between decode steps
-    name, ref, root = model
-    llm, seen = engine(root, max_batch_size=4, prefill_chunk_size=8, max_step_tokens=20)
+def join_and_leave(llm):
+    """Lengths 1 to past 4W added at steps 0/2/3/9, ending after different budgets; the prompts.
+
+    Runs ``llm`` to the end and checks every request ran its whole budget.
+    """
     rng = np.random.default_rng(0)
     lengths = [1, 7, W, W + 1, 2 * W + 3, 4 * W + 6, 3]
     budgets = [20, 5, 12, 30, 8, 10, 25]
@@ -99,6 +99,14 @@ def test_sequences_joining_and_leaving_equal_hf_alone(model):
         step += 1
     assert all(len(llm.outputs[i].token_ids) == budgets[i] for i in prompts)
     assert all(llm.outputs[i].finish_reason == "length" for i in prompts)
+    return prompts
+
+
+def test_sequences_joining_and_leaving_equal_hf_alone(model):
+    # chunks of 8 and at most 20 tokens a step: prompts are read in pieces between decode steps
+    name, ref, root = model
+    llm, seen = engine(root, max_batch_size=4, prefill_chunk_size=8, max_step_tokens=20)
+    prompts = join_and_leave(llm)
     print(f"{name}: max |dlogit| {check_against_hf(ref, llm, seen, prompts):.2e}")
     assert llm.stats()["preemptions"] == 0
     for pool in llm.kv.pools:  # everything released (cached pages are unreferenced)

@@ -4,26 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from mistral_compile.cli.args import add_engine_arguments, engine_config, ints, positive, triple
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,34 +21,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     parser.add_argument("--random-weights", action="store_true",
                         help="make random weights on the device (no checkpoint needed)")
-    parser.add_argument("--prefill-chunks", type=_ints, default=[512, 2048, 4096])
-    parser.add_argument("--contexts", type=_ints, default=None,
+    parser.add_argument("--prefill-chunks", type=ints, default=[512, 2048, 4096])
+    parser.add_argument("--contexts", type=ints, default=None,
                         help="decode contexts (default 1024,4096,16384,32768; with --batch "
                              "1024,4096)")
-    parser.add_argument("--decode-steps", type=_positive, default=32)
+    parser.add_argument("--decode-steps", type=positive, default=32)
     parser.add_argument("--kv-cache", choices=["owned", "paged"], default="owned",
                         help="the model-owned KV cache (default; a decode step is one CUDA "
                              "graph) or TVM's paged one (what attention sinks use)")
-    parser.add_argument("--batch", type=_ints, default=None, metavar="B,B,...",
+    parser.add_argument("--batch", type=ints, default=None, metavar="B,B,...",
                         help="batched engine: decode step time and tok/s with B sequences at "
                              "each context (e.g. 1,8,32,64,128)")
-    parser.add_argument("--throughput", type=_triple, action="append", default=None,
+    parser.add_argument("--throughput", type=triple, action="append", default=None,
                         metavar="N:IN:OUT",
                         help="batched engine: N requests of IN prompt and OUT output tokens "
                              "at once: output tok/s, TTFT and ITL p50/p99, pages, preemptions "
                              "(repeatable)")
-    from mistral_compile.cli.generate import add_engine_arguments
-
     add_engine_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(run=run)
-
-
-def _triple(text: str) -> tuple[int, int, int]:
-    parts = _ints(text.replace(":", ","))
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected N:IN:OUT, got {text!r}")
-    return parts[0], parts[1], parts[2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.runtime.bench import run_bench, write_json
 
     if args.batch or args.throughput:
-        from mistral_compile.cli.generate import engine_config
         from mistral_compile.runtime.bench_batch import run_batch_bench
 
         if args.max_batch_size == 64 and args.batch:  # default: room for the largest batch

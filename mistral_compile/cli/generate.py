@@ -4,41 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_compile.cli.bench import _positive
-
-
-def _gigabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of GB, got {text!r}")
-    return value
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The batched engine's settings (generate, serve, bench --throughput)."""
-    parser.add_argument("--max-batch-size", type=_positive, default=64,
-                        help="sequences running at once (default 64)")
-    parser.add_argument("--kv-cache-gb", type=_gigabytes, default=None, metavar="G",
-                        help="memory for KV pages (default: 90%% of the GPU's free memory after "
-                             "the weights; on a CPU what the batch needs, at most 1 GB)")
-    parser.add_argument("--prefill-chunk-size", type=_positive, default=None, metavar="N",
-                        help="prompt tokens per sequence per step (default: the config's)")
-    parser.add_argument("--no-prefix-caching", action="store_true",
-                        help="do not reuse the KV pages of common prompt prefixes")
-
-
-def engine_config(args: argparse.Namespace):  # noqa: ANN201 (EngineConfig, imported lazily)
-    """The EngineConfig the engine arguments ask for."""
-    from mistral_compile.runtime.llm import EngineConfig
-
-    return EngineConfig(max_batch_size=args.max_batch_size,
-                        prefill_chunk_size=args.prefill_chunk_size,
-                        kv_cache_bytes=None if args.kv_cache_gb is None
-                        else int(args.kv_cache_gb * 2**30),
-                        prefix_caching=not args.no_prefix_caching)
+from mistral_compile.cli.args import add_engine_arguments, engine_config, positive
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -58,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", required=True, metavar="PROMPTS.jsonl")
     parser.add_argument("--output", default=None, metavar="OUT.jsonl",
                         help="where to write the results (default: standard output)")
-    parser.add_argument("--max-tokens", type=_positive, default=256,
+    parser.add_argument("--max-tokens", type=positive, default=256,
                         help="longest output where a line gives none (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="where a line gives none (default 0: greedy)")

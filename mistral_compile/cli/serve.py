@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mistral_compile.cli.bench import _positive
-from mistral_compile.cli.generate import add_engine_arguments, engine_config
+from mistral_compile.cli.args import add_engine_arguments, engine_config, positive
 
 API_KEY_ENV = "MISTRAL_COMPILE_API_KEY"
 
@@ -22,12 +21,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_positive, default=8000)
+    parser.add_argument("--port", type=positive, default=8000)
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})")
     parser.add_argument("--served-model-name", default=None,
                         help="the model's name in the API (default: MODEL_DIR's folder name)")
-    parser.add_argument("--max-queue", type=_positive, default=1024,
+    parser.add_argument("--max-queue", type=positive, default=1024,
                         help="waiting requests before 503 (default 1024)")
     parser.add_argument("--tokenizer", choices=["mistral", "hf"], default=None)
     parser.add_argument("--random-weights", action="store_true",

@@ -167,12 +167,6 @@ class KVCacheManager:
                 taken.append((g, lp, page))
         return True
 
-    def pages_to_reserve(self, seq: SequencePages, count: int) -> list[int]:
-        """Fresh pages per group that ``reserve(seq, count)`` would take."""
-        return [sum(lp not in seq.held[g] for lp in self._needed(g, seq.length,
-                                                                 seq.length + count))
-                for g in range(len(self.pools))]
-
     def advance(self, seq: SequencePages, tokens: list[int], count: int) -> None:
         """``count`` tokens were computed: register the pages they filled, free passed ones.
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mistral_compile.runtime.output import held_back
 from mistral_compile.runtime.sampling import SamplingParams
 from mistral_compile.tokenizer.base import Tokenizer, message_dicts
 
@@ -35,17 +36,6 @@ class Usage:
     def decode_tokens_per_second(self) -> float:
         steps = max(self.completion_tokens - 1, 0)
         return steps / self.decode_seconds if self.decode_seconds else 0.0
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop string."""
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:n]):
-                hold = n
-                break
-    return hold
 
 
 class TextStream:
@@ -100,7 +90,7 @@ class TextStream:
                 elif engine.context_full():
                     reason = "context"
                 safe = len(self.text) if reason else \
-                    len(self.text) - _held_back(self.text, params.stop)
+                    len(self.text) - held_back(self.text, params.stop)
                 if safe > emitted:
                     piece, emitted = self.text[emitted:safe], safe
                     yield piece

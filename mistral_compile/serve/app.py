@@ -87,7 +87,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         """Outputs of the n choices as they come: (index, RequestOutput)."""
         import asyncio
 
-        check(prompt, params)
         queue: asyncio.Queue = asyncio.Queue()
         base = uuid.uuid4().hex
 
@@ -155,6 +154,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     async def respond(body: dict[str, Any], prompt: list[int], chat: bool):  # noqa: ANN202
         params, n = sampling(body, chat)
+        check(prompt, params)  # before anything is sent: a bad request is a 400, not a stream
         kind = "chat.completion" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         stamp = int(time.time())
@@ -180,7 +180,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        check(prompt, params)
 
         async def events() -> AsyncIterator[str]:
             final: dict[int, RequestOutput] = {}

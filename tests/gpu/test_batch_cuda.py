@@ -18,7 +18,7 @@ W = 16
 if not torch.cuda.is_available() or not (GPU_DIR / "prepared.json").is_file():
     pytest.skip("needs an NVIDIA GPU and the prepared dist-gpu/ folder", allow_module_level=True)
 
-from test_batch import check_against_hf, engine  # noqa: E402
+from test_batch import check_against_hf, engine, join_and_leave  # noqa: E402
 
 from mistral_compile.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -53,18 +53,7 @@ def test_sequences_joining_and_leaving_equal_hf_alone(name, quant):
     big = name == "wide"
     llm, seen = gpu_engine(name, quant, max_batch_size=4, prefill_chunk_size=64 if big else 8,
                            max_step_tokens=100 if big else 20)
-    rng = np.random.default_rng(0)
-    lengths = [1, 7, W, W + 1, 2 * W + 3, 4 * W + 6, 3]
-    budgets = [20, 5, 12, 30, 8, 10, 25]
-    prompts = {}
-    schedule = {0: [0, 1, 2], 2: [3], 3: [4, 5], 9: [6]}
-    step = 0
-    while step <= max(schedule) or llm.has_unfinished():
-        for i in schedule.get(step, []):
-            prompts[i] = rng.integers(3, 256, lengths[i]).tolist()
-            llm.add_request(i, prompts[i], SamplingParams(max_tokens=budgets[i]))
-        llm.step()
-        step += 1
+    prompts = join_and_leave(llm)
     worst = check_against_hf(hf(name, quant), llm, seen, prompts, TOL[quant])
     print(f"{name} {quant}: max |dlogit| {worst:.2e}")
 
