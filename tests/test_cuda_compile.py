@@ -57,6 +57,11 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
         # TMA through descriptors that a launch before each GEMM writes
         assert all(f"mc::gemm_wgmma<half, 256, {e}>" in code for e in (0, 1, 2))
         assert code.count("mc::gemm_wgmma_maps<256>") >= 3
+        # a batched step of <= 128 rows splits K over more CTAs (partials, then the epilogue),
+        # and a step of one row runs the GEMVs (silu (4) without the norm: the step has its own)
+        assert "mc::gemm_wgmma<float, 256, 3>" in code
+        assert all(f"mc::skinny_epilogue<half, {e}>" in code for e in (0, 1, 2))
+        assert "mc::gemv<half, half, 256, 4>" in code and "mc::skinny_partial<256, 0>" not in code
     else:
         assert "mc::gemm_nt<" in code and "gemm_wgmma<" not in code
     assert list((tmp_path / "cache").rglob("libcuda.so.1"))
@@ -66,9 +71,10 @@ def test_q4_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_1 decode reads the packed weights in mc::gemv_q4 (nvcc must take it: GPU tests
     # check its numbers); with each fusion mode, and lm_head's plain one into float32 logits.
     # Prefill and batched steps run gemm_q4: up to 128 rows the skinny GEMM dequantizes in its
-    # loads (mc::skinny_partial<K, 1>), more rows unpack to float16 first (dequantize_q4_any).
+    # loads (mc::skinny_partial<K, 1>), more rows unpack to float16 first (dequantize_q4_any);
+    # a step of one row runs the GEMV (silu without the norm: 4).
     _, code = _compile_tiny(run_cli, tmp_path, "q4f16_1", "sm_90")
-    for mode in (1, 2, 3):
+    for mode in (1, 2, 3, 4):
         assert f"mc::gemv_q4<half, 256, {mode}>" in code
     assert "mc::gemv_q4<float, 256, 0>" in code
     assert "mc::dequantize_q4_any<false>" in code and "mc::skinny_partial<256, 1>" in code
@@ -81,7 +87,7 @@ def test_q4_with_minimums_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     # q4f16_2 (w = q * scale + min): the same GEMV with the minimum's term, every fusion mode,
     # and its prefill GEMM (gemm_q4 with minimums)
     _, code = _compile_tiny(run_cli, tmp_path, "q4f16_2", "sm_90")
-    for mode in (1, 2, 3):
+    for mode in (1, 2, 3, 4):
         assert f"mc::gemv_q4<half, 256, {mode}, mc::Q4Dot, mc::SameRow, true>" in code
     assert "mc::gemv_q4<float, 256, 0, mc::Q4Dot, mc::SameRow, true>" in code
     assert "mc::dequantize_q4_any<true>" in code and "mc::skinny_partial<256, 2>" in code

@@ -292,7 +292,8 @@ GEMV_WARPS = 8  # warps per CTA (each walks output rows)
 # 3.28 ms at 512 and 3.27 at 264, 3.55 with one row per warp, 4.29 at 132. The float16 GEMVs
 # read 4x the bytes per row and are fastest with one row per warp (6.46 vs 6.58 ms at 512).
 GEMV_Q4_MAX_CTAS = 512
-GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3}  # GEMV_* in the header
+GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3,  # GEMV_* in the header
+              "silu": 4}
 
 
 def gemv_supported(in_features: int, dtype: str) -> bool:
@@ -546,16 +547,25 @@ def gemm(out_features: int, in_features: int, out_dtype: str) -> tirx.PrimFunc:
 
 
 GEMM_EPILOGUES = {"plain": 0, "residual": 1, "silu": 2}  # GEMM_* in the header
+GEMM_PARTIAL = 3  # the split-K tiles' float32 partials (GEMM_PARTIAL in the header)
 
 
-# rows up to which the GEMMs run mc::skinny_partial (measured on the H200, 7B shape, batched
-# decode at 1k: float16 skinny 8.65 / 9.79 / 14.78 / 22.25 ms at 1 / 8 / 32 / 64 rows against
-# the 128 x 256 wgmma tiles' 11.80 / 12.45 / 15.37 / 20.95; 4-bit skinny 19.06 ms at 64 rows
-# against 31.07 ms for dequantize + wgmma)
-SKINNY_MAX_ROWS = 32
+# A batched step's projections (measured alone on the H200, scripts/gpu/gemm_check.py, 7B
+# shape, microseconds per layer at 1 / 8 / 64 / 128 rows): the 128 x 256 wgmma tiles 256 / 255 /
+# 268 / 343 (N / 256 CTAs: 16 for a 4096-wide output), the same tiles with K split to fill the
+# SMs 167 / 162 / 187 / 235, mc::skinny_partial 212 / 224 / 453 / 841. So float16 steps of up
+# to WG_BM rows split K (wgmma_splits), one row runs the batch-1 GEMV (mc::gemv, about 83% of
+# the copy bandwidth), and 4-bit weights run the skinny kernel, which dequantizes in its loads,
+# up to SKINNY_MAX_ROWS_Q4 rows (19.06 ms a 64-row step against 31.07 ms for dequantize + wgmma).
 SKINNY_MAX_ROWS_Q4 = 128
 SKINNY_SLAB, SKINNY_WARPS = 64, 4  # mc_kernels.cuh SK_SLAB, SK_WARPS
 TARGET_SKINNY_CTAS = 264  # two per SM of an H100/H200
+SPLIT_TARGET_CTAS = 132  # one wave of the wgmma tiles (one CTA per SM) on an H100/H200
+
+
+def wgmma_splits(weight_rows: int, k: int) -> int:
+    """K splits of the wgmma tiles for a step of <= WG_BM rows: one CTA per SM in all."""
+    return max(1, min(k // 64, SPLIT_TARGET_CTAS // -(-weight_rows // WG_BN)))
 
 
 def skinny_splits(n: int, k: int) -> int:
@@ -577,25 +587,28 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     """y[b, s, N'] = x[b, s, K] @ W[N, K]^T on Hopper's warpgroup MMA (sm_90a).
 
     Two launches: one warp writes the TMA descriptors of x and W into a 256-byte workspace;
-    then 128 x 256 tiles, fed by TMA through 4 shared-memory stages, float32 accumulation. Up to
-    SKINNY_MAX_ROWS rows (a batched decode step), where those tiles would leave most SMs idle
-    (N / 256 CTAs), mc::skinny_partial streams the weight on every SM instead, K split over
-    skinny_splits CTAs, and mc::skinny_epilogue sums the splits and applies the epilogue. The
-    epilogue "residual" adds res[b, s, N] (an extra argument before y); "silu" takes
-    W = [gate; up] and writes silu(x gate^T) * (x up^T), N' = N / 2.
+    then 128 x 256 tiles, fed by TMA through 4 shared-memory stages, float32 accumulation. A
+    batched step of up to WG_BM rows splits K over wgmma_splits CTAs per tile (those tiles alone
+    would leave most SMs idle: N / 256 CTAs) and mc::skinny_epilogue sums the splits; a step of
+    one row runs the batch-1 GEMV. The epilogue "residual" adds res[b, s, N] (an extra argument
+    before y); "silu" takes W = [gate; up] and writes silu(x gate^T) * (x up^T), N' = N / 2.
     """
     n, k = out_features, in_features
     outputs = n // 2 if epilogue == "silu" else n
     wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
-    skinny_launches = _skinny_macro(n, k, out_dtype, epilogue, 0)
-    skinny = k % 128 == 0
+    splits = wgmma_splits(n, k)
+    split_launches = _wgmma_split_macro(n, k, out_dtype, epilogue, splits)
+    one_row = gemv_supported(k, "float16")
+    gemv_launch = _gemv_row_macro(n, k, out_dtype, epilogue, 0)
 
     @T.macro
     def launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         # TVMScript has no optional parameter: the two prim_funcs below share these launches
         b, s = x.shape[0], x.shape[1]
-        if skinny and b * s <= SKINNY_MAX_ROWS:  # a batched step's few rows
-            skinny_launches(x, w, x, x, y, extra_reads, *extra_args)
+        if one_row and b * s == 1:
+            gemv_launch(x, [w], y, extra_reads, *extra_args)
+        elif splits > 1 and b * s <= WG_BM:  # a batched step's rows
+            split_launches(x, w, y, extra_reads, *extra_args)
         else:
             wgmma_launches(x, w, y, extra_reads, *extra_args)
 
@@ -620,6 +633,96 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         launches(x, w, y, [])
 
     return with_residual if epilogue == "residual" else func
+
+
+def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # noqa: ANN202
+    """A step of one row on the batch-1 GEMV (mc::gemv, mc::gemv_q4), as a TIR macro.
+
+    ``q4`` as for _skinny_macro; ``weights`` are [w] (float16), [codes, scales] or [codes,
+    scales, minimums]. The GEMV's aux operand is the residual, or x (unread) without one.
+    """
+    outputs = n // 2 if epilogue == "silu" else n
+    mode = GEMV_MODES[epilogue]  # plain, residual and silu: the same names
+    if q4:
+        extern = f"mc::gemv_q4<{CTYPES[out_dtype]}, {k}, {mode}" + (
+            ", mc::Q4Dot, mc::SameRow, true>" if q4 == 2 else ">")
+        ctas = _gemv_ctas(outputs, GEMV_Q4_MAX_CTAS)
+    else:
+        extern = f"mc::gemv<half, {CTYPES[out_dtype]}, {k}, {mode}>"
+        ctas = _gemv_ctas(outputs)
+
+    @T.macro
+    def gemv_launch(x, weights, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        b, s = x.shape[0], x.shape[1]
+        for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
+            for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                with T.sblock("gemv_row"):
+                    T.reads(x[0:b, 0:s, 0:k], *[wt[0:wt.shape[0], 0:wt.shape[1]]
+                                                for wt in weights], *extra_reads)
+                    T.writes(y[0:b, 0:s, 0:outputs])
+                    T.evaluate(T.call_extern(
+                        "void", extern, x.access_ptr("r"), *(extra_args or [x.access_ptr("r")]),
+                        *[wt.access_ptr("r") for wt in weights[:2]], y.access_ptr("w"), outputs,
+                        T.float32(0), *[wt.access_ptr("r") for wt in weights[2:]]))
+
+    return gemv_launch
+
+
+def _wgmma_split_macro(n: int, k: int, out_dtype: str, epilogue: str, splits: int):  # noqa: ANN202
+    """mc::gemm_wgmma with K split over ``splits`` CTAs (GEMM_PARTIAL), then the epilogue."""
+    extern = f"mc::gemm_wgmma<float, {k}, {GEMM_PARTIAL}>"
+    maps_extern = f"mc::gemm_wgmma_maps<{k}>"
+    finish = _split_epilogue_macro(n, out_dtype, epilogue)
+
+    @T.macro
+    def split_launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        b, s = x.shape[0], x.shape[1]
+        maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
+        ws = T.alloc_buffer((splits * b * s * n,), "float32")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_maps"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAPS_BYTES])
+                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
+                                             maps.access_ptr("w")))
+        for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
+            for _by in T.thread_binding((n + WG_BN - 1) // WG_BN, thread="blockIdx.y"):
+                for _bz in T.thread_binding(splits, thread="blockIdx.z"):
+                    for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
+                        with T.sblock("gemm_partial"):
+                            T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k])
+                            T.writes(ws[0:splits * b * s * n])
+                            smem = T.alloc_buffer((WG_SMEM // 2,), "float16",
+                                                  scope="shared.dyn")
+                            T.evaluate(T.call_extern("void", extern, maps.access_ptr("r"),
+                                                     ws.access_ptr("w"), T.Cast("int32", b * s),
+                                                     n, smem.access_ptr("rw")))
+        finish(ws, splits, x, y, extra_reads, *extra_args)
+
+    return split_launches
+
+
+def _split_epilogue_macro(n: int, out_dtype: str, epilogue: str):  # noqa: ANN202
+    """mc::skinny_epilogue: the K splits' float32 partials ws [splits, rows, n] summed into y."""
+    outputs = n // 2 if epilogue == "silu" else n
+    finish = f"mc::skinny_epilogue<{CTYPES[out_dtype]}, {GEMM_EPILOGUES[epilogue]}>"
+
+    @T.macro
+    def finish_launch(ws, splits, x, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+        b, s = x.shape[0], x.shape[1]
+        for _bx in T.thread_binding(T.min(2048, T.ceildiv(b * s * outputs, 256)),
+                                    thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("split_epilogue"):
+                    T.reads(ws[0:splits * b * s * n], *extra_reads)
+                    T.writes(y[0:b, 0:s, 0:outputs])
+                    T.evaluate(T.call_extern(
+                        "void", finish, ws.access_ptr("r"), splits, T.Cast("int32", b * s),
+                        n, y.access_ptr("w"), *(extra_args or [y.access_ptr("r")])))
+
+    return finish_launch
 
 
 def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
@@ -665,7 +768,7 @@ def _skinny_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # no
     outputs = n // 2 if epilogue == "silu" else n
     splits = skinny_splits(n, k)
     partial = f"mc::skinny_partial<{k}, {q4}>"
-    finish = f"mc::skinny_epilogue<{CTYPES[out_dtype]}, {GEMM_EPILOGUES[epilogue]}>"
+    finish = _split_epilogue_macro(n, out_dtype, epilogue)
     words = k // 8 if q4 else k
 
     @T.macro
@@ -684,15 +787,7 @@ def _skinny_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # no
                                 "void", partial, x.access_ptr("r"), T.Cast("int32", b * s),
                                 w.access_ptr("r"), scales.access_ptr("r"),
                                 mins.access_ptr("r"), n, ws.access_ptr("w")))
-        for _bx in T.thread_binding(T.min(2048, T.ceildiv(b * s * outputs, 256)),
-                                    thread="blockIdx.x"):
-            for _tx in T.thread_binding(256, thread="threadIdx.x"):
-                with T.sblock("skinny_epilogue"):
-                    T.reads(ws[0:splits * b * s * n], *extra_reads)
-                    T.writes(y[0:b, 0:s, 0:outputs])
-                    T.evaluate(T.call_extern(
-                        "void", finish, ws.access_ptr("r"), splits, T.Cast("int32", b * s),
-                        n, y.access_ptr("w"), *(extra_args or [y.access_ptr("r")])))
+        finish(ws, splits, x, y, extra_reads, *extra_args)
 
     return skinny_launches
 
@@ -702,20 +797,25 @@ def gemm_q4(out_features: int, in_features: int, out_dtype: str, epilogue: str =
             with_min: bool = False) -> tirx.PrimFunc:
     """gemm_wgmma with 4-bit weights: codes, scales, minimums (q4f16_1: its scales, unread).
 
-    Up to SKINNY_MAX_ROWS_Q4 rows mc::skinny_partial dequantizes in its loads (the weight is read
-    once, 4.5 bits a weight); more rows (prefill) dequantize to a float16 workspace first.
+    One row runs the batch-1 GEMV (mc::gemv_q4); up to SKINNY_MAX_ROWS_Q4 rows
+    mc::skinny_partial dequantizes in its loads (the weight is read once, 4.5 bits a weight);
+    more rows (prefill) dequantize to a float16 workspace first.
     """
     n, k = out_features, in_features
     outputs = n // 2 if epilogue == "silu" else n
     wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
     skinny_launches = _skinny_macro(n, k, out_dtype, epilogue, 2 if with_min else 1)
+    gemv_launch = _gemv_row_macro(n, k, out_dtype, epilogue, 2 if with_min else 1)
+    one_row = gemv_supported(k, "float16")
     dequantize = f"mc::dequantize_q4_any<{'true' if with_min else 'false'}>"
     groups = n * k // 32
 
     @T.macro
     def launches(x, qw, qs, qm, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
-        if b * s <= SKINNY_MAX_ROWS_Q4:
+        if one_row and b * s == 1:
+            gemv_launch(x, [qw, qs, qm] if with_min else [qw, qs], y, extra_reads, *extra_args)
+        elif b * s <= SKINNY_MAX_ROWS_Q4:
             skinny_launches(x, qw, qs, qm, y, extra_reads, *extra_args)
         else:
             dense = T.alloc_buffer((n, k), "float16")

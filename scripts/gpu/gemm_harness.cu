@@ -32,6 +32,64 @@ static int launch(int m, int n, const void* x, const void* w, void* y, const voi
   return (int)cudaGetLastError();
 }
 
+template <int K>
+__global__ void __launch_bounds__(mc::WG_THREADS) gemm_partial(const void* maps, float* ws, int m,
+                                                               int n) {
+  extern __shared__ __align__(16) half smem[];
+  mc::gemm_wgmma<float, K, mc::GEMM_PARTIAL>(maps, ws, m, n, smem);
+}
+
+template <int K>
+__global__ void __launch_bounds__(32 * mc::SK_WARPS) skinny(const half* x, int m, const half* w,
+                                                            int n, float* ws) {
+  mc::skinny_partial<K, 0>(x, m, w, nullptr, nullptr, n, ws);
+}
+
+template <int EPI>
+__global__ void __launch_bounds__(256) finish(const float* ws, int splits, int m, int n, half* y,
+                                              const half* aux) {
+  mc::skinny_epilogue<half, EPI>(ws, splits, m, n, y, aux);
+}
+
+// A decode step's GEMM with K split over `splits` CTAs: the wgmma tiles (GEMM_PARTIAL) or
+// mc::skinny_partial (kind 1) into ws [splits, m, w_rows] float32, then skinny_epilogue.
+template <int K, int EPI>
+static int launch_split(int kind, int m, int n, int splits, const void* x, const void* w, void* y,
+                        const void* aux, void* maps, float* ws) {
+  const int w_rows = EPI == mc::GEMM_SILU ? 2 * n : n;
+  if (kind == 0) {
+    gemm_maps<K><<<1, 32>>>((const half*)x, (const half*)w, m, w_rows, maps);
+    cudaFuncSetAttribute(gemm_partial<K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         mc::WG_SMEM_BYTES);
+    const dim3 grid((m + mc::WG_BM - 1) / mc::WG_BM, (w_rows + mc::WG_BN - 1) / mc::WG_BN, splits);
+    gemm_partial<K><<<grid, mc::WG_THREADS, mc::WG_SMEM_BYTES>>>(maps, ws, m, w_rows);
+  } else {
+    const dim3 grid((w_rows + 16 * mc::SK_WARPS - 1) / (16 * mc::SK_WARPS), splits,
+                    (m + mc::SK_SLAB - 1) / mc::SK_SLAB);
+    skinny<K><<<grid, 32 * mc::SK_WARPS>>>((const half*)x, m, (const half*)w, w_rows, ws);
+  }
+  const int blocks = (m * n + 255) / 256;
+  finish<EPI><<<blocks < 2048 ? blocks : 2048, 256>>>(ws, splits, m, w_rows, (half*)y,
+                                                      (const half*)aux);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int launch_split_gemm(int kind, int k, int epi, int m, int n, int splits,
+                                 const void* x, const void* w, void* y, const void* aux,
+                                 void* maps, float* ws) {
+#define MC_SPLIT(K_, E_) \
+  if (k == K_ && epi == E_) return launch_split<K_, E_>(kind, m, n, splits, x, w, y, aux, maps, ws);
+  MC_SPLIT(4096, 0)
+  MC_SPLIT(4096, 1)
+  MC_SPLIT(4096, 2)
+  MC_SPLIT(14336, 1)
+  MC_SPLIT(5120, 0)
+  MC_SPLIT(5120, 1)
+  MC_SPLIT(5120, 2)
+  MC_SPLIT(32768, 1)
+  return -1;
+}
+
 extern "C" int launch_gemm(int k, int epi, int m, int n, const void* x, const void* w, void* y,
                            const void* aux, void* maps) {
 #define MC_CASE(K_, E_) \
@@ -42,5 +100,9 @@ extern "C" int launch_gemm(int k, int epi, int m, int n, const void* x, const vo
   MC_CASE(14336, 1)
   MC_CASE(128, 0)
   MC_CASE(128, 2)
+  MC_CASE(5120, 0)
+  MC_CASE(5120, 1)
+  MC_CASE(5120, 2)
+  MC_CASE(32768, 1)
   return -1;
 }

@@ -278,6 +278,11 @@ constexpr int GEMV_NORM = 1;       // y = W (RMSNorm(x) * aux), as one rms_norm 
 constexpr int GEMV_RESIDUAL = 2;   // y = aux + W x
 constexpr int GEMV_NORM_SILU = 3;  // W = [gate; up] (2n rows): y = silu(gate x') * (up x'),
                                    // x' = RMSNorm(x) * aux
+constexpr int GEMV_SILU = 4;       // W = [gate; up]: y = silu(gate x) * (up x) (a batched step's
+                                   // one row, its norm already applied)
+constexpr __host__ __device__ bool gemv_silu(int mode) {
+  return mode == GEMV_NORM_SILU || mode == GEMV_SILU;
+}
 constexpr int GEMV_WARPS = 8;      // warps per CTA; each walks output rows with the grid stride
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -356,14 +361,14 @@ __device__ __forceinline__ void gemv_rows(OutT* y, const void* aux, int n, Dot d
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int row = blockIdx.x * GEMV_WARPS + warp; row < n; row += gridDim.x * GEMV_WARPS) {
     float acc, up = 0.f;
-    if constexpr (MODE == GEMV_NORM_SILU) {
+    if constexpr (gemv_silu(MODE)) {
       dot(row, row + n, &acc, &up);
     } else {
       acc = dot(row);
     }
     if (lane == 0) {
       if (MODE == GEMV_RESIDUAL) acc += to_float(static_cast<const OutT*>(aux)[row]);
-      if (MODE == GEMV_NORM_SILU) acc = acc / (1.f + __expf(-acc)) * up;
+      if (gemv_silu(MODE)) acc = acc / (1.f + __expf(-acc)) * up;
       store(y + row, acc);
     }
   }
@@ -497,7 +502,7 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
     }
   };
   auto row_ptr = [&](int r) { return w + static_cast<int64_t>(r) * K + lane * VEC; };
-  if constexpr (MODE == GEMV_NORM_SILU) {
+  if constexpr (gemv_silu(MODE)) {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
       const T* rows[2] = {row_ptr(g), row_ptr(u)};
       float acc[2] = {0.f, 0.f};
@@ -688,7 +693,7 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
       }
     }
   };
-  if constexpr (MODE == GEMV_NORM_SILU) {
+  if constexpr (gemv_silu(MODE)) {
     gemv_rows<OutT, MODE>(y, aux, n, [&](int g, int u, float* ga, float* ua) {
       const int rows[2] = {g, u};
       float acc[2] = {0.f, 0.f};
@@ -964,6 +969,9 @@ constexpr int GEMM_PLAIN = 0;     // y = x w^T
 constexpr int GEMM_RESIDUAL = 1;  // y = aux + x w^T (aux [m, n], the residual)
 constexpr int GEMM_SILU = 2;      // w = [gate; up] (2n rows): y = silu(x gate^T) * (x up^T); a
                                   // CTA's 256 B rows are 128 gate rows and the same 128 up rows
+constexpr int GEMM_PARTIAL = 3;   // split K: the CTA's float32 sums over its K tiles (split z =
+                                  // blockIdx.z of gridDim.z) to y + z m n, n the weight's rows;
+                                  // skinny_epilogue adds the splits and applies the epilogue
 
 // Grouped tile order: consecutive CTAs walk WG_GROUP M tiles fastest, then N, so the CTAs
 // resident together share a few weight tiles and WG_GROUP tiles of x rows, which stay in L2
@@ -1007,9 +1015,11 @@ __device__ __forceinline__ void wg_store(const float* d, OutT* __restrict__ y,
   }
 }
 
-// Launch: grid (M tiles, N tiles of 256 outputs, 128 for silu), WG_THREADS threads,
-// WG_SMEM_BYTES of dynamic shared memory at smem_raw; maps from gemm_wgmma_maps on x and w.
-// Edges: TMA fills rows past m (x) or past the weight's rows with zeros; stores are guarded.
+// Launch: grid (M tiles, N tiles of 256 outputs, 128 for silu, K splits for GEMM_PARTIAL, else
+// 1), WG_THREADS threads, WG_SMEM_BYTES of dynamic shared memory at smem_raw; maps from
+// gemm_wgmma_maps on x and w. Edges: TMA fills rows past m (x) or past the weight's rows with
+// zeros; stores are guarded. A consumer warpgroup whose 64 rows all lie past m (a decode step of
+// <= 64 rows) only passes the stages on, so its MMAs are not paid for.
 template <typename OutT, int K, int EPI = GEMM_PLAIN>
 __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* __restrict__ y,
                                            int m, int n, half* smem_raw,
@@ -1022,6 +1032,9 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
   static_assert(K % WG_BK == 0, "K must be a multiple of 64");
   constexpr int TILES = K / WG_BK, HALF = WG_BN / 2;
   constexpr int COLS = EPI == GEMM_SILU ? WG_BN / 2 : WG_BN;  // output columns per CTA
+  // this CTA's K tiles [kt0, kt0 + count): all of them unless K is split
+  const int kt0 = TILES * blockIdx.z / gridDim.z;
+  const int count = TILES * (blockIdx.z + 1) / gridDim.z - kt0;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int2 tile = grouped_tile();
   const int row0 = tile.x * WG_BM, col0 = tile.y * COLS;
@@ -1050,15 +1063,15 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
           : "memory");
       // the weight tile's two boxes: gate and up rows for silu, else rows col0 and col0 + 128
       const int w0 = col0, w1 = EPI == GEMM_SILU ? col0 + n : col0 + HALF;
-      for (int kt = 0; kt < TILES; ++kt) {
-        const int s = kt % WG_STAGES;
-        if (kt >= WG_STAGES) mbar_wait(empty + s, ((kt / WG_STAGES) - 1) & 1);
+      for (int i = 0; i < count; ++i) {
+        const int s = i % WG_STAGES, k0 = (kt0 + i) * WG_BK;
+        if (i >= WG_STAGES) mbar_wait(empty + s, ((i / WG_STAGES) - 1) & 1);
         half* sa = smem + s * WG_STAGE_HALVES;
         half* sb = sa + WG_BM * WG_BK;
         mbar_expect_tx(full + s, WG_STAGE_HALVES * 2);
-        tma_load(sa, map_x, kt * WG_BK, row0, full + s);
-        tma_load(sb, map_w, kt * WG_BK, w0, full + s);
-        tma_load(sb + HALF * WG_BK, map_w, kt * WG_BK, w1, full + s);
+        tma_load(sa, map_x, k0, row0, full + s);
+        tma_load(sb, map_w, k0, w0, full + s);
+        tma_load(sb + HALF * WG_BK, map_w, k0, w1, full + s);
       }
     }
     return;
@@ -1067,9 +1080,14 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
   float d[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) d[i] = 0.f;
-  for (int kt = 0; kt < TILES; ++kt) {
-    const int s = kt % WG_STAGES;
-    mbar_wait(full + s, (kt / WG_STAGES) & 1);
+  const bool idle = row0 + wg * 64 >= m;  // no row of this warpgroup's 64 is in the output
+  for (int i = 0; i < count; ++i) {
+    const int s = i % WG_STAGES;
+    mbar_wait(full + s, (i / WG_STAGES) & 1);
+    if (idle) {  // the stage is free as soon as it has landed
+      if ((tid & 127) == 0) mbar_arrive(empty + s);
+      continue;
+    }
     const half* sa = smem + s * WG_STAGE_HALVES + wg * 64 * WG_BK;
     const half* sb = smem + s * WG_STAGE_HALVES + WG_BM * WG_BK;
     wgmma_fence();
@@ -1077,11 +1095,16 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
     for (int kk = 0; kk < WG_BK / 16; ++kk)
       wgmma_64x256x16(d, wg_desc(sa + kk * 16), wg_desc(sb + kk * 16));
     wgmma_commit();
-    wgmma_wait<1>();  // the group of step kt - 1 is done: its stage is free
-    if (kt > 0 && (tid & 127) == 0) mbar_arrive(empty + (kt - 1) % WG_STAGES);
+    wgmma_wait<1>();  // the group of step i - 1 is done: its stage is free
+    if (i > 0 && (tid & 127) == 0) mbar_arrive(empty + (i - 1) % WG_STAGES);
   }
   wgmma_wait<0>();
-  wg_store<OutT, EPI>(d, y, aux, m, n, row0, col0, tid);
+  if (idle) return;
+  if constexpr (EPI == GEMM_PARTIAL)
+    wg_store<OutT, GEMM_PLAIN>(d, y + static_cast<int64_t>(blockIdx.z) * m * n, aux, m, n, row0,
+                               col0, tid);
+  else
+    wg_store<OutT, EPI>(d, y, aux, m, n, row0, col0, tid);
 #else
   asm volatile("trap;");
 #endif
