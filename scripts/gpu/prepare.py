@@ -64,7 +64,8 @@ CARRIED = ("apache-tvm-ffi", "ml_dtypes", "mistral_common", "pydantic", "pydanti
            "referencing", "rpds-py", "jsonschema-specifications", "pycountry", "gguf",
            # serve (scripts/gpu/serve_load.sh): the server and the load client
            "fastapi", "starlette", "uvicorn", "prometheus-client", "openai", "h11", "anyio",
-           "jiter", "sniffio", "click", "httpx2", "httpcore2")
+           "jiter", "sniffio", "click", "httpx2", "httpcore2", "truststore", "annotated-doc",
+           "opentelemetry-api", "idna")
 
 
 def _versions() -> dict[str, str]:
