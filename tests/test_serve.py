@@ -1,6 +1,7 @@
 """`mistral-compile serve` with the official openai client, a real server process on loopback."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,6 +220,35 @@ def test_an_oversized_body_is_413(server):
                 break
             answer += piece
     assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
+
+
+def test_without_a_tokenizer_every_token_streams_as_ids(model, tmp_path):
+    # serve --random-weights on a model without a tokenizer (load tests of a shape):
+    # completions of token ids, each streamed chunk carrying its step's ids (a load client
+    # times every token by them)
+    from mistral_compile.weights import convert_weight
+
+    root = tmp_path / "bare"
+    shutil.copytree(model / "hf", root / "hf",
+                    ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    convert_weight(root / "hf", root / "model", "q0f32", progress=False)
+    (root / "lib.so").symlink_to(model / "lib.so")  # the same config: the same library
+    proc, base = start(root, "--random-weights")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        prompt = [5, 17, 42, 7]
+        whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=6,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        ids = whole.choices[0].model_extra["token_ids"]
+        assert len(ids) == 6 and whole.choices[0].text == ""
+        chunks = [c.choices[0].model_extra["token_ids"] for c in client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices]
+        assert [i for c in chunks for i in c] == ids
+        assert len([c for c in chunks if c]) == 6  # one chunk per token, not one at the end
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 @pytest.fixture(scope="module")

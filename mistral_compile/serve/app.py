@@ -152,6 +152,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return {"tokens": [e["token"] for e in entries],
                 "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops}
 
+    # Without a tokenizer (serve --random-weights) completions have no text: each choice and
+    # each streamed chunk carries the new token ids instead ("token_ids", an extension), one
+    # chunk per step, so a client still sees every token as it comes.
+    raw_ids = not engine.llm.has_tokenizer()
+
     async def respond(body: dict[str, Any], prompt: list[int], chat: bool):  # noqa: ANN202
         params, n = sampling(body, chat)
         check(prompt, params)  # before anything is sent: a bad request is a 400, not a stream
@@ -174,6 +179,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                     choice["message"] = {"role": "assistant", "content": out.text}
                 else:
                     choice["text"] = out.text
+                    if raw_ids:
+                        choice["token_ids"] = out.token_ids
                 choices.append(choice)
             return {"id": rid, "object": kind, "created": stamp, "model": model_name,
                     "choices": choices, "usage": usage(prompt, [final[i] for i in range(n)])}
@@ -184,6 +191,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         async def events() -> AsyncIterator[str]:
             final: dict[int, RequestOutput] = {}
             sent_logprobs = [0] * n
+            sent_tokens = [0] * n
 
             def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
                 return "data: " + json.dumps({"id": rid, "object": chunk_kind, "created": stamp,
@@ -197,7 +205,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 async for index, out in run(prompt, params, n):
                     if out.finished:
                         final[index] = out
-                    if not out.piece and not out.finished:
+                    fresh_ids = out.token_ids[sent_tokens[index]:]
+                    sent_tokens[index] += len(fresh_ids)
+                    if not out.piece and not out.finished and not (raw_ids and fresh_ids):
                         continue
                     lp = None
                     if want_logprobs:
@@ -211,6 +221,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                         choice["delta"] = {"content": out.piece} if out.piece else {}
                     else:
                         choice["text"] = out.piece
+                        if raw_ids:
+                            choice["token_ids"] = fresh_ids
                     yield chunk([choice])
             except APIError as err:
                 yield "data: " + json.dumps(err.body()) + "\n\n"
