@@ -296,10 +296,22 @@ GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3,  # GEMV_* in
               "silu": 4}
 
 
+GEMV_STATIC_X_BYTES = 48 * 1024  # mc_kernels.cuh: x beyond this comes in dynamic shared memory
+GEMV_MAX_X_BYTES = 96 * 1024  # two CTAs per SM still fit (Mistral-Small-24B's down: 64 KB)
+
+
 def gemv_supported(in_features: int, dtype: str) -> bool:
-    """Whether the decode GEMV handles this input width (x must fit in 48 KB of shared memory)."""
+    """Whether the decode GEMV handles this input width (x is staged in shared memory)."""
     return dtype in CTYPES and in_features % VEC[dtype] == 0 and \
-        in_features * (2 if dtype == "float16" else 4) <= 48 * 1024
+        in_features * _BYTES[dtype] <= GEMV_MAX_X_BYTES
+
+
+_BYTES = {"float16": 2, "float32": 4}
+
+
+def gemv_x_elements(in_features: int, dtype: str) -> int:
+    """Elements of the GEMV's dynamic shared x (mc::gemv_x_dynamic); 8 when x fits statically."""
+    return in_features if in_features * _BYTES[dtype] > GEMV_STATIC_X_BYTES else 8
 
 
 def gemv_shapes(n: int, k: int, mode: str) -> tuple[tuple[int, ...], int]:
@@ -329,6 +341,7 @@ def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: 
     n, k = out_features, in_features
     extern = f"mc::gemv<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}, {GEMV_MODES[mode]}>"
     aux_shape, outputs = gemv_shapes(n, k, mode)
+    x_elements = gemv_x_elements(k, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def func(x: T.Buffer((1, 1, k), dtype), aux: T.Buffer(aux_shape, dtype),
@@ -339,9 +352,11 @@ def gemv(out_features: int, in_features: int, dtype: str, out_dtype: str, mode: 
                 with T.sblock("gemv"):
                     T.reads(x[0, 0, 0:k], w[0:n, 0:k])
                     T.writes(y[0, 0, 0:outputs])
+                    xs = T.alloc_buffer((x_elements,), dtype, scope="shared.dyn")
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                              aux.access_ptr("r"), w.access_ptr("r"),
-                                             y.access_ptr("w"), outputs, T.float32(eps)))
+                                             y.access_ptr("w"), outputs, T.float32(eps),
+                                             xs.access_ptr("rw")))
 
     return func
 
@@ -358,6 +373,7 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
         ", mc::Q4Dot, mc::SameRow, true>" if with_min else ">")
     aux_shape, outputs = gemv_shapes(n, k, mode)
     ctas = _gemv_ctas(outputs, GEMV_Q4_MAX_CTAS)
+    x_elements = gemv_x_elements(k, "float16")
 
     if not with_min:
         @T.prim_func(private=True, s_tir=True)
@@ -371,10 +387,13 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
                     with T.sblock("gemv_q4"):
                         T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32])
                         T.writes(y[0, 0, 0:outputs])
+                        xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                                  aux.access_ptr("r"), q_weight.access_ptr("r"),
                                                  q_scale.access_ptr("r"), y.access_ptr("w"),
-                                                 outputs, T.float32(eps)))
+                                                 outputs, T.float32(eps),
+                                                 q_scale.access_ptr("r"),  # no minimums
+                                                 xs.access_ptr("rw")))
 
         return func
 
@@ -391,10 +410,12 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
                     T.reads(x[0, 0, 0:k], q_weight[0:n, 0:k // 8], q_scale[0:n, 0:k // 32],
                             q_min[0:n, 0:k // 32])
                     T.writes(y[0, 0, 0:outputs])
+                    xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
                                              aux.access_ptr("r"), q_weight.access_ptr("r"),
                                              q_scale.access_ptr("r"), y.access_ptr("w"),
-                                             outputs, T.float32(eps), q_min.access_ptr("r")))
+                                             outputs, T.float32(eps), q_min.access_ptr("r"),
+                                             xs.access_ptr("rw")))
 
     return func_min
 
@@ -651,6 +672,9 @@ def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # 
         extern = f"mc::gemv<half, {CTYPES[out_dtype]}, {k}, {mode}>"
         ctas = _gemv_ctas(outputs)
 
+    x_elements = gemv_x_elements(k, "float16")
+    with_qm = q4 != 0  # gemv_q4 takes the minimums (or the scales standing in) before xs_dyn
+
     @T.macro
     def gemv_launch(x, weights, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
@@ -660,10 +684,13 @@ def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # 
                     T.reads(x[0:b, 0:s, 0:k], *[wt[0:wt.shape[0], 0:wt.shape[1]]
                                                 for wt in weights], *extra_reads)
                     T.writes(y[0:b, 0:s, 0:outputs])
+                    xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
+                    # q4: the minimums, or the scales standing in for them (unread)
                     T.evaluate(T.call_extern(
                         "void", extern, x.access_ptr("r"), *(extra_args or [x.access_ptr("r")]),
                         *[wt.access_ptr("r") for wt in weights[:2]], y.access_ptr("w"), outputs,
-                        T.float32(0), *[wt.access_ptr("r") for wt in weights[2:]]))
+                        T.float32(0), *([weights[-1].access_ptr("r")] if with_qm else []),
+                        xs.access_ptr("rw")))
 
     return gemv_launch
 

@@ -16,6 +16,11 @@ from mistral_compile.runtime.sampling import SamplingParams
 logger = logging.getLogger("mistral_compile.serve")
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)
+
+
 class AsyncEngine:
     """Runs ``llm.step()`` on its own thread while requests are running.
 
@@ -70,14 +75,23 @@ class AsyncEngine:
                 self._wake.set()
 
     def _deliver(self, request_id: Any, item: Any) -> None:
-        target = self._subscribers.get(request_id)
-        if target is None:
-            return
-        loop, outputs = target
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-        except RuntimeError:  # the event loop is closed
-            self._subscribers.pop(request_id, None)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[Any, Any]]) -> None:
+        """Hands items to their requests' queues: one wake-up of each event loop, not one per
+        item (a step of 64 sequences would otherwise write the loop's wake-up pipe 64 times)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = self._subscribers.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the event loop is closed
+                for request_id, _ in items:
+                    if self._subscribers.get(request_id, (None,))[0] is loop:
+                        self._subscribers.pop(request_id, None)
 
     def _drain(self) -> None:
         while True:
@@ -116,11 +130,10 @@ class AsyncEngine:
                     self.llm.outputs.pop(rid, None)
                 self._subscribers.clear()
                 continue
+            self._deliver_all([(out.request_id, dataclasses.replace(
+                out, token_ids=list(out.token_ids), logprobs=list(out.logprobs),
+                token_times=list(out.token_times[-2:]))) for out in changed])
             for out in changed:
-                snapshot = dataclasses.replace(out, token_ids=list(out.token_ids),
-                                               logprobs=list(out.logprobs),
-                                               token_times=list(out.token_times[-2:]))
-                self._deliver(out.request_id, snapshot)
                 if out.finished:
                     self._subscribers.pop(out.request_id, None)
                     self.llm.outputs.pop(out.request_id, None)

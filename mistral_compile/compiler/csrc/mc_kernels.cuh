@@ -283,7 +283,14 @@ constexpr int GEMV_SILU = 4;       // W = [gate; up]: y = silu(gate x) * (up x) 
 constexpr __host__ __device__ bool gemv_silu(int mode) {
   return mode == GEMV_NORM_SILU || mode == GEMV_SILU;
 }
-constexpr int GEMV_WARPS = 8;      // warps per CTA; each walks output rows with the grid stride
+constexpr int GEMV_WARPS = 8;
+// x is staged in static shared memory up to 48 KB; a wider input (Mistral-Small-24B's down
+// projection reads 32768 elements) comes in dynamic shared memory the launch sizes (xs_dyn).
+constexpr int GEMV_STATIC_X_BYTES = 48 * 1024;
+template <typename T, int K>
+constexpr __host__ __device__ bool gemv_x_dynamic() {
+  return K * static_cast<int>(sizeof(T)) > GEMV_STATIC_X_BYTES;
+}      // warps per CTA; each walks output rows with the grid stride
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   half2 h = __floats2half2_rn(lo, hi);
@@ -495,11 +502,12 @@ __device__ __forceinline__ void argmax_rows(const float* __restrict__ x, int n,
 template <typename T, typename OutT, int K, int MODE = GEMV_PLAIN>
 __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
                                      const T* __restrict__ w, OutT* __restrict__ y, int n,
-                                     float eps) {
+                                     float eps, void* xs_dyn = nullptr) {
   constexpr int VEC = Vec<T>::N;
   constexpr int STEP = 32 * VEC;
   static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
-  __shared__ __align__(16) T xs[K];
+  __shared__ __align__(16) T xs_static[gemv_x_dynamic<T, K>() ? 8 : K];
+  T* xs = gemv_x_dynamic<T, K>() ? static_cast<T*>(xs_dyn) : xs_static;
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
   const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
@@ -661,10 +669,12 @@ template <typename OutT, int K, int MODE = GEMV_PLAIN, typename Dot = Q4Dot,
 __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* aux,
                                         const uint32_t* __restrict__ qw,
                                         const half* __restrict__ qs, OutT* __restrict__ y,
-                                        int n, float eps, const half* __restrict__ qm = nullptr) {
+                                        int n, float eps, const half* __restrict__ qm = nullptr,
+                                        void* xs_dyn = nullptr) {
   constexpr int GROUPS = K / 32;  // = 16-byte pieces per row
   static_assert(K % 32 == 0, "K must be a multiple of the group size 32");
-  __shared__ __align__(16) half xs[K];
+  __shared__ __align__(16) half xs_static[gemv_x_dynamic<half, K>() ? 8 : K];
+  half* xs = gemv_x_dynamic<half, K>() ? static_cast<half*>(xs_dyn) : xs_static;
   __shared__ float xsum[MIN ? GROUPS : 1];  // q4f16_2: each group's sum of x
   gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
   if constexpr (MIN) {  // a group's 32 elements stay in its 64 bytes whatever the swizzle
