@@ -792,7 +792,6 @@ def _skinny_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # no
 
     ``q4``: 0 float16 weights (w), 1 q4f16_1 (w codes, scales), 2 q4f16_2 (also minimums).
     """
-    outputs = n // 2 if epilogue == "silu" else n
     splits = skinny_splits(n, k)
     partial = f"mc::skinny_partial<{k}, {q4}>"
     finish = _split_epilogue_macro(n, out_dtype, epilogue)

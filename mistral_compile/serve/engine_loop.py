@@ -78,8 +78,10 @@ class AsyncEngine:
         self._deliver_all([(request_id, item)])
 
     def _deliver_all(self, items: list[tuple[Any, Any]]) -> None:
-        """Hands items to their requests' queues: one wake-up of each event loop, not one per
-        item (a step of 64 sequences would otherwise write the loop's wake-up pipe 64 times)."""
+        """Hands items to their requests' queues, waking each event loop once.
+
+        One wake-up per item would write the loop's wake-up pipe 64 times for a step of 64.
+        """
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, item in items:
             target = self._subscribers.get(request_id)

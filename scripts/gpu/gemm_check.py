@@ -1,4 +1,4 @@
-"""Test and time the GEMMs mc::gemm_wgmma and mc::skinny_partial alone (scripts/gpu/gemm_harness.cu).
+"""Test and time the GEMMs mc::gemm_wgmma and mc::skinny_partial alone (gemm_harness.cu).
 
 Usage on the GPU machine: python3 scripts/gpu/gemm_check.py HARNESS.so [--decode-only]
 Prints max |error| against a float32 reference for each epilogue, with ragged row counts, for
@@ -42,7 +42,7 @@ KINDS = {"wgmma": 0, "skinny": 1}
 
 
 def split_gemm(x, w, epi, splits, kind, aux=None, y=None):
-    """y = x w^T with K split over ``splits`` CTAs (wgmma tiles or skinny), then the epilogue."""
+    """Compute y = x w^T with K split over ``splits`` CTAs (wgmma or skinny), then the epilogue."""
     m, k = x.shape
     n = w.shape[0] // 2 if epi == "silu" else w.shape[0]
     assert splits * m * w.shape[0] <= ws.numel()
@@ -128,10 +128,15 @@ print(f"per layer: ours {ours:.3f} ms, torch {theirs:.3f} ms")
 # A batched decode step's GEMMs: the weight read once per step, so the floor is its bytes at
 # the copy bandwidth. wgmma: the 128 x 256 tiles without a split; split S: the same tiles with
 # K over S CTAs; skinny: mc::skinny_partial at the library's split rule.
-big = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-copy_ms = median_ms(lambda: big.clone())
-bandwidth = 2 * big.numel() * 2 / copy_ms / 1e6  # GB/s, read + write
-del big
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device copy (read + write)."""
+    big = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    return 2 * big.numel() * 2 / median_ms(lambda: big.clone()) / 1e6
+
+
+bandwidth = copy_bandwidth()
 print(f"\ncopy bandwidth {bandwidth:.0f} GB/s")
 SMS, TARGET_SKINNY = 132, 264
 
@@ -142,8 +147,17 @@ def auto_splits(w_rows, k):
 
 
 def skinny_rule(w_rows, k):
-    """kernels.skinny_splits"""
+    """Mirror kernels.skinny_splits."""
     return max(1, min(k // 128, -(-TARGET_SKINNY // -(-w_rows // 64))))
+
+
+def decode_runs(x, w, epi, aux, y, s0, s_skinny):
+    """The variants timed for one projection, by label."""
+    return {"wgmma": lambda: gemm(x, w, epi, aux, y),
+            f"split {s0}": lambda: split_gemm(x, w, epi, s0, "wgmma", aux, y),
+            f"split {2 * s0}": lambda: split_gemm(x, w, epi, 2 * s0, "wgmma", aux, y),
+            "skinny": lambda: split_gemm(x, w, epi, s_skinny, "skinny", aux, y),
+            "torch": lambda: F.linear(x, w)}
 
 
 decode = [("7b qkv", 6144, 4096, "plain"), ("7b o", 4096, 4096, "residual"),
@@ -158,15 +172,12 @@ for rows in (1, 8, 16, 32, 64, 128):
         w = weights[name]
         x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
         n = nw // 2 if epi == "silu" else nw
-        aux = torch.randn(rows, n, device="cuda", dtype=torch.float16) if epi == "residual" else None
+        aux = (torch.randn(rows, n, device="cuda", dtype=torch.float16)
+               if epi == "residual" else None)
         floor = nw * k * 2 / bandwidth / 1e6
         s0 = auto_splits(nw, k)
         y = torch.empty(rows, n, device="cuda", dtype=torch.float16)
-        runs = {"wgmma": lambda: gemm(x, w, epi, aux, y),
-                f"split {s0}": lambda: split_gemm(x, w, epi, s0, "wgmma", aux, y),
-                f"split {2 * s0}": lambda: split_gemm(x, w, epi, 2 * s0, "wgmma", aux, y),
-                "skinny": lambda: split_gemm(x, w, epi, skinny_rule(nw, k), "skinny", aux, y),
-                "torch": lambda: F.linear(x, w)}
+        runs = decode_runs(x, w, epi, aux, y, s0, skinny_rule(nw, k))
         line = []
         for label, fn in runs.items():
             t = median_ms(fn, reps=7, batch=20)
