@@ -296,6 +296,7 @@ GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3,  # GEMV_* in
               "silu": 4}
 
 
+_BYTES = {"float16": 2, "float32": 4}
 GEMV_STATIC_X_BYTES = 48 * 1024  # mc_kernels.cuh: x beyond this comes in dynamic shared memory
 GEMV_MAX_X_BYTES = 96 * 1024  # two CTAs per SM still fit (Mistral-Small-24B's down: 64 KB)
 
@@ -304,9 +305,6 @@ def gemv_supported(in_features: int, dtype: str) -> bool:
     """Whether the decode GEMV handles this input width (x is staged in shared memory)."""
     return dtype in CTYPES and in_features % VEC[dtype] == 0 and \
         in_features * _BYTES[dtype] <= GEMV_MAX_X_BYTES
-
-
-_BYTES = {"float16": 2, "float32": 4}
 
 
 def gemv_x_elements(in_features: int, dtype: str) -> int:
