@@ -2,6 +2,7 @@ import json
 import logging
 
 import pytest
+from conftest import CONFIGS
 
 from mistral_compile.config import MistralConfig, from_hf, from_mistral_params, read_config
 from mistral_compile.config.readers import config_to_json, write_config
@@ -168,20 +169,66 @@ def test_params_keys_are_mapped_and_errors_use_native_names():
         from_mistral_params(params(dim=..., sliding_window=16))
 
 
-@pytest.mark.parametrize("key", ["moe", "vision_encoder"])
-def test_params_moe_and_vision_are_refused(key):
+def test_params_vision_is_refused():
     with pytest.raises(ConfigError, match="not supported yet"):
-        from_mistral_params(params(**{key: {"num_experts": 8}}))
+        from_mistral_params(params(vision_encoder={"num_experts": 8}))
 
 
-@pytest.mark.parametrize("over", [
-    {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]},
-    {"num_local_experts": 8},
-    {"architectures": ["MixtralForCausalLM"]},
+def test_params_moe_block_gives_the_experts():
+    cfg = from_mistral_params(params(moe={"num_experts": 8, "num_experts_per_tok": 2},
+                                     sliding_window=16))
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.is_moe) == (8, 2, True)
+
+
+@pytest.mark.parametrize("moe, text", [
+    ([8, 2], "field 'moe': must be an object"),
+    ({"num_experts": 8}, "field 'moe': has no 'num_experts_per_tok'"),
+    ({"num_experts": 8, "num_experts_per_tok": 2, "capacity": 1}, "key 'capacity'"),
+    ({"num_experts": 4, "num_experts_per_tok": 5},
+     r"field 'moe.num_experts_per_tok \(num_experts_per_tok\)': is 5"),
 ])
-def test_mixtral_is_refused_not_misread_as_dense(over):
-    with pytest.raises(ConfigError, match="mixture-of-experts.*not supported yet"):
+def test_params_bad_moe_block_is_one_clear_error(moe, text):
+    with pytest.raises(ConfigError, match=text):
+        from_mistral_params(params(moe=moe, sliding_window=16))
+
+
+@pytest.mark.parametrize("over, experts", [
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+      "num_local_experts": 4, "num_experts_per_tok": 1}, (4, 1)),
+    # keys left out: transformers' MixtralConfig defaults, as transformers would build it
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, (8, 2)),
+    ({"model_type": None, "architectures": ["MixtralForCausalLM"]}, (8, 2)),
+])
+def test_mixtral_is_read_with_its_experts(over, experts):
+    cfg = from_hf(hf(**over))
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok) == experts and cfg.is_moe
+
+
+@pytest.mark.parametrize("over, field, text", [
+    ({"num_local_experts": 8}, "num_local_experts", "not a Mixtral"),  # a mistral: dense in HF
+    ({"model_type": "mixtral", "num_local_experts": None}, "num_local_experts", "is null"),
+    ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 9},
+     "num_experts_per_tok", "between 1 and"),
+    ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 0},
+     "num_experts_per_tok", "between 1 and"),
+    ({"model_type": "mixtral", "num_local_experts": 2.0}, "num_local_experts",
+     "non-negative integer"),
+])
+def test_bad_experts_are_one_clear_error(over, field, text):
+    with pytest.raises(ConfigError, match=f"field '{field}'.*{text}"):
         from_hf(hf(**over))
+
+
+def test_dense_fingerprints_did_not_change_with_experts():
+    # the expert fields are left out of a dense config's fingerprint, so every library and
+    # converted model made before them still matches its config (value computed before them)
+    from mistral_compile.config import load_source_config
+
+    cfg = load_source_config(CONFIGS / "mistral-7b-v0.1.json")
+    assert cfg.fingerprint() == "74850d7f6b499794c01f2eff2dea01c5c6b5ff9320794d65ae0c0eaa4c04de1e"
+    moe = from_hf(hf(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2))
+    dense = from_hf(hf())
+    assert moe.fingerprint() != dense.fingerprint()
 
 
 @pytest.mark.parametrize("over, field, text", [

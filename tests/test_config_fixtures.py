@@ -56,9 +56,20 @@ def test_params_without_context_need_an_explicit_context(name):
         (-1, 32768, 8192)
 
 
+@pytest.mark.parametrize("name, overrides", [("mixtral-8x7b-v0.1.json", {}),
+                                             ("params-mixtral-8x7b-v0.1.json",
+                                              {"context_window_size": 32768})])
+def test_mixtral_configs_give_its_experts(name, overrides):
+    # HF's num_local_experts / num_experts_per_tok and params.json's moe block, the same model
+    cfg = load_source_config(CONFIGS / name, overrides)
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (8, 2)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (4096, 14336, 32)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 128)
+    assert (cfg.sliding_window_size, cfg.context_window_size) == (-1, 32768)
+    assert "router_aux_loss_coef" in cfg.kwargs or name.startswith("params")  # training: unread
+
+
 @pytest.mark.parametrize("name, text", [
-    ("mixtral-8x7b-v0.1.json", "mixture-of-experts"),
-    ("params-mixtral-8x7b-v0.1.json", "mixture-of-experts"),
     ("params-devstral-2-123b-instruct-2512.json", "not supported yet"),
 ])
 def test_unsupported_real_configs_are_refused_with_the_file_named(name, text):

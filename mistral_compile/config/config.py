@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mistral_compile.errors import ConfigError
+from mistral_compile.errors import ConfigError, MistralCompileError
 
 logger = logging.getLogger("mistral_compile.config")
 
@@ -50,7 +50,7 @@ def _type_name(value: Any) -> str:
 
 @dataclass
 class MistralConfig:
-    """Shape and runtime-layout decisions of a dense Mistral model.
+    """Shape and runtime-layout decisions of a Mistral model (dense, or Mixtral's experts).
 
     None in an optional field means "derive it"; ``__post_init__`` derives it from ``kwargs``
     (the raw keys of the source config it does not map directly) and logs each fallback once.
@@ -79,6 +79,8 @@ class MistralConfig:
     max_batch_size: int = 1
     layer_sliding_window_sizes: list[int] | None = None
     tie_word_embeddings: bool = False
+    num_local_experts: int = 0  # 0: a dense MLP; else Mixtral's experts in every layer
+    num_experts_per_tok: int = 0  # experts each token is routed to (0 when dense)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,7 @@ class MistralConfig:
         self._settle_context()
         self._settle_sinks()
         self._settle_prefill_chunk()
+        self._settle_experts()
         self._check_sizes()
 
     # ---------------------------------------------------------------- normalization steps
@@ -310,6 +313,24 @@ class MistralConfig:
         logger.info("prefill_chunk_size = %d (min of sliding window, context window and %d)",
                     self.prefill_chunk_size, MAX_DEFAULT_PREFILL_CHUNK)
 
+    def _settle_experts(self) -> None:
+        # router_jitter_noise, router_aux_loss_coef and output_router_logits are training
+        # knobs: they stay in kwargs, unread (inference routes without noise, as transformers)
+        for name in ("num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if value is None:
+                raise ConfigError(name, "is null: give the number, or leave the key out of a "
+                                  "dense model's config")
+            if not _is_int(value) or value < 0 or value >= _MAX_INT:
+                raise ConfigError(name, f"must be a non-negative integer, got {value!r}")
+        experts, chosen = self.num_local_experts, self.num_experts_per_tok
+        if experts == 0 and chosen:
+            raise ConfigError("num_experts_per_tok", f"is {chosen}, but the model has no experts "
+                              "(num_local_experts is 0 or missing)")
+        if experts and not 1 <= chosen <= experts:
+            raise ConfigError("num_experts_per_tok", f"is {chosen}: must be between 1 and "
+                              f"num_local_experts={experts}")
+
     def _check_sizes(self) -> None:
         for name in ("intermediate_size", "vocab_size", "head_dim", "num_key_value_heads",
                      "prefill_chunk_size", "tensor_parallel_shards", "max_batch_size"):
@@ -349,6 +370,19 @@ class MistralConfig:
         return self.sliding_window_size > 0
 
     @property
+    def is_moe(self) -> bool:
+        """True for a mixture-of-experts model (Mixtral): experts in place of the dense MLP."""
+        return self.num_local_experts > 0
+
+    def require_dense(self, where: str) -> None:
+        """Refuse, in one line naming ``where``, what is built only for dense models so far."""
+        if self.is_moe:
+            raise MistralCompileError(
+                f"{where}: a mixture-of-experts model ({self.num_local_experts} experts, "
+                f"{self.num_experts_per_tok} per token): its config is read, but its weights and "
+                "layers are not built yet")
+
+    @property
     def num_groups(self) -> int:
         """Query heads per key/value head (GQA group size)."""
         return self.num_attention_heads // self.num_key_value_heads
@@ -361,6 +395,9 @@ class MistralConfig:
         """sha256 of every shape-relevant field (not ``kwargs``): ties libraries to configs."""
         data = self.to_dict()
         data.pop("kwargs")
+        if not self.is_moe:  # dense configs keep the fingerprints they had before experts
+            data.pop("num_local_experts")
+            data.pop("num_experts_per_tok")
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -383,7 +420,8 @@ class MistralConfig:
             + (" (unbounded)" if self.context_window_size == -1 else ""),
             f"prefill chunk     {self.prefill_chunk_size}",
             f"max batch size    {self.max_batch_size}",
-        ])
+        ] + ([f"experts           {self.num_local_experts} per layer, "
+              f"{self.num_experts_per_tok} per token"] if self.is_moe else []))
 
 
 def _window_value(key: str, value: Any) -> int:

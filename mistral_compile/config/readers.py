@@ -20,11 +20,18 @@ NORMALIZED_NAME = "mistral-config.json"
 FORMAT_NAME = "mistral-compile-config"
 FORMAT_VERSION = 1
 
-HF_MODEL_TYPES = ("mistral", "ministral", "llama")
-HF_ARCHITECTURES = ("MistralForCausalLM", "MinistralForCausalLM", "LlamaForCausalLM")
+HF_MODEL_TYPES = ("mistral", "ministral", "llama", "mixtral")
+HF_ARCHITECTURES = ("MistralForCausalLM", "MinistralForCausalLM", "LlamaForCausalLM",
+                    "MixtralForCausalLM")
 # Llama configs that are still exactly Mistral without a window: these keys, if true, are not
 _HF_BIASES = ("attention_bias", "mlp_bias")
 _MOE_MODEL_TYPES = ("mixtral",)
+_MOE_KEYS = ("num_local_experts", "num_experts_per_tok")
+# transformers' MixtralConfig defaults, used where a mixtral config.json leaves a key out
+_MIXTRAL_DEFAULTS = {"num_local_experts": 8, "num_experts_per_tok": 2}
+# params.json "moe" block key -> MistralConfig field (mistral-inference's MoeArgs)
+_PARAMS_MOE_KEYS = {"num_experts": "num_local_experts",
+                    "num_experts_per_tok": "num_experts_per_tok"}
 _FIELDS = tuple(f.name for f in dataclasses.fields(MistralConfig) if f.name != "kwargs")
 _HF_DIRECT = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
               "rms_norm_eps", "vocab_size", "num_key_value_heads", "head_dim",
@@ -49,7 +56,6 @@ PARAMS_KEY_MAP = {
 PARAMS_ALIASES = {"_sliding_window": "sliding_window", "tie_embeddings": "tied_embeddings"}
 # params.json features that change the network; present and not null, they are refused.
 _PARAMS_UNSUPPORTED = {
-    "moe": "mixture-of-experts (moe) models are not supported yet",
     "vision_encoder": "vision encoders (Pixtral-style multimodal models) are not supported yet",
     "multimodal": "multimodal (audio/vision) models are not supported yet",
     "quantization": "pre-quantized checkpoints are not supported yet",
@@ -90,10 +96,13 @@ def from_hf(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Mi
     archs = data.get("architectures") or []
     if not isinstance(archs, list):
         raise ConfigError("architectures", f"must be a list, got {archs!r}")
-    moe_arch = any(isinstance(a, str) and "Mixtral" in a for a in archs)
-    if model_type in _MOE_MODEL_TYPES or moe_arch or data.get("num_local_experts") is not None:
-        raise ConfigError("model_type", f"{model_type!r}: mixture-of-experts models (Mixtral) "
-                          "are not supported yet")
+    moe = model_type in _MOE_MODEL_TYPES or any(a == "MixtralForCausalLM" for a in archs)
+    if not moe:
+        for key in _MOE_KEYS:
+            if data.get(key) is not None:  # transformers would build this model dense
+                raise ConfigError(key, f"is {data[key]!r}, but the model is not a Mixtral "
+                                  f"(model_type {model_type!r}): transformers would read it "
+                                  "as a dense model; say model_type 'mixtral'")
     if model_type is None and not archs:
         raise ConfigError("model_type", "is missing (and so is architectures): cannot tell "
                           "which model this is")
@@ -112,7 +121,13 @@ def from_hf(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Mi
             raise ConfigError(key, f"is {data[key]!r}: projection biases are not supported "
                               "(Mistral and Llama-2 style models have none)")
     args = {k: data[k] for k in _HF_DIRECT if k in data}
-    kwargs = {k: v for k, v in data.items() if k not in _HF_DIRECT}
+    kwargs = {k: v for k, v in data.items() if k not in _HF_DIRECT and k not in _MOE_KEYS}
+    if moe:
+        for key, default in _MIXTRAL_DEFAULTS.items():
+            if key not in data:
+                logger.info("%s = %d (transformers' Mixtral default: the key is absent)", key,
+                            default)
+            args[key] = data.get(key, default)  # present and null: refused by the config
     return _build(args, kwargs, overrides, {})
 
 
@@ -129,6 +144,19 @@ def from_mistral_params(data: dict[str, Any],
     for key, reason in _PARAMS_UNSUPPORTED.items():
         if data.get(key) is not None:
             raise ConfigError(key, reason)
+    moe = data.pop("moe", None)
+    moe_args: dict[str, Any] = {}
+    if moe is not None:
+        if not isinstance(moe, dict):
+            raise ConfigError("moe", f"must be an object, got {moe!r}")
+        for key, value in moe.items():
+            if key not in _PARAMS_MOE_KEYS:
+                raise ConfigError("moe", f"key {key!r} is not understood (expected "
+                                  f"{', '.join(_PARAMS_MOE_KEYS)})")
+            moe_args[_PARAMS_MOE_KEYS[key]] = value
+        for key, name in _PARAMS_MOE_KEYS.items():
+            if name not in moe_args:
+                raise ConfigError("moe", f"has no {key!r}")
     model_type = data.pop("model_type", None)
     if model_type not in (None, "transformer"):
         raise ConfigError("model_type", f"{model_type!r} is not supported (expected "
@@ -140,7 +168,9 @@ def from_mistral_params(data: dict[str, Any],
             args[PARAMS_KEY_MAP[key]] = value
         else:
             kwargs[key] = value
+    args.update(moe_args)
     key_names = {field: key for key, field in PARAMS_KEY_MAP.items()}
+    key_names.update({field: f"moe.{key}" for key, field in _PARAMS_MOE_KEYS.items()})
     return _build(args, kwargs, overrides, key_names)
 
 
