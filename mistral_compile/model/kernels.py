@@ -693,10 +693,29 @@ def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # 
     return gemv_launch
 
 
+def _tma_maps_macro(n: int, k: int):  # noqa: ANN202
+    """One warp's launch that writes the TMA descriptors of x and W [n, k] into ``maps``."""
+    extern = f"mc::gemm_wgmma_maps<{k}>"
+
+    @T.macro
+    def write_maps(x, w, maps):  # noqa: ANN001, ANN202
+        b, s = x.shape[0], x.shape[1]
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_maps"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAPS_BYTES])
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
+                                             maps.access_ptr("w")))
+
+    return write_maps
+
+
 def _wgmma_split_macro(n: int, k: int, out_dtype: str, epilogue: str, splits: int):  # noqa: ANN202
     """mc::gemm_wgmma with K split over ``splits`` CTAs (GEMM_PARTIAL), then the epilogue."""
     extern = f"mc::gemm_wgmma<float, {k}, {GEMM_PARTIAL}>"
-    maps_extern = f"mc::gemm_wgmma_maps<{k}>"
+    write_maps = _tma_maps_macro(n, k)
     finish = _split_epilogue_macro(n, out_dtype, epilogue)
 
     @T.macro
@@ -704,14 +723,7 @@ def _wgmma_split_macro(n: int, k: int, out_dtype: str, epilogue: str, splits: in
         b, s = x.shape[0], x.shape[1]
         maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
         ws = T.alloc_buffer((splits * b * s * n,), "float32")
-        for _bx in T.thread_binding(1, thread="blockIdx.x"):
-            for _tx in T.thread_binding(32, thread="threadIdx.x"):
-                with T.sblock("tma_maps"):
-                    T.reads()
-                    T.writes(maps[0:TMA_MAPS_BYTES])
-                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
-                                             maps.access_ptr("w")))
+        write_maps(x, w, maps)
         for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
             for _by in T.thread_binding((n + WG_BN - 1) // WG_BN, thread="blockIdx.y"):
                 for _bz in T.thread_binding(splits, thread="blockIdx.z"):
@@ -755,21 +767,14 @@ def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
     outputs = n // 2 if epilogue == "silu" else n
     cols = WG_BN // 2 if epilogue == "silu" else WG_BN
     extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
-    maps_extern = f"mc::gemm_wgmma_maps<{k}>"
+    write_maps = _tma_maps_macro(n, k)
     grid_n = (outputs + cols - 1) // cols
 
     @T.macro
     def wgmma_launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
         maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
-        for _bx in T.thread_binding(1, thread="blockIdx.x"):
-            for _tx in T.thread_binding(32, thread="threadIdx.x"):
-                with T.sblock("tma_maps"):
-                    T.reads()
-                    T.writes(maps[0:TMA_MAPS_BYTES])
-                    T.evaluate(T.call_extern("void", maps_extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
-                                             maps.access_ptr("w")))
+        write_maps(x, w, maps)
         for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
             for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
