@@ -178,21 +178,24 @@ def test_library_for_missing_cpu_features_is_one_line(tmp_path):
         check_cpu(tmp_path / "lib.so", {"cpu_level": "x86-64-v9", "cpu_flags": ["avx9000"]})
 
 
-def test_mixtral_config_converts_and_compile_refuses_in_one_line(run_cli, tmp_path):
-    # the config is read (experts in the summary); the model is not built yet: compile says so
-    # in one line naming the file, and writes nothing
+def test_mixtral_config_converts_and_a_cuda_compile_refuses_in_one_line(run_cli, tmp_path):
+    # the config is read (experts in the summary); the CUDA kernels for experts are not built
+    # yet: compile says so in one line naming the file, and writes nothing
     out = tmp_path / "m"
     proc = run_cli("convert-config", CONFIGS / "mixtral-8x7b-v0.1.json", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "8 per layer, 2 per token" in proc.stdout + proc.stderr
-    proc = run_cli("compile", out, "--quantization", "q0f16", "-o", tmp_path / "l.so")
-    assert_one_line_error(proc, str(out / "mistral-config.json"), "mixture-of-experts")
+    proc = run_cli("compile", out, "--quantization", "q0f16", "--device", "cuda", "-o",
+                   tmp_path / "l.so")
+    assert_one_line_error(proc, str(out / "mistral-config.json"), "mixture-of-experts",
+                          "the CUDA library")
     assert not (tmp_path / "l.so").exists()
 
 
-def test_a_mixtral_checkpoint_is_refused_by_convert_weight_in_one_line(run_cli, tmp_path):
+def test_4_bit_experts_are_refused_by_convert_weight_in_one_line(run_cli, tmp_path):
     # a tiny Mixtral written by transformers (its save_pretrained writes the per-expert
-    # block_sparse_moe.experts.E.w1/w2/w3 layout): refused before anything is written
+    # block_sparse_moe.experts.E.w1/w2/w3 layout): q4 experts are not built yet, refused
+    # before anything is written
     transformers = pytest.importorskip("transformers")
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                                      num_hidden_layers=1, num_attention_heads=4,
@@ -200,7 +203,7 @@ def test_a_mixtral_checkpoint_is_refused_by_convert_weight_in_one_line(run_cli, 
                                      num_experts_per_tok=2, max_position_embeddings=128)
     transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     proc = run_cli("convert-weight", tmp_path / "hf", "-o", tmp_path / "out",
-                   "--quantization", "q0f32")
+                   "--quantization", "q4f16_1")
     assert_one_line_error(proc, str(tmp_path / "hf" / "config.json"), "mixture-of-experts",
-                          "4 experts, 2 per token")
+                          "4 experts, 2 per token", "--quantization q4f16_1")
     assert not (tmp_path / "out").exists()

@@ -252,7 +252,8 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
-    config.require_dense(str(model_dir / "mistral-config.json"))
+    if device == "cuda":
+        config.require_dense(str(model_dir / "mistral-config.json"), "the CUDA library")
     stored = None
     if (model_dir / MANIFEST_NAME).is_file():
         stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]

@@ -374,13 +374,12 @@ class MistralConfig:
         """True for a mixture-of-experts model (Mixtral): experts in place of the dense MLP."""
         return self.num_local_experts > 0
 
-    def require_dense(self, where: str) -> None:
-        """Refuse, in one line naming ``where``, what is built only for dense models so far."""
+    def require_dense(self, where: str, what: str) -> None:
+        """Refuse ``what``, built only for dense models so far, in one line naming ``where``."""
         if self.is_moe:
             raise MistralCompileError(
                 f"{where}: a mixture-of-experts model ({self.num_local_experts} experts, "
-                f"{self.num_experts_per_tok} per token): its config is read, but its weights and "
-                "layers are not built yet")
+                f"{self.num_experts_per_tok} per token): {what} is not built for experts yet")
 
     @property
     def num_groups(self) -> int:

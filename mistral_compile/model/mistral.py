@@ -14,6 +14,7 @@ from mistral_compile.model import cpu_kernels, kernels, sampler
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
 from mistral_compile.model.kv_paged import PagedCache
+from mistral_compile.model.moe import MixtralSparseMoeBlock
 from mistral_compile.weights.quantize import (
     GROUP,
     MAX_INT,
@@ -303,6 +304,10 @@ class MistralMLP(nn.Module):
         self.down_proj = MistralLinear(config.intermediate_size, config.hidden_size,
                                        quantization)
 
+    def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + down(act(x))``, the add in the down GEMM's epilogue where it applies."""
+        return self.down_proj.add_to(self.act(x), residual)
+
     def act(self, x: Tensor) -> Tensor:
         """silu(gate) * up, in the gate_up GEMM's epilogue where gemm_wgmma applies."""
         fused = self.gate_up_proj.gemm_epilogue(x, "silu")
@@ -318,7 +323,9 @@ class MistralDecoderLayer(nn.Module):
     def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         eps = config.rms_norm_eps
         self.self_attn = MistralAttention(config, quantization)
-        self.mlp = MistralMLP(config, quantization)
+        # the MLP is pluggable: dense, or Mixtral's experts (model/moe.py)
+        self.mlp = MixtralSparseMoeBlock(config) if config.is_moe else \
+            MistralMLP(config, quantization)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps)
 
@@ -328,11 +335,13 @@ class MistralDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         out = attn.attend(attn.qkv_proj(self.input_layernorm(hidden)), cache, layer_id)
         hidden = attn.o_proj.add_to(out, hidden)
-        return mlp.down_proj.add_to(mlp.act(self.post_attention_layernorm(hidden)), hidden)
+        return mlp.add_to(self.post_attention_layernorm(hidden), hidden)
 
     def _fused_decode(self, hidden: Tensor) -> bool:
         """Batch-1 decode on CUDA, where every projection is one of our GEMVs."""
         attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, MistralMLP):
+            return False
         static = [d if isinstance(d, int) else None for d in hidden.shape]
         return static == [1, 1, hidden.shape[-1]] and all(
             lin.takes_fused_decode(hidden.dtype)

@@ -168,7 +168,7 @@ def _checked_sources(name: str, spec: ParamSource, shape: tuple[int, ...],
         if f is None:
             raise MistralCompileError(f"tensor '{src}' is missing from the checkpoint "
                                       f"(needed for {name})")
-        want = shape if spec.rows is None else (spec.rows[i], *shape[1:])
+        want = shape if spec.rows is None else (spec.rows[i], *shape[2 if spec.stacked else 1:])
         if f.shape(src) != want:
             raise MistralCompileError(f"{f.path}: tensor '{src}' has shape {list(f.shape(src))}"
                                       f", the config implies {list(want)}")
@@ -198,6 +198,8 @@ def _build_param(name: str, spec: ParamSource, shape: tuple[int, ...],
                                       "values")
         parts.append(w)
     out = _assemble(spec, parts)
+    if spec.stacked:  # the experts' rows one after another: [E, rows, ...]
+        out = out.reshape(shape)
     out = np.ascontiguousarray(out.astype(dtype))
     if dtype == "float16" and not np.isfinite(out).all():
         raise MistralCompileError(f"tensor '{name}': values beyond float16's range (65504); "
@@ -248,7 +250,8 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
         config = read_config(config)
     else:
         config = load_source_config(ckpt.config_path, given)
-    config.require_dense(str(ckpt.config_path))
+    if quantization in Q4_FORMATS:
+        config.require_dense(str(ckpt.config_path), f"--quantization {quantization}")
     shapes = {k: shape for k, (shape, _) in expected_params(config, dtype).items()}
     name_map = build_name_map(config, ckpt.source_format)
     if set(name_map) != set(shapes):  # the map and the model must describe the same tensors

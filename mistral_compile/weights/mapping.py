@@ -24,6 +24,7 @@ class ParamSource:
     sources: tuple[str, ...]
     rope_heads: tuple[int, ...]
     rows: tuple[int, ...] | None = None  # rows taken from each source (None: one source)
+    stacked: bool = False  # the parameter is [E, rows, ...]: the concatenation, one per expert
 
 
 def _native_names(i: int) -> dict[str, str]:
@@ -43,6 +44,17 @@ def _hf_names(i: int) -> dict[str, str]:
             "gate": f"{p}.mlp.gate_proj.weight", "up": f"{p}.mlp.up_proj.weight",
             "down": f"{p}.mlp.down_proj.weight", "in_norm": f"{p}.input_layernorm.weight",
             "post_norm": f"{p}.post_attention_layernorm.weight"}
+
+
+def _expert_names(source_format: str, i: int, e: int) -> dict[str, str]:
+    """Expert e of layer i: gate (w1), up (w3), down (w2), as each format names them."""
+    p = f"model.layers.{i}.block_sparse_moe" if source_format == HF else f"layers.{i}.feed_forward"
+    return {w: f"{p}.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3")}
+
+
+def _router_name(source_format: str, i: int) -> str:
+    p = f"model.layers.{i}.block_sparse_moe" if source_format == HF else f"layers.{i}.feed_forward"
+    return f"{p}.gate.weight"
 
 
 def _gguf_names(i: int) -> dict[str, str]:
@@ -85,9 +97,33 @@ def build_name_map(config: MistralConfig, source_format: str) -> dict[str, Param
         mapping[f"{p}.self_attn.qkv_proj.weight"] = ParamSource(
             (src["q"], src["k"], src["v"]), (q_heads, k_heads, 0), (qd, kd, kd))
         mapping[f"{p}.self_attn.o_proj.weight"] = one(src["o"])
-        mapping[f"{p}.mlp.gate_up_proj.weight"] = ParamSource(
-            (src["gate"], src["up"]), (0, 0), (config.intermediate_size,) * 2)
-        mapping[f"{p}.mlp.down_proj.weight"] = one(src["down"])
+        if config.is_moe:
+            mapping.update(_moe_sources(config, source_format, i))
+        else:
+            mapping[f"{p}.mlp.gate_up_proj.weight"] = ParamSource(
+                (src["gate"], src["up"]), (0, 0), (config.intermediate_size,) * 2)
+            mapping[f"{p}.mlp.down_proj.weight"] = one(src["down"])
         mapping[f"{p}.input_layernorm.weight"] = one(src["in_norm"])
         mapping[f"{p}.post_attention_layernorm.weight"] = one(src["post_norm"])
     return mapping
+
+
+def _moe_sources(config: MistralConfig, source_format: str, i: int) -> dict[str, ParamSource]:
+    """Layer i's router and stacked experts from the per-expert w1 / w3 / w2 tensors.
+
+    Hugging Face checkpoints as ``save_pretrained`` writes them (transformers 4 and 5 alike:
+    ``block_sparse_moe.experts.E.w1``), and Mistral-native ``feed_forward.experts.E.w1``.
+    """
+    if source_format == GGUF:
+        raise ValueError("mixture-of-experts GGUF files are refused by their config")
+    experts = [_expert_names(source_format, i, e) for e in range(config.num_local_experts)]
+    inter, hidden, n = config.intermediate_size, config.hidden_size, config.num_local_experts
+    p = f"model.layers.{i}.mlp"
+    return {
+        f"{p}.gate.weight": ParamSource((_router_name(source_format, i),), (0,)),
+        f"{p}.experts.gate_up_proj": ParamSource(
+            tuple(name for ex in experts for name in (ex["w1"], ex["w3"])), (0,) * 2 * n,
+            (inter,) * 2 * n, stacked=True),
+        f"{p}.experts.down_proj": ParamSource(
+            tuple(ex["w2"] for ex in experts), (0,) * n, (hidden,) * n, stacked=True),
+    }
