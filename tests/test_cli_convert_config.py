@@ -190,20 +190,3 @@ def test_mixtral_config_converts_and_a_cuda_compile_refuses_in_one_line(run_cli,
     assert_one_line_error(proc, str(out / "mistral-config.json"), "mixture-of-experts",
                           "the CUDA library")
     assert not (tmp_path / "l.so").exists()
-
-
-def test_4_bit_experts_are_refused_by_convert_weight_in_one_line(run_cli, tmp_path):
-    # a tiny Mixtral written by transformers (its save_pretrained writes the per-expert
-    # block_sparse_moe.experts.E.w1/w2/w3 layout): q4 experts are not built yet, refused
-    # before anything is written
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                     num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=128)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    proc = run_cli("convert-weight", tmp_path / "hf", "-o", tmp_path / "out",
-                   "--quantization", "q4f16_1")
-    assert_one_line_error(proc, str(tmp_path / "hf" / "config.json"), "mixture-of-experts",
-                          "4 experts, 2 per token", "--quantization q4f16_1")
-    assert not (tmp_path / "out").exists()

@@ -324,7 +324,7 @@ class MistralDecoderLayer(nn.Module):
         eps = config.rms_norm_eps
         self.self_attn = MistralAttention(config, quantization)
         # the MLP is pluggable: dense, or Mixtral's experts (model/moe.py)
-        self.mlp = MixtralSparseMoeBlock(config) if config.is_moe else \
+        self.mlp = MixtralSparseMoeBlock(config, quantization) if config.is_moe else \
             MistralMLP(config, quantization)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps)

@@ -2,10 +2,60 @@
 
 from __future__ import annotations
 
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from mistral_compile.config import MistralConfig
+from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, Q4_FORMATS, quantizable
+
+
+class StackedWeight(nn.Module):
+    """One stacked expert weight [E, R, C]: float ``weight``, or 4-bit per expert.
+
+    With q4f16_1 / q4f16_2 each expert's [R, C] is quantized as a dense projection's weight
+    (weights/quantize.py): ``q_weight`` [E, R, C / 8], ``q_scale`` (and ``q_min``) [E, R, C / 32].
+    """
+
+    def __init__(self, experts: int, rows: int, cols: int, quantization: str | None) -> None:
+        self.shape = (experts, rows, cols)
+        self.quantized = quantization in Q4_FORMATS and quantizable(self.shape)
+        self.with_min = self.quantized and quantization == "q4f16_2"
+        if self.quantized:
+            self.q_weight = nn.Parameter((experts, rows, cols // PER_WORD), dtype="uint32")
+            self.q_scale = nn.Parameter((experts, rows, cols // GROUP), dtype="float16")
+            if self.with_min:
+                self.q_min = nn.Parameter((experts, rows, cols // GROUP), dtype="float16")
+        else:
+            self.weight = nn.Parameter(self.shape)
+
+    def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
+        if not self.quantized:  # the packed codes and their float16 scales keep their dtypes
+            super().to(dtype)
+
+    def dense(self) -> Tensor:
+        """The weight [E, R, C]: float16 when 4-bit (dequantized), else as stored."""
+        if not self.quantized:
+            return self.weight
+        args = [self.q_weight, self.q_scale] + ([self.q_min] if self.with_min else [])
+        return op.tensor_expr_op(_dequantize_stacked, "dequantize_experts", args)
+
+
+def _dequantize_stacked(q_weight: te.Tensor, q_scale: te.Tensor,
+                        q_min: te.Tensor | None = None) -> te.Tensor:
+    """q4f16_1: (q - 7) * scale; q4f16_2: q * scale + min; per expert, rounded once to float16."""
+    experts, rows, words = q_weight.shape
+
+    def element(e: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+        shift = (j % PER_WORD // 2 * 4 + j % 2 * 16).astype("uint32")
+        q = ((q_weight[e, i, j // PER_WORD] >> shift) & tirx.const(0xF, "uint32")).astype(
+            "float32")
+        scale = q_scale[e, i, j // GROUP].astype("float32")
+        if q_min is not None:
+            return (q * scale + q_min[e, i, j // GROUP].astype("float32")).astype("float16")
+        return ((q - MAX_INT) * scale).astype("float16")
+
+    return te.compute((experts, rows, words * PER_WORD), element, name="dequantize_experts")
 
 
 class MixtralExperts(nn.Module):
@@ -15,11 +65,11 @@ class MixtralExperts(nn.Module):
     [E, H, I].
     """
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.intermediate_size = i
-        self.gate_up_proj = nn.Parameter((e, 2 * i, h))
-        self.down_proj = nn.Parameter((e, h, i))
+        self.gate_up_proj = StackedWeight(e, 2 * i, h, quantization)
+        self.down_proj = StackedWeight(e, h, i, quantization)
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """sum_e weights[t, e] * expert_e(x[t]) for x [T, H], weights [T, E] (float32).
@@ -28,11 +78,15 @@ class MixtralExperts(nn.Module):
         times the work of reading only the chosen experts (the CUDA kernels of issue 21 will).
         """
         t, h = x.shape
-        gate_up = op.matmul(op.reshape(x, (1, t, h)), op.permute_dims(self.gate_up_proj, [0, 2, 1]),
+        gate_up_w, down_w = self.gate_up_proj.dense(), self.down_proj.dense()
+        xs = op.reshape(x, (1, t, h))
+        if gate_up_w.dtype != x.dtype:  # 4-bit: float16 weights against a float32 model
+            xs = xs.astype(gate_up_w.dtype)
+        gate_up = op.matmul(xs, op.permute_dims(gate_up_w, [0, 2, 1]),
                             out_dtype="float32")  # [E, T, 2I]
         gate, up = op.split(gate_up, 2, axis=-1)
-        act = (op.silu(gate) * up).astype(x.dtype)
-        y = op.matmul(act, op.permute_dims(self.down_proj, [0, 2, 1]), out_dtype="float32")
+        act = (op.silu(gate) * up).astype(down_w.dtype)
+        y = op.matmul(act, op.permute_dims(down_w, [0, 2, 1]), out_dtype="float32")
         routed = y * op.unsqueeze(op.permute_dims(weights, [1, 0]), -1)  # [E, T, H]
         return op.sum(routed, axis=0).astype(x.dtype)
 
@@ -44,13 +98,14 @@ class MixtralSparseMoeBlock(nn.Module):
     largest probabilities divided by their sum; router jitter is a training knob, never applied.
     """
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
         from mistral_compile.model.mistral import MistralLinear  # noqa: PLC0415 (a cycle)
 
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
-        self.gate = MistralLinear(config.hidden_size, config.num_local_experts)  # never q4
-        self.experts = MixtralExperts(config)
+        # the router stays in float (a few thousand numbers that decide every expert choice)
+        self.gate = MistralLinear(config.hidden_size, config.num_local_experts)
+        self.experts = MixtralExperts(config, quantization)
 
     def routing_weights(self, x: Tensor) -> Tensor:
         """[T, E] float32: the renormalised probability of each chosen expert, 0 elsewhere."""

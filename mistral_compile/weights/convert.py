@@ -250,8 +250,6 @@ def convert_weight(source: str | os.PathLike, out_dir: str | os.PathLike,
         config = read_config(config)
     else:
         config = load_source_config(ckpt.config_path, given)
-    if quantization in Q4_FORMATS:
-        config.require_dense(str(ckpt.config_path), f"--quantization {quantization}")
     shapes = {k: shape for k, (shape, _) in expected_params(config, dtype).items()}
     name_map = build_name_map(config, ckpt.source_format)
     if set(name_map) != set(shapes):  # the map and the model must describe the same tensors

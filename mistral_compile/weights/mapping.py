@@ -121,9 +121,9 @@ def _moe_sources(config: MistralConfig, source_format: str, i: int) -> dict[str,
     p = f"model.layers.{i}.mlp"
     return {
         f"{p}.gate.weight": ParamSource((_router_name(source_format, i),), (0,)),
-        f"{p}.experts.gate_up_proj": ParamSource(
+        f"{p}.experts.gate_up_proj.weight": ParamSource(
             tuple(name for ex in experts for name in (ex["w1"], ex["w3"])), (0,) * 2 * n,
             (inter,) * 2 * n, stacked=True),
-        f"{p}.experts.down_proj": ParamSource(
+        f"{p}.experts.down_proj.weight": ParamSource(
             tuple(ex["w2"] for ex in experts), (0,) * n, (hidden,) * n, stacked=True),
     }

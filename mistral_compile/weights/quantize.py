@@ -26,8 +26,8 @@ Q4_FORMATS = {"q4f16_1": ("q_weight", "q_scale"), "q4f16_2": ("q_weight", "q_sca
 
 
 def quantizable(shape: tuple[int, ...]) -> bool:
-    """Whether a [n, k] weight can be quantized (k a multiple of the group size)."""
-    return len(shape) == 2 and shape[1] % GROUP == 0
+    """Whether a [n, k] (or stacked [E, n, k]) weight can be quantized: k % GROUP == 0."""
+    return len(shape) in (2, 3) and shape[-1] % GROUP == 0
 
 
 def quantized_shapes(n: int, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -85,5 +85,12 @@ def quantize_min(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def quantize_as(quantization: str, w: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The arrays of Q4_FORMATS[quantization] for a float weight."""
+    """The arrays of Q4_FORMATS[quantization] for a float weight [n, k] or stacked [E, n, k].
+
+    Stacked (Mixtral's experts): each expert's rows are quantized as its own weight's would be.
+    """
+    if w.ndim == 3:
+        e, n, k = w.shape
+        flat = quantize_as(quantization, w.reshape(e * n, k))
+        return tuple(a.reshape(e, n, a.shape[-1]) for a in flat)
     return quantize(w) if quantization == "q4f16_1" else quantize_min(w)
