@@ -92,3 +92,31 @@ def tiny_library(root, cls="MistralForCausalLM", quantization="q0f32", **overrid
     convert_weight(root / "hf", root / "model", quantization, progress=False)
     compile_model(root / "model", root / "lib.so")
     return model
+
+
+def _interleave(w, heads):
+    """HF's rotate-half q/k rows back into Mistral's own interleaved RoPE order."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def native_tensors(sd, cfg):
+    """An HF state dict's embedding, head, norms and attention under Mistral-native names.
+
+    ``sd``: name -> numpy array; ``cfg``: the HF config. The MLP (dense or experts) is the
+    caller's to add.
+    """
+    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
+           "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out.update({
+            f"layers.{i}.attention.wq.weight": _interleave(sd[f"{p}.self_attn.q_proj.weight"],
+                                                           cfg.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": _interleave(sd[f"{p}.self_attn.k_proj.weight"],
+                                                           cfg.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": sd[f"{p}.self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[f"{p}.self_attn.o_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[f"{p}.input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[f"{p}.post_attention_layernorm.weight"]})
+    return out

@@ -225,33 +225,18 @@ def test_memory_bounded_by_window(windowed):
 
 def test_native_checkpoint_with_interleaved_rope_layout(windowed, tmp_path):
     """params.json + consolidated.safetensors, wq/wk in Mistral's own (interleaved) order."""
+    from conftest import native_tensors
     from safetensors.numpy import save_file
 
     ref, _ = windowed
     cfg = ref.config
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-
-    def interleave(w, heads):  # inverse of HF's permute for RoPE
-        rows, cols = w.shape
-        return w.reshape(heads, 2, rows // heads // 2, cols).transpose(0, 2, 1, 3).reshape(
-            rows, cols)
-
-    native = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
-              "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    native = native_tensors(sd, cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        native.update({
-            f"layers.{i}.attention.wq.weight": interleave(sd[f"{p}.self_attn.q_proj.weight"],
-                                                          cfg.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": interleave(sd[f"{p}.self_attn.k_proj.weight"],
-                                                          cfg.num_key_value_heads),
-            f"layers.{i}.attention.wv.weight": sd[f"{p}.self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[f"{p}.self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[f"{p}.mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[f"{p}.mlp.up_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[f"{p}.mlp.down_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[f"{p}.input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[f"{p}.post_attention_layernorm.weight"]})
+        native.update({f"layers.{i}.feed_forward.w1.weight": sd[f"{p}.mlp.gate_proj.weight"],
+                       f"layers.{i}.feed_forward.w3.weight": sd[f"{p}.mlp.up_proj.weight"],
+                       f"layers.{i}.feed_forward.w2.weight": sd[f"{p}.mlp.down_proj.weight"]})
     src = tmp_path / "native"
     src.mkdir()
     save_file(native, str(src / "consolidated.safetensors"))

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_library  # noqa: E402
+from conftest import native_tensors, tiny_library  # noqa: E402
 from test_batch import check_against_hf, engine, join_and_leave  # noqa: E402
 from test_fidelity import compare  # noqa: E402
 
@@ -52,18 +52,26 @@ def test_mixtral_in_the_batched_runtime_equals_hf_alone(mixtral):
 
 
 def test_the_routing_really_chooses(mixtral):
-    # the experts matter: the same model with every expert but the first zeroed differs, so a
-    # model that ignored the router (or used one expert) could not pass the tests above
+    # the experts matter: zeroing all but the first changes HF's logits, and our engine equals
+    # HF routing to its top 2 while it differs from HF's model routing to all 4 experts on the
+    # same weights; an engine that ignored the router (or the top k) could not pass
     _, ref, root = mixtral
     ids = np.random.default_rng(3).integers(3, 256, 9).tolist()
     changed = type(ref)(ref.config).eval()
     changed.load_state_dict(ref.state_dict())
+    every = type(ref)(type(ref.config)(**{**ref.config.to_dict(),
+                                          "num_experts_per_tok": EXPERTS["num_local_experts"]}))
+    every.load_state_dict(ref.state_dict())
     with torch.no_grad():
         for layer in changed.model.layers:
             layer.mlp.experts.down_proj[1:] = 0
         a = ref(torch.tensor([ids])).logits
         b = changed(torch.tensor([ids])).logits
+        all_experts = every.eval()(torch.tensor([ids])).logits[0, -1].numpy()
     assert float((a - b).abs().max()) > 1e-2
+    got = Engine(root / "model", root / "lib.so", attention_sink_size=0).prefill(ids)
+    assert float(np.abs(got - a[0, -1].numpy()).max()) <= TOL
+    assert float(np.abs(got - all_experts).max()) > 1e-2
 
 
 def test_native_params_and_consolidated_experts(tmp_path):
@@ -74,26 +82,10 @@ def test_native_params_and_consolidated_experts(tmp_path):
     cfg = ref.config
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     inter = cfg.intermediate_size
-
-    def interleave(w, heads):  # inverse of HF's permute for RoPE
-        rows, cols = w.shape
-        return w.reshape(heads, 2, rows // heads // 2, cols).transpose(0, 2, 1, 3).reshape(
-            rows, cols)
-
-    native = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
-              "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    native = native_tensors(sd, cfg)
     for i in range(cfg.num_hidden_layers):
         p, f = f"model.layers.{i}", f"layers.{i}.feed_forward"
-        native.update({
-            f"layers.{i}.attention.wq.weight": interleave(sd[f"{p}.self_attn.q_proj.weight"],
-                                                          cfg.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": interleave(sd[f"{p}.self_attn.k_proj.weight"],
-                                                          cfg.num_key_value_heads),
-            f"layers.{i}.attention.wv.weight": sd[f"{p}.self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[f"{p}.self_attn.o_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[f"{p}.input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[f"{p}.post_attention_layernorm.weight"],
-            f"{f}.gate.weight": sd[f"{p}.mlp.gate.weight"]})
+        native[f"{f}.gate.weight"] = sd[f"{p}.mlp.gate.weight"]
         gate_up, down = sd[f"{p}.mlp.experts.gate_up_proj"], sd[f"{p}.mlp.experts.down_proj"]
         for e in range(cfg.num_local_experts):
             native.update({f"{f}.experts.{e}.w1.weight": gate_up[e, :inter],

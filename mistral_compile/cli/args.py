@@ -6,6 +6,13 @@ import argparse
 from typing import Any
 
 
+def add_library_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL_DIR, --lib and --device: what every command that runs a library takes."""
+    parser.add_argument("model_dir", metavar="MODEL_DIR")
+    parser.add_argument("--lib", required=True, metavar="LIB.so")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
 def ints(text: str) -> list[int]:
     """Comma-separated positive integers."""
     try:

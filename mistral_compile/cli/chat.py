@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mistral_compile.cli.args import add_library_arguments
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
@@ -11,9 +13,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "chat", help="chat with a compiled model in the terminal",
         description="Load MODEL_DIR (a convert-weight output) with the compiled library and chat: "
                     "answers stream as they are generated, follow-up turns reuse the KV cache.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR")
-    parser.add_argument("--lib", required=True, metavar="LIB.so")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_library_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = off)")

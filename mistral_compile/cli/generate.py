@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_compile.cli.args import add_engine_arguments, engine_config, positive
+from mistral_compile.cli.args import (
+    add_engine_arguments,
+    add_library_arguments,
+    engine_config,
+    positive,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -18,9 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "repetition_penalty, logit_bias, logprobs, ignore_eos). Write one line per "
                     "request, in input order: {\"id\", \"token_ids\", \"text\", "
                     "\"finish_reason\", \"usage\"}.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR")
-    parser.add_argument("--lib", required=True, metavar="LIB.so")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_library_arguments(parser)
     parser.add_argument("--input", required=True, metavar="PROMPTS.jsonl")
     parser.add_argument("--output", default=None, metavar="OUT.jsonl",
                         help="where to write the results (default: standard output)")

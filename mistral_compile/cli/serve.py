@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from mistral_compile.cli.args import add_engine_arguments, engine_config, positive
+from mistral_compile.cli.args import (
+    add_engine_arguments,
+    add_library_arguments,
+    engine_config,
+    positive,
+)
 
 API_KEY_ENV = "MISTRAL_COMPILE_API_KEY"
 
@@ -16,9 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "serve", help="serve a compiled model over an OpenAI-compatible HTTP API",
         description="POST /v1/chat/completions and /v1/completions (streaming as server-sent "
                     "events), GET /v1/models and /health, over the batched runtime.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR")
-    parser.add_argument("--lib", required=True, metavar="LIB.so")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_library_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=positive, default=8000)

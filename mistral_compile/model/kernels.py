@@ -657,8 +657,8 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
 def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # noqa: ANN202
     """A step of one row on the batch-1 GEMV (mc::gemv, mc::gemv_q4), as a TIR macro.
 
-    ``q4`` as for _skinny_macro; ``weights`` are [w] (float16), [codes, scales] or [codes,
-    scales, minimums]. The GEMV's aux operand is the residual, or x (unread) without one.
+    ``q4``: 0 float16, 1 q4f16_1, 2 q4f16_2; ``weights`` are [w] (float16), [codes, scales] or
+    [codes, scales, minimums]. The GEMV's aux operand is the residual, or x (unread) without one.
     """
     outputs = n // 2 if epilogue == "silu" else n
     mode = GEMV_MODES[epilogue]  # plain, residual and silu: the same names
@@ -793,12 +793,13 @@ def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
 def _skinny_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # noqa: ANN202
     """mc::skinny_partial (K split over skinny_splits CTAs) and mc::skinny_epilogue, as a macro.
 
-    ``q4``: 0 float16 weights (w), 1 q4f16_1 (w codes, scales), 2 q4f16_2 (also minimums).
+    ``q4``: 1 q4f16_1 (w codes, scales), 2 q4f16_2 (also minimums). The kernel's float16 form
+    (0) is only the baseline of scripts/gpu/gemm_check.py: float16 steps run the split wgmma.
     """
     splits = skinny_splits(n, k)
     partial = f"mc::skinny_partial<{k}, {q4}>"
     finish = _split_epilogue_macro(n, out_dtype, epilogue)
-    words = k // 8 if q4 else k
+    words = k // 8
 
     @T.macro
     def skinny_launches(x, w, scales, mins, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202

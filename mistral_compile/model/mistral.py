@@ -10,14 +10,13 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.model import cpu_kernels, kernels, sampler
+from mistral_compile.model import cpu_kernels, kernels, quant, sampler
 from mistral_compile.model.exports import module_spec, paged_kv_cache
 from mistral_compile.model.kv_owned import KVState, OwnedKVCache, argmax_advance
 from mistral_compile.model.kv_paged import PagedCache
 from mistral_compile.model.moe import MixtralSparseMoeBlock
 from mistral_compile.weights.quantize import (
     GROUP,
-    MAX_INT,
     PER_WORD,
     Q4_FORMATS,
     quantizable,
@@ -140,7 +139,7 @@ class MistralLinear(nn.Module):
                                     args=self.q4_params(),
                                     out=Tensor.placeholder((n, k), "float16"))
         else:
-            dense = op.tensor_expr_op(_dequantize, "dequantize", self.q4_params())
+            dense = op.tensor_expr_op(quant.dequantize, "dequantize", self.q4_params())
         return _to(dense, dtype)
 
     def gemm_epilogue(self, x: Tensor, epilogue: str, *extra: Tensor) -> Tensor | None:
@@ -182,21 +181,6 @@ class MistralLinear(nn.Module):
         outputs = kernels.gemv_shapes(n, k, mode)[1]
         return op.tensor_ir_op(func, f"gemv_{mode}", args=args,
                                out=Tensor.placeholder((1, 1, outputs), x.dtype))
-
-
-def _dequantize(q_weight: te.Tensor, q_scale: te.Tensor,
-                q_min: te.Tensor | None = None) -> te.Tensor:
-    n, words = q_weight.shape
-
-    def element(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-        shift = (j % PER_WORD // 2 * 4 + j % 2 * 16).astype("uint32")
-        q = ((q_weight[i, j // PER_WORD] >> shift) & tirx.const(0xF, "uint32")).astype("float32")
-        scale = q_scale[i, j // GROUP].astype("float32")
-        if q_min is not None:  # q4f16_2
-            return (q * scale + q_min[i, j // GROUP].astype("float32")).astype("float16")
-        return ((q - MAX_INT) * scale).astype("float16")
-
-    return te.compute((n, words * PER_WORD), element, name="dequantize")
 
 
 def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
@@ -324,8 +308,9 @@ class MistralDecoderLayer(nn.Module):
         eps = config.rms_norm_eps
         self.self_attn = MistralAttention(config, quantization)
         # the MLP is pluggable: dense, or Mixtral's experts (model/moe.py)
-        self.mlp = MixtralSparseMoeBlock(config, quantization) if config.is_moe else \
-            MistralMLP(config, quantization)
+        self.mlp = MixtralSparseMoeBlock(
+            config, MistralLinear(config.hidden_size, config.num_local_experts), quantization
+        ) if config.is_moe else MistralMLP(config, quantization)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps)
 

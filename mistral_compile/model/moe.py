@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.weights.quantize import GROUP, MAX_INT, PER_WORD, Q4_FORMATS, quantizable
+from mistral_compile.model import quant
+from mistral_compile.weights.quantize import GROUP, PER_WORD, Q4_FORMATS, quantizable
 
 
 class StackedWeight(nn.Module):
@@ -38,24 +38,7 @@ class StackedWeight(nn.Module):
         if not self.quantized:
             return self.weight
         args = [self.q_weight, self.q_scale] + ([self.q_min] if self.with_min else [])
-        return op.tensor_expr_op(_dequantize_stacked, "dequantize_experts", args)
-
-
-def _dequantize_stacked(q_weight: te.Tensor, q_scale: te.Tensor,
-                        q_min: te.Tensor | None = None) -> te.Tensor:
-    """q4f16_1: (q - 7) * scale; q4f16_2: q * scale + min; per expert, rounded once to float16."""
-    experts, rows, words = q_weight.shape
-
-    def element(e: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-        shift = (j % PER_WORD // 2 * 4 + j % 2 * 16).astype("uint32")
-        q = ((q_weight[e, i, j // PER_WORD] >> shift) & tirx.const(0xF, "uint32")).astype(
-            "float32")
-        scale = q_scale[e, i, j // GROUP].astype("float32")
-        if q_min is not None:
-            return (q * scale + q_min[e, i, j // GROUP].astype("float32")).astype("float16")
-        return ((q - MAX_INT) * scale).astype("float16")
-
-    return te.compute((experts, rows, words * PER_WORD), element, name="dequantize_experts")
+        return op.tensor_expr_op(quant.dequantize, "dequantize_experts", args)
 
 
 class MixtralExperts(nn.Module):
@@ -98,13 +81,16 @@ class MixtralSparseMoeBlock(nn.Module):
     largest probabilities divided by their sum; router jitter is a training knob, never applied.
     """
 
-    def __init__(self, config: MistralConfig, quantization: str | None = None) -> None:
-        from mistral_compile.model.mistral import MistralLinear  # noqa: PLC0415 (a cycle)
+    def __init__(self, config: MistralConfig, gate: nn.Module,
+                 quantization: str | None = None) -> None:
+        """``gate``: the router, a float projection hidden -> experts ([1, T, H] -> [1, T, E]).
 
+        The decoder layer makes it (a MistralLinear, never 4-bit: a few thousand numbers that
+        decide every expert choice), so this file needs nothing of model/mistral.py.
+        """
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
-        # the router stays in float (a few thousand numbers that decide every expert choice)
-        self.gate = MistralLinear(config.hidden_size, config.num_local_experts)
+        self.gate = gate
         self.experts = MixtralExperts(config, quantization)
 
     def routing_weights(self, x: Tensor) -> Tensor:

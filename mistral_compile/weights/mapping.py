@@ -46,17 +46,6 @@ def _hf_names(i: int) -> dict[str, str]:
             "post_norm": f"{p}.post_attention_layernorm.weight"}
 
 
-def _expert_names(source_format: str, i: int, e: int) -> dict[str, str]:
-    """Expert e of layer i: gate (w1), up (w3), down (w2), as each format names them."""
-    p = f"model.layers.{i}.block_sparse_moe" if source_format == HF else f"layers.{i}.feed_forward"
-    return {w: f"{p}.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3")}
-
-
-def _router_name(source_format: str, i: int) -> str:
-    p = f"model.layers.{i}.block_sparse_moe" if source_format == HF else f"layers.{i}.feed_forward"
-    return f"{p}.gate.weight"
-
-
 def _gguf_names(i: int) -> dict[str, str]:
     p = f"blk.{i}"
     return {"q": f"{p}.attn_q.weight", "k": f"{p}.attn_k.weight", "v": f"{p}.attn_v.weight",
@@ -116,11 +105,15 @@ def _moe_sources(config: MistralConfig, source_format: str, i: int) -> dict[str,
     """
     if source_format == GGUF:
         raise ValueError("mixture-of-experts GGUF files are refused by their config")
-    experts = [_expert_names(source_format, i, e) for e in range(config.num_local_experts)]
+    block = f"model.layers.{i}.block_sparse_moe" if source_format == HF else \
+        f"layers.{i}.feed_forward"
     inter, hidden, n = config.intermediate_size, config.hidden_size, config.num_local_experts
+    # expert e's gate (w1), up (w3) and down (w2)
+    experts = [{w: f"{block}.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3")}
+               for e in range(n)]
     p = f"model.layers.{i}.mlp"
     return {
-        f"{p}.gate.weight": ParamSource((_router_name(source_format, i),), (0,)),
+        f"{p}.gate.weight": ParamSource((f"{block}.gate.weight",), (0,)),
         f"{p}.experts.gate_up_proj.weight": ParamSource(
             tuple(name for ex in experts for name in (ex["w1"], ex["w3"])), (0,) * 2 * n,
             (inter,) * 2 * n, stacked=True),
