@@ -15,6 +15,9 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
               dist-smol-a/ and dist-smol-b/ for two calls)
   --batch: instead of chat/ and the 7B variants, 7b-full/, 7b-full-q4/ and ministral-8b/ for
            scripts/gpu/batch.sh
+  --shapes: only wheels-core/ (TVM and its two needs) and one fp16 library of every configs/
+           shape (7B, Nemo-12B, Ministral-8B, Codestral-22B, Small-24B), plus 7B and 24B q4f16_1,
+           for scripts/gpu/shapes.sh (issue 20)
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
            [--q4-pair] [--batch] [--smollm]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
@@ -186,6 +189,36 @@ def batch_models(out: Path, arch: str) -> None:
         print(f"  {name}: compiled in {sum(t.values()):.1f} s")
 
 
+SHAPES = {  # dist-gpu/NAME: (configs/ file, quantization, overrides); scripts/gpu/shapes.sh
+    "7b-full": ("mistral-7b-v0.1.json", "q0f16",
+                {"sliding_window_size": -1, "context_window_size": 32768}),
+    "7b-full-q4": ("mistral-7b-v0.1.json", "q4f16_1",
+                   {"sliding_window_size": -1, "context_window_size": 32768}),
+    "nemo-12b": ("mistral-nemo-base-2407.json", "q0f16", {"context_window_size": 32768}),
+    "ministral-8b": ("ministral-8b-instruct-2410.json", "q0f16", {}),
+    "codestral-22b": ("codestral-22b-v0.1.json", "q0f16", {}),
+    "small-24b": ("mistral-small-24b-base-2501.json", "q0f16", {}),
+    "small-24b-q4": ("mistral-small-24b-base-2501.json", "q4f16_1", {}),
+}
+CORE_WHEELS = ("apache_tvm-", "apache_tvm_ffi-", "ml_dtypes-")
+
+
+def shape_models(out: Path, arch: str) -> None:
+    """One library per configs/ shape (SHAPES), and wheels-core/: what bench needs, no more."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    core = out / "wheels-core"
+    core.mkdir(parents=True, exist_ok=True)
+    for wheel in (out / "wheels").glob("*.whl"):
+        if wheel.name.startswith(CORE_WHEELS):
+            shutil.copy(wheel, core / wheel.name)
+    for name, (src, quant, overrides) in SHAPES.items():
+        convert_config(REPO / "configs" / src, out / name, overrides)
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s")
+
+
 def q4_pair(out: Path, arch: str) -> None:
     """7b-full-q4 (q4f16_1) and 7b-full-q4m (q4f16_2) only: the two 4-bit layouts' speeds."""
     from mistral_compile.compiler.pipeline import compile_model
@@ -254,6 +287,9 @@ def main() -> None:
     parser.add_argument("--batch", action="store_true",
                         help="instead of the four 7B variants and the chat model, the batched "
                              "runtime's: 7b-full, 7b-full-q4, ministral-8b (scripts/gpu/batch.sh)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="only wheels-core/ and a library of every configs/ shape "
+                             "(scripts/gpu/shapes.sh)")
     parser.add_argument("--smollm", action="store_true",
                         help="also SmolLM2-135M-Instruct (real weights; scripts/gpu/smollm.py)")
     args = parser.parse_args()
@@ -266,11 +302,17 @@ def main() -> None:
     start = time.perf_counter()
     print("wheels (runtime-only TVM for Python 3.12)")
     download_wheels(out / "wheels")
-    print("tiny checkpoints and CUDA libraries")
-    tiny_models(out / "tiny", args.arch)
-    if not args.batch:
+    if args.shapes:
+        print("every configs/ shape: CUDA libraries")
+        shape_models(out, args.arch)
+    else:
+        print("tiny checkpoints and CUDA libraries")
+        tiny_models(out / "tiny", args.arch)
+    if not args.batch and not args.shapes:
         chat_model(out / "chat", args.arch)
-    if args.batch:
+    if args.shapes:
+        pass
+    elif args.batch:
         print("batched runtime: 7B-shaped fp16 and q4f16_1, Ministral-8B fp16")
         batch_models(out, args.arch)
     elif args.q4_pair:
