@@ -113,6 +113,31 @@ def test_sequences_joining_and_leaving_equal_hf_alone(model):
         assert pool.in_use == 0
 
 
+def test_padded_decode_steps_equal_hf_alone(model):
+    # the CUDA graphs' padding, run here eagerly: every decode step runs as 8 rows (padding rows
+    # on the scratch page) with full groups' tables a power of two wide; each sequence's logits
+    # still equal HF's, so no padding row touched a sequence's KV
+    name, ref, root = model
+    llm, seen = engine(root, max_batch_size=4, prefill_chunk_size=8, max_step_tokens=20)
+    llm.runner.pad_decode, llm.runner.row_buckets = True, [8]
+    shapes = []
+    fn = llm.runner.fn
+
+    def recording(ids, positions, rows, last, tables, pools, params):
+        shapes.append((int(ids.shape[0]), int(last.shape[0]), [int(t.shape[1]) for t in tables]))
+        return fn(ids, positions, rows, last, tables, pools, params)
+
+    llm.runner.fn = recording
+    prompts = join_and_leave(llm)
+    print(f"{name}: max |dlogit| {check_against_hf(ref, llm, seen, prompts):.2e}")
+    padded = [widths for tokens, rows, widths in shapes if tokens == rows == 8]
+    assert len(padded) > 10  # decode steps of 1 to 4 rows ran as 8
+    full = [g for g, group in enumerate(llm.kv.groups) if group.window <= 0]
+    for widths in padded:
+        assert all(widths[g] & (widths[g] - 1) == 0 or widths[g] == llm.kv.widths[g]
+                   for g in full)
+
+
 def test_preemption_under_a_tiny_page_budget_gives_the_same_tokens(model):
     name, ref, root = model
     rng = np.random.default_rng(1)

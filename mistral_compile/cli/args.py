@@ -66,6 +66,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens per sequence per step (default: the config's)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV pages of common prompt prefixes")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="launch every decode step's kernels from the host (default on "
+                             "CUDA: each padded batch size's step is captured once and replayed)")
 
 
 def engine_config(args: argparse.Namespace) -> Any:
@@ -76,4 +79,5 @@ def engine_config(args: argparse.Namespace) -> Any:
                         prefill_chunk_size=args.prefill_chunk_size,
                         kv_cache_bytes=None if args.kv_cache_gb is None
                         else int(args.kv_cache_gb * 2**30),
-                        prefix_caching=not args.no_prefix_caching)
+                        prefix_caching=not args.no_prefix_caching,
+                        cuda_graphs=not args.no_cuda_graphs)

@@ -1,8 +1,7 @@
-"""Engine: runs a compiled library with converted weights, prefill and decode on one sequence."""
+"""Engine: one sequence over a compiled library (prefill, decode, greedy, sampling, chat)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -14,10 +13,7 @@ import tvm
 
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
-from mistral_compile.runtime.library import (
-    STATE_PREFIX,
-    TokenReader,
-)
+from mistral_compile.runtime.kv_single import open_cache
 from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
@@ -25,27 +21,14 @@ from mistral_compile.tokenizer import Tokenizer
 
 logger = logging.getLogger("mistral_compile.runtime")
 
-PAGE_SIZE = 16  # TVM 0.27's CPU attention kernels are generated for 16-token pages
-SEQ_ID = 0
-
-
-@functools.cache
-def _builtin(name: str):  # noqa: ANN202
-    return tvm.get_global_func(f"vm.builtin.{name}")
-
-
-def _shape(*values: int) -> tvm.runtime.ShapeTuple:
-    return tvm.runtime.ShapeTuple(list(values))
-
-
 class Engine:
     """One sequence, greedy or driven token by token; logits come back as float32 numpy.
 
-    Without attention sinks the engine uses the model-owned KV cache (model/kv_owned.py): keys
-    at absolute positions, query i sees key j iff 0 <= i - j < W (or j <= i without a window),
-    so results equal Hugging Face's at any length; with a window it is a ring of W - 1 + chunk
-    slots. With s sinks it uses TVM's paged cache, which keeps the first s tokens and the last
-    W-1-s (StreamingLLM); see docs/attention.md. ``kv_cache="paged"`` forces the paged cache.
+    A thin client of the runtime's parts: the artifact (runtime/artifact.py), a one-sequence
+    KV cache (runtime/kv_single.py: the model-owned cache, exact at any length, or TVM's paged
+    cache with StreamingLLM sinks; ``kv_cache="paged"`` forces the latter), the device sampler
+    (runtime/sampler.py) and text output (runtime/textgen.py). The Engine keeps the sequence's
+    tokens and turns prompts into chunks and steps; the batched runtime is runtime/llm.py.
     """
 
     def __init__(self, model_dir: str | os.PathLike, lib: str | os.PathLike,
@@ -67,56 +50,21 @@ class Engine:
         self.config, self.device, self.vm, self.meta = art.config, art.device, art.vm, art.meta
         self.dtype, self.quantization = art.dtype, art.quantization
         self.tokenizer_record = art.tokenizer_record
-        self.params, self._state = art.params, art.state
+        self.params = art.params
         self._tokenizer = None
         self._sampler: Sampler | None = None  # the device sampler, made on first use
         self._tokenizer_family = tokenizer
         self._last_turn: Turn | None = None
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
-        kind, index = art.kind, art.index
-        self._kv_length = self._state[STATE_PREFIX + "length"]
-        storage = self._state[STATE_PREFIX + "storage"]
-        self._kv_slots = int(storage.shape[3])
-        logger.info("KV cache: %d slots per layer, %.2f GiB on %s", self._kv_slots,
-                    storage.numel() * storage.dtype.itemsize / 2**30, self.device)
-        sink = self.config.attention_sink_size if attention_sink_size is None \
-            else attention_sink_size
-        self.window = self.config.sliding_window_size
-        self.per_sequence_window = min(self.config.layer_sliding_window_sizes) > 0
-        if self.window > 0 and not 0 <= sink < self.window - 1:
-            raise MistralCompileError(f"attention_sink_size={sink}: must be >= 0 and smaller "
-                                      f"than the sliding window minus one ({self.window - 1})")
-        if sink and not self.per_sequence_window:
-            raise MistralCompileError(f"attention_sink_size={sink}: sinks need every layer "
-                                      "windowed; use attention_sink_size=0 for this model")
-        self.attention_sink_size = sink if self.window > 0 else 0
-        if kv_cache not in (None, "owned", "paged"):
-            raise MistralCompileError(f"kv_cache={kv_cache!r}: must be 'owned' or 'paged'")
-        if kv_cache == "owned" and self.attention_sink_size:
-            raise MistralCompileError("kv_cache='owned' has no attention sinks: use "
-                                      "kv_cache='paged' or attention_sink_size=0")
-        self.kv_cache = kv_cache or ("paged" if self.attention_sink_size else "owned")
-        chunk = prefill_chunk_size or self.config.prefill_chunk_size
-        # Inside a chunk only the causal mask applies, so a chunk must fit the recent window
-        # (W - sink keys); and a chunk of W - sink tokens leaves its last row with no visible
-        # cached key, which TVM's state merge turns into NaN. W - 1 - sink avoids both.
-        if self.window > 1:
-            chunk = min(chunk, self.window - 1 - self.attention_sink_size)
-        if self.kv_cache == "owned" and self.per_sequence_window:  # a chunk's rows see W-1 more
-            chunk = min(chunk, self._kv_slots - (self.window - 1))
-        self.chunk_size = chunk
-        # greedy steps on the owned cache overlap the host's work with the GPU's (see greedy)
-        self._reader = TokenReader(index) if kind == "cuda" and self.kv_cache == "owned" \
-            else None
-        # per-step host work, done once: the VM functions, and a device buffer for token ids
-        # (a fresh device array each step cost an allocation and a free on the decode path)
-        paged = "_paged" if self.kv_cache == "paged" else ""
-        self._fn = {name: self.vm[name + paged] for name in ("prefill", "decode")}
-        self._fn["embed"] = self.vm["embed"]
-        self._ids = tvm.runtime.empty((chunk,), "int32", self.device)
-        self._seq, self._one = _shape(SEQ_ID), _shape(1)
-        self.cache = None
+        self.kv = open_cache(art, kv_cache, attention_sink_size, prefill_chunk_size)
+        self.kv_cache, self.chunk_size = self.kv.kind, self.kv.chunk_size
+        self.window, self.attention_sink_size = self.kv.window, self.kv.sink
+        self.per_sequence_window = self.kv.per_sequence_window
+        self._embed = self.vm["embed"]
+        # a device buffer for token ids, made once (a fresh device array each step cost an
+        # allocation and a free on the decode path)
+        self._ids = tvm.runtime.empty((self.chunk_size,), "int32", self.device)
         self.length = 0
         self.reset()
 
@@ -128,27 +76,7 @@ class Engine:
     def _new_cache(self) -> None:
         self.length = 0
         self.tokens = []
-        if self.kv_cache == "owned":  # the storage stays; slots past the length are never read
-            self._set_device_length()
-            return
-        cfg = self.config
-        if self.per_sequence_window:
-            capacity = self.window + self.chunk_size + 2 * PAGE_SIZE
-        else:
-            capacity = cfg.context_window_size
-        capacity = -(-capacity // PAGE_SIZE) * PAGE_SIZE
-        self.cache = self.vm["create_paged_kv_cache"](
-            _shape(1), _shape(capacity), _shape(self.chunk_size), _shape(PAGE_SIZE),
-            _shape(1 if self.per_sequence_window else 0))
-        _builtin("kv_state_add_sequence")(self.cache, SEQ_ID)
-        if self.per_sequence_window:
-            _builtin("attention_kv_cache_enable_sliding_window_for_seq")(
-                self.cache, SEQ_ID, self.window - 1, self.attention_sink_size)
-
-    def _set_device_length(self) -> None:
-        """The owned cache's length on the device := ``self.length`` (decode steps add one)."""
-        self._kv_length.copyfrom(np.array([self.length], dtype="int32"))
-        self._device_length = self.length
+        self.kv.reset()
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         vocab = self.config.vocab_size
@@ -168,16 +96,8 @@ class Engine:
 
     def _forward(self, token_ids: list[int]) -> np.ndarray:
         n = len(token_ids)  # at most chunk_size
-        embed = self._fn["embed"](self._upload(token_ids), self.params)  # [n, hidden], on GPU
-        embed = embed._create_view((1, n, int(embed.shape[-1])))
-        if self.kv_cache == "owned":
-            if self._device_length != self.length:
-                self._set_device_length()
-            out = self._fn["prefill"](embed, self.params)
-        else:
-            _builtin("kv_state_begin_forward")(self.cache, self._seq, _shape(n))
-            out = self._fn["prefill"](embed, self.cache, self.params)[0]
-            _builtin("kv_state_end_forward")(self.cache)
+        embed = self._embed(self._upload(token_ids), self.params)  # [n, hidden], on the device
+        out = self.kv.prefill(embed._create_view((1, n, int(embed.shape[-1]))), self.length)
         self._appended(token_ids)
         return out.numpy().reshape(-1)
 
@@ -187,25 +107,9 @@ class Engine:
 
     def _decode_step(self, ids: tvm.runtime.Tensor, token_id: int) -> tuple:
         """Run ``decode`` on the id already in ``ids`` (device): (logits, argmax), on the device."""
-        if self.kv_cache == "owned":
-            logits, best = self._launch(ids)
-        else:
-            _builtin("kv_state_begin_forward")(self.cache, self._seq, self._one)
-            logits, best = self._fn["decode"](ids, self.cache, self.params)[:2]
-            _builtin("kv_state_end_forward")(self.cache)
+        out = self.kv.decode(ids, self.length)
         self._appended([token_id])
-        return logits, best
-
-    def _launch(self, ids: tvm.runtime.Tensor) -> tuple:
-        """Queue an owned-cache ``decode`` of the id in ``ids``; the host's length is unchanged.
-
-        The step's last kernel adds one to the device's length, and so does ``_device_length``.
-        """
-        if self._device_length != self.length:
-            self._set_device_length()
-        logits, best = self._fn["decode"](ids, self.params)
-        self._device_length += 1
-        return logits, best
+        return out
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
         """Append a prompt (split into chunks); logits of its last token."""
@@ -220,17 +124,7 @@ class Engine:
 
     def prefill_chunks(self, n: int) -> list[int]:
         """Chunk sizes in which ``prefill`` would feed ``n`` more tokens at this point."""
-        sizes, length = [], self.length
-        while n > 0:
-            size = min(self.chunk_size, n)
-            if self.attention_sink_size and length < self.window:
-                # The first forward that evicts still sees the cache without its sinks marked
-                # (TVM slides after building the attention views), so no chunk may cross the
-                # window's first W tokens: then every row's view is the one the mask expects.
-                size = min(size, self.window - length)
-            sizes.append(size)
-            length, n = length + size, n - size
-        return sizes
+        return self.kv.chunk_sizes(n, self.length)
 
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token; its logits."""
@@ -253,7 +147,7 @@ class Engine:
         """
         self._check_tokens([token_id])
         ids = self._upload([token_id])
-        if self._reader is not None:
+        if self.kv.reader is not None:
             yield from self._greedy_ahead(ids, token_id)
             return
         while True:
@@ -265,14 +159,13 @@ class Engine:
     def _greedy_ahead(self, ids: tvm.runtime.Tensor, token_id: int) -> Iterator[int]:
         """``greedy`` with the next step queued before this one's token is read."""
         limit = self.config.context_window_size
-        reader, slot = self._reader, 0
-        _, best = self._launch(ids)
-        self._appended([token_id])
+        reader, slot = self.kv.reader, 0
+        _, best = self._decode_step(ids, token_id)
         reader.start(slot, best)
         while True:
             ahead = None  # the step fed with `best`'s token, queued before that token is read
             if limit <= 0 or self.length + 1 <= limit:
-                _, ahead = self._launch(best)
+                _, ahead = self.kv.decode(best, self.length)  # best joins the count when read
                 reader.start(1 - slot, ahead)
             token_id = reader.result(slot)
             yield token_id
@@ -313,11 +206,7 @@ class Engine:
     @property
     def capacity(self) -> int:
         """Token slots one sequence may hold in the cache (its memory bound)."""
-        if self.kv_cache == "owned":
-            return self._kv_slots
-        if self.per_sequence_window:
-            return self.window - 1 + self.chunk_size
-        return self.config.context_window_size
+        return self.kv.capacity
 
     def context_full(self) -> bool:
         """True when a model without a window cannot take another token."""
@@ -328,15 +217,8 @@ class Engine:
         """Drop the last ``n`` tokens from the cache if it still holds them all (no eviction)."""
         if n == 0:
             return True
-        if self.kv_cache == "owned":
-            # ring: the window before the new end must not have been overwritten by the n
-            # tokens dropped, nor by a step greedy queued ahead (position p is in slot p % slots)
-            if self.per_sequence_window and n > self._kv_slots - self.window:
-                return False
-        elif self.per_sequence_window and self.length > self.window - 1:
-            return False  # the window has slid: TVM cannot pop across evicted pages
-        else:
-            _builtin("kv_state_popn")(self.cache, SEQ_ID, n)
+        if not self.kv.rollback(n, self.length):
+            return False
         self.length -= n
         del self.tokens[-n:]
         return True

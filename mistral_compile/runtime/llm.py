@@ -33,7 +33,7 @@ CPU_DEFAULT_KV = 1 << 30  # at most this much KV on a CPU unless told
 
 @dataclass
 class EngineConfig:
-    """Engine settings (not the architecture): batch, chunk, pages, prefix caching."""
+    """Engine settings (not the architecture): batch, chunk, pages, prefix caching, graphs."""
 
     max_batch_size: int = 64
     prefill_chunk_size: int | None = None  # tokens per sequence per step (config's default)
@@ -41,6 +41,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # page pools' total; None: from free memory
     num_pages: list[int] | None = None  # pages per window group (overrides kv_cache_bytes)
     prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (runtime/cuda_graph.py)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "prefill_chunk_size", "max_step_tokens",
@@ -96,7 +97,8 @@ class LLM:
                                  settings.prefix_caching)
         self.scheduler = Scheduler(self.kv, settings.max_batch_size, self.chunk_size,
                                    settings.max_step_tokens)
-        self.runner = ModelRunner(self.artifact, self.kv)
+        self.runner = ModelRunner(self.artifact, self.kv, settings.max_batch_size,
+                                  settings.cuda_graphs)
         self.sampler = Sampler(self.artifact)
         self._tokenizer_family = tokenizer
         self._tokenizer = None

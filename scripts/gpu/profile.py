@@ -94,22 +94,23 @@ def host_side(eng: Engine, steps: int) -> None:
     begin_forward, the decode VM call (it returns once every kernel of the step is queued),
     end_forward, and the wait for the step's token. The owned cache has no begin/end calls.
     """
-    from mistral_compile.runtime.engine import _builtin
+    from mistral_compile.runtime.kv_single import _builtin
 
     paged = eng.kv_cache == "paged"
+    kv = eng.kv
     begin, end = _builtin("kv_state_begin_forward"), _builtin("kv_state_end_forward")
     ids = eng._upload([7])
     spans: dict[str, list[float]] = defaultdict(list)
     for _ in range(steps):
         t0 = time.perf_counter()
         if paged:
-            begin(eng.cache, eng._seq, eng._one)
+            begin(kv.cache, kv._seq, kv._one)
         t1 = time.perf_counter()
-        args = (ids, eng.cache, eng.params) if paged else (ids, eng.params)
-        ids = eng._fn["decode"](*args)[1]
+        args = (ids, kv.cache, eng.params) if paged else (ids, eng.params)
+        ids = kv._decode(*args)[1]
         t2 = time.perf_counter()
         if paged:
-            end(eng.cache)
+            end(kv.cache)
         t3 = time.perf_counter()
         ids.numpy()
         t4 = time.perf_counter()
