@@ -1,6 +1,7 @@
 """`mistral-compile serve` with the official openai client, a real server process on loopback."""
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -64,10 +65,19 @@ def start(root, *extra):
 @pytest.fixture(scope="module")
 def server(model):
     proc, base = start(model, "--max-batch-size", "8")
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
     yield base, openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     assert KEY not in out  # the key never reaches a log line
+    assert "Traceback" not in out, out[-3000:]
+    for _ in range(100):  # the engine process ends with the server, even on a signal
+        if not any(os.path.exists(f"/proc/{pid}") for pid in children):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the engine process outlived the server: {children}")
 
 
 def chat(client, content, **kw):
@@ -294,6 +304,52 @@ def test_a_full_queue_is_503_with_retry_after(windowed_model):
             time.sleep(0.02)
         else:
             raise AssertionError("the closed streams kept their sequences")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_the_engine_thread_serves_the_same_answer(model, server):
+    # serve --engine-thread: the engine on a thread of the server's process (no child process)
+    # answers as the engine process does
+    _, client = server
+    want = chat(client, "Hello, world!", max_tokens=8).choices[0].message.content
+    proc, base = start(model, "--engine-thread")
+    try:
+        assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split() == []
+        other = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        assert chat(other, "Hello, world!", max_tokens=8).choices[0].message.content == want
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_a_dead_engine_process_fails_requests_and_health(model):
+    # the engine runs in a process of its own: if it dies, /health says so (503) and a request
+    # gets an error at once instead of waiting forever
+    import signal
+
+    proc, base = start(model)
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert children  # the engine process
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+            except urllib.error.HTTPError as err:
+                assert err.code == 503 and "engine down" in err.read().decode()
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("/health kept answering ok")
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=10)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=NAME, prompt="x", max_tokens=2)
+        assert err.value.status_code == 500 and "engine process is gone" in str(err.value)
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

@@ -35,6 +35,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-weights", action="store_true",
                         help="make random weights on the device (load tests of a model shape; "
                              "MODEL_DIR may hold only mistral-config.json)")
+    parser.add_argument("--engine-thread", action="store_true",
+                        help="run the engine on a thread of the server's process (default: a "
+                             "process of its own, so HTTP work never holds the engine's GIL)")
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -46,24 +49,30 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from mistral_compile.runtime.llm import LLM
     from mistral_compile.serve.app import build_app
-    from mistral_compile.serve.engine_loop import AsyncEngine
     from mistral_compile.tokenizer import FAMILY_CHOICES
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    params = None
-    if args.random_weights:
-        from mistral_compile.runtime.bench import random_params
+    family = FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None
+    if args.engine_thread:
+        from mistral_compile.runtime.llm import LLM
+        from mistral_compile.serve.engine_loop import AsyncEngine
 
-        params = random_params(Path(args.lib), args.device)
-    llm = LLM(args.model_dir, args.lib, args.device, engine_config(args), params=params,
-              progress=True,
-              tokenizer=FAMILY_CHOICES[args.tokenizer] if args.tokenizer else None)
-    if not llm.has_tokenizer():
+        params = None
+        if args.random_weights:
+            from mistral_compile.runtime.bench import random_params
+
+            params = random_params(Path(args.lib), args.device)
+        engine = AsyncEngine(LLM(args.model_dir, args.lib, args.device, engine_config(args),
+                                 params=params, progress=True, tokenizer=family))
+    else:
+        from mistral_compile.serve.engine_process import EngineProcess
+
+        engine = EngineProcess(args.model_dir, args.lib, args.device, engine_config(args),
+                               args.random_weights, family)
+    if not engine.has_tokenizer():
         logging.getLogger("mistral_compile.serve").warning(
             "no tokenizer: only /v1/completions with token-id prompts work, without text")
-    engine = AsyncEngine(llm)
     name = args.served_model_name or Path(args.model_dir).resolve().name
     app = build_app(engine, name, api_key, args.max_queue)
     logging.getLogger("mistral_compile.serve").info(

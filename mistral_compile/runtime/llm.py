@@ -72,6 +72,40 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must satisfy to run on an engine: vocabulary, context, pages, tokenizer."""
+
+    vocab_size: int
+    context: int  # tokens a sequence may hold when some layer has no window (0: no limit)
+    full_pages: tuple[int, ...]  # the pool of each full-attention group, in pages
+    has_tokenizer: bool
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise MistralCompileError, in one line, for a request that cannot run."""
+        if not prompt:
+            raise MistralCompileError("a prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise MistralCompileError(f"token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})")
+        bias = [t for t in params.logit_bias if not 0 <= int(t) < self.vocab_size]
+        if bias:
+            raise MistralCompileError(f"logit_bias: token id {bias[0]} is outside the "
+                                      f"vocabulary [0, {self.vocab_size})")
+        if self.context > 0 and len(prompt) >= self.context:
+            raise MistralCompileError(f"prompt of {len(prompt)} tokens leaves no room in the "
+                                      f"context window ({self.context})")
+        if params.stop and not self.has_tokenizer:
+            raise MistralCompileError("stop strings need a tokenizer; the model has none")
+        pages = len(range(0, len(prompt) + 1, PAGE_SIZE))
+        for pool in self.full_pages:  # the longest sequence must fit the pool
+            if pages > pool:
+                raise MistralCompileError(f"prompt of {len(prompt)} tokens needs {pages} "
+                                          f"KV pages, the cache has {pool}: give it more "
+                                          "memory (--kv-cache-gb)")
+
+
 class LLM:
     """Many sequences on one compiled model (see the module docstring)."""
 
@@ -102,6 +136,7 @@ class LLM:
         self.sampler = Sampler(self.artifact)
         self._tokenizer_family = tokenizer
         self._tokenizer = None
+        self._limits: RequestLimits | None = None
         self.outputs: dict[Any, RequestOutput] = {}
         self._text: dict[Any, TextOutput] = {}
         self._seqs: dict[Any, Sequence] = {}
@@ -193,37 +228,24 @@ class LLM:
             return False
         return True
 
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request must satisfy to run here (picklable: the server checks with it)."""
+        if self._limits is None:
+            cfg = self.config
+            full = min(cfg.layer_sliding_window_sizes) <= 0
+            self._limits = RequestLimits(
+                cfg.vocab_size, cfg.context_window_size if full else 0,
+                tuple(pool.num_pages for pool, g in zip(self.kv.pools, self.groups, strict=True)
+                      if g.window <= 0), self.has_tokenizer())
+        return self._limits
+
     def check_request(self, prompt: list[int], params: SamplingParams, where: str = "") -> None:
         """Refuse, in one line, a request this engine cannot run (``where`` names it)."""
         try:
-            self._check(prompt, params)
+            self.limits.check(prompt, params)
         except MistralCompileError as err:
             raise MistralCompileError(f"{where}: {err}" if where else str(err)) from None
-
-    def _check(self, prompt: list[int], params: SamplingParams) -> None:
-        cfg = self.config
-        if not prompt:
-            raise MistralCompileError("a prompt needs at least one token")
-        bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise MistralCompileError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {cfg.vocab_size})")
-        bias = [t for t in params.logit_bias if not 0 <= int(t) < cfg.vocab_size]
-        if bias:
-            raise MistralCompileError(f"logit_bias: token id {bias[0]} is outside the "
-                                      f"vocabulary [0, {cfg.vocab_size})")
-        limit = cfg.context_window_size
-        if min(cfg.layer_sliding_window_sizes) <= 0 and limit > 0 and len(prompt) >= limit:
-            raise MistralCompileError(f"prompt of {len(prompt)} tokens leaves no room in the "
-                                      f"context window ({limit})")
-        if params.stop and not self.has_tokenizer():
-            raise MistralCompileError("stop strings need a tokenizer; the model has none")
-        pages = [len(range(0, len(prompt) + 1, PAGE_SIZE))] * len(self.groups)
-        for g, group in enumerate(self.groups):  # the longest sequence must fit the pool
-            if group.window <= 0 and pages[g] > self.kv.pools[g].num_pages:
-                raise MistralCompileError(f"prompt of {len(prompt)} tokens needs {pages[g]} "
-                                          f"KV pages, the cache has {self.kv.pools[g].num_pages}"
-                                          ": give it more memory (--kv-cache-gb)")
 
     def abort(self, request_id: Any) -> None:
         """Cancel a request: its pages are freed now."""

@@ -9,20 +9,18 @@ from typing import Any
 
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.llm import RequestOutput
-from mistral_compile.serve.engine_loop import AsyncEngine
 from mistral_compile.serve.protocol import APIError, messages_of, prompt_of, sampling
 
 MAX_BODY_BYTES = 8 << 20
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+def build_app(engine: Any, model_name: str, api_key: str | None = None,
               max_queue: int = 1024) -> Any:  # a FastAPI app (imported lazily)
-    """The app serving ``engine`` as model ``model_name``."""
+    """The app serving ``engine`` (EngineProcess or AsyncEngine) as model ``model_name``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="mistral-compile", docs_url=None, redoc_url=None)
-    llm = engine.llm
     created = int(time.time())
     metrics = Metrics(engine)
 
@@ -46,7 +44,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return await call_next(request)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> Any:
+        if engine.dead is not None:
+            return JSONResponse({"status": "engine down", "reason": engine.dead},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -79,7 +80,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     def check(prompt: list[int], params: Any) -> None:
         try:
-            llm.check_request(prompt, params)
+            engine.check_request(prompt, params)
         except MistralCompileError as err:
             raise APIError(400, str(err)) from None
 
@@ -133,7 +134,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 "prompt_tokens_details": {"cached_tokens": max(o.cached_tokens for o in outs)}}
 
     def logprob_entries(out: RequestOutput, chat: bool) -> Any:
-        tokenizer = llm.tokenizer
+        tokenizer = engine.tokenizer
         entries = []
         for e in out.logprobs:
             token = tokenizer.decode([e["token"]], skip_special_tokens=False)
@@ -155,7 +156,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     # Without a tokenizer (serve --random-weights) completions have no text: each choice and
     # each streamed chunk carries the new token ids instead ("token_ids", an extension), one
     # chunk per step, so a client still sees every token as it comes.
-    raw_ids = not engine.llm.has_tokenizer()
+    raw_ids = not engine.has_tokenizer()
 
     async def respond(body: dict[str, Any], prompt: list[int], chat: bool):  # noqa: ANN202
         params, n = sampling(body, chat)
@@ -236,9 +237,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     def encode(text_or_ids: Any, chat_messages: Any = None, tools: Any = None) -> list[int]:
         try:
             if chat_messages is not None:
-                return llm.tokenizer.encode_chat(chat_messages, tools)
+                return engine.tokenizer.encode_chat(chat_messages, tools)
             if isinstance(text_or_ids, str):
-                return llm.tokenizer.encode(text_or_ids)
+                return engine.tokenizer.encode(text_or_ids)
         except MistralCompileError as err:
             raise APIError(400, str(err), "messages" if chat_messages is not None
                            else "prompt") from None
@@ -264,7 +265,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 class Metrics:
     """Prometheus metrics of one server: engine state at scrape time, counters, latencies."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: Any) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.engine = engine
@@ -295,11 +296,11 @@ class Metrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        llm = self.engine.llm
-        self.running.set(self.engine.running)
-        self.waiting.set(self.engine.waiting)
-        self.pages.set(sum(p.in_use for p in llm.kv.pools))
-        self.pages_total.set(sum(p.num_pages for p in llm.kv.pools))
-        self.prefix_hits.set(llm.kv.hit_tokens)
-        self.preemptions.set(llm.scheduler.preemptions)
+        stats = self.engine.stats()
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.pages.set(stats["pages_in_use"])
+        self.pages_total.set(stats["pages"])
+        self.prefix_hits.set(stats["prefix_hit_tokens"])
+        self.preemptions.set(stats["preemptions"])
         return generate_latest(self.registry)

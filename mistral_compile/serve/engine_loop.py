@@ -1,4 +1,8 @@
-"""The engine loop: one thread owns the LLM and steps it; requests stream from it to asyncio."""
+"""The engine on a thread of the server's process (``serve --engine-thread``; tests, embedding).
+
+``serve`` runs the engine in a process of its own (serve/engine_process.py); both offer the app
+the same interface: ``generate``, ``check_request``, ``tokenizer``, ``stats``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 
 from mistral_compile.runtime.llm import LLM, RequestOutput
 from mistral_compile.runtime.sampling import SamplingParams
+from mistral_compile.serve.engine_core import engine_stats
 
 logger = logging.getLogger("mistral_compile.serve")
 
@@ -39,10 +44,25 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
+    dead: str | None = None  # the thread engine lives as long as the server
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    def has_tokenizer(self) -> bool:
+        return self.llm.has_tokenizer()
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        self.llm.check_request(prompt, params)
+
+    def stats(self) -> dict[str, int]:
+        return engine_stats(self.llm)
 
     @property
     def waiting(self) -> int:
