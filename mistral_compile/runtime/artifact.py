@@ -170,3 +170,27 @@ class Artifact:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         _cudart().cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
         return int(free.value)
+
+
+def stale_library(model_dir: str | os.PathLike, lib: str | os.PathLike,
+                  device: str = "cpu") -> str | None:
+    """Why ``lib`` cannot run ``model_dir``'s model on ``device`` (None when it can).
+
+    Reads the library's metadata only (no weights): a missing or unloadable file, another
+    library format, another config. ``make demo`` recompiles when this is not None.
+    """
+    lib = Path(lib)
+    if not lib.is_file():
+        return f"{lib}: library not found"
+    try:
+        config = read_config(Path(model_dir))
+        kind, index = parse_device(device)
+        meta = read_metadata(load_vm(lib, tvm_device(kind, index), kind))
+    except (MistralCompileError, AttributeError, ValueError, KeyError) as err:
+        return str(err)
+    if meta.get("format_version") != LIBRARY_FORMAT_VERSION:
+        return f"{lib}: library format {meta.get('format_version')}, this version reads " \
+               f"{LIBRARY_FORMAT_VERSION}"
+    if meta.get("config_fingerprint") != config.fingerprint():
+        return f"{lib}: compiled for a different config"
+    return None

@@ -61,7 +61,7 @@ def run_core(conn: Any, spec: dict[str, Any]) -> None:
     It ends on ("stop",), or when the server's end of the pipe closes (the server exited, for
     example on a signal, without saying so).
     """
-    logging.basicConfig(level=spec["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=spec["log_level"], format="[%(name)s] %(message)s")  # as the CLI
     try:
         llm = _load(spec)
     except Exception as err:  # noqa: BLE001 - the server reports it in one line and exits
