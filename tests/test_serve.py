@@ -280,10 +280,11 @@ def test_a_full_queue_is_503_with_retry_after(windowed_model):
     # two streams then cancels them
     proc, base = start(windowed_model, "--max-batch-size", "1", "--max-queue", "1")
     client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
-    streams = [client.completions.create(model=NAME, prompt="x", max_tokens=100000,
-                                         temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True}) for _ in range(2)]
     try:
+        streams = [client.completions.create(model=NAME, prompt="x", max_tokens=100000,
+                                             temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+                   for _ in range(2)]
         next(iter(streams[0]))  # the first is running
         for _ in range(200):
             if metric(base, "mistral_compile_requests_waiting") >= 1:

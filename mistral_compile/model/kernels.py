@@ -419,6 +419,95 @@ def gemv_q4(out_features: int, in_features: int, out_dtype: str, mode: str = "pl
 
 
 @functools.cache
+def gemv_experts(out_features: int, in_features: int, experts: int, top_k: int, dtype: str,
+                 out_dtype: str, mode: str, shared_x: bool,
+                 q4: str | None = None) -> tirx.PrimFunc:
+    """The decode GEMVs of a mixture of experts: y[s] = W[idx[s]] x[s] for the top_k slots s.
+
+    W is a stacked expert weight [E, R, K] (R = N, or 2 N with ``mode`` "silu": each expert's
+    gate rows, then its up rows), float or ``q4`` ("q4f16_1" / "q4f16_2": codes [E, R, K / 8],
+    scales (and minimums) [E, R, K / 32]). ``shared_x``: every slot reads the same x [1, K]
+    (gate_up), else slot s reads x[s] (down). Grid (CTAs, top_k); only the chosen experts'
+    weights are read (mc::gemv_expert, mc::gemv_q4_expert).
+    """
+    n, k = out_features, in_features
+    rows = 2 * n if mode == "silu" else n
+    x_rows, x_stride = (1, 0) if shared_x else (top_k, k)
+    mode_id = GEMV_MODES[mode]
+    x_dtype = "float16" if q4 else dtype
+    x_elements = gemv_x_elements(k, x_dtype)
+    if q4 is None:
+        extern = f"mc::gemv_expert<{CTYPES[dtype]}, {CTYPES[out_dtype]}, {k}, {mode_id}>"
+        ctas = _gemv_ctas(n)
+
+        @T.prim_func(private=True, s_tir=True)
+        def func(x: T.Buffer((x_rows, k), dtype), idx: T.Buffer((top_k,), "int32"),
+                 w: T.Buffer((experts, rows, k), dtype), y: T.Buffer((top_k, n), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
+                for _by in T.thread_binding(top_k, thread="blockIdx.y"):
+                    for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                        with T.sblock("gemv_expert"):
+                            T.reads(x[0:x_rows, 0:k], idx[0:top_k], w[0:experts, 0:rows, 0:k])
+                            T.writes(y[0:top_k, 0:n])
+                            xs = T.alloc_buffer((x_elements,), dtype, scope="shared.dyn")
+                            T.evaluate(T.call_extern(
+                                "void", extern, x.access_ptr("r"), x_stride, idx.access_ptr("r"),
+                                w.access_ptr("r"), y.access_ptr("w"), n, xs.access_ptr("rw")))
+
+        return func
+    with_min = q4 == "q4f16_2"
+    extern = (f"mc::gemv_q4_expert<{CTYPES[out_dtype]}, {k}, {mode_id}, "
+              f"{'true' if with_min else 'false'}>")
+    ctas = _gemv_ctas(n, GEMV_Q4_MAX_CTAS)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func_q4(x: T.Buffer((x_rows, k), "float16"), idx: T.Buffer((top_k,), "int32"),
+                q_weight: T.Buffer((experts, rows, k // 8), "uint32"),
+                q_scale: T.Buffer((experts, rows, k // 32), "float16"),
+                y: T.Buffer((top_k, n), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
+            for _by in T.thread_binding(top_k, thread="blockIdx.y"):
+                for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                    with T.sblock("gemv_q4_expert"):
+                        T.reads(x[0:x_rows, 0:k], idx[0:top_k],
+                                q_weight[0:experts, 0:rows, 0:k // 8],
+                                q_scale[0:experts, 0:rows, 0:k // 32])
+                        T.writes(y[0:top_k, 0:n])
+                        xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern(
+                            "void", extern, x.access_ptr("r"), x_stride, idx.access_ptr("r"),
+                            q_weight.access_ptr("r"), q_scale.access_ptr("r"),
+                            q_scale.access_ptr("r"),  # no minimums
+                            y.access_ptr("w"), n, xs.access_ptr("rw")))
+
+    @T.prim_func(private=True, s_tir=True)
+    def func_q4_min(x: T.Buffer((x_rows, k), "float16"), idx: T.Buffer((top_k,), "int32"),
+                    q_weight: T.Buffer((experts, rows, k // 8), "uint32"),
+                    q_scale: T.Buffer((experts, rows, k // 32), "float16"),
+                    q_min: T.Buffer((experts, rows, k // 32), "float16"),
+                    y: T.Buffer((top_k, n), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
+            for _by in T.thread_binding(top_k, thread="blockIdx.y"):
+                for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
+                    with T.sblock("gemv_q4_expert"):
+                        T.reads(x[0:x_rows, 0:k], idx[0:top_k],
+                                q_weight[0:experts, 0:rows, 0:k // 8],
+                                q_scale[0:experts, 0:rows, 0:k // 32],
+                                q_min[0:experts, 0:rows, 0:k // 32])
+                        T.writes(y[0:top_k, 0:n])
+                        xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern(
+                            "void", extern, x.access_ptr("r"), x_stride, idx.access_ptr("r"),
+                            q_weight.access_ptr("r"), q_scale.access_ptr("r"),
+                            q_min.access_ptr("r"), y.access_ptr("w"), n, xs.access_ptr("rw")))
+
+    return func_q4_min if with_min else func_q4
+
+
+@functools.cache
 def dequantize_q4(out_features: int, in_features: int, with_min: bool = False) -> tirx.PrimFunc:
     """The float16 [N, K] weight of 4-bit codes and scales, for prefill (mc::dequantize_q4).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.model import quant
@@ -20,6 +21,7 @@ class StackedWeight(nn.Module):
     def __init__(self, experts: int, rows: int, cols: int, quantization: str | None) -> None:
         self.shape = (experts, rows, cols)
         self.quantized = quantization in Q4_FORMATS and quantizable(self.shape)
+        self.quantization = quantization
         self.with_min = self.quantized and quantization == "q4f16_2"
         if self.quantized:
             self.q_weight = nn.Parameter((experts, rows, cols // PER_WORD), dtype="uint32")
@@ -32,6 +34,12 @@ class StackedWeight(nn.Module):
     def to(self, dtype: str | None = None) -> None:  # noqa: D102 (nn.Module API)
         if not self.quantized:  # the packed codes and their float16 scales keep their dtypes
             super().to(dtype)
+
+    def stored(self) -> list[Tensor]:
+        """The stored operands: [weight], or [q_weight, q_scale(, q_min)]."""
+        if not self.quantized:
+            return [self.weight]
+        return [self.q_weight, self.q_scale] + ([self.q_min] if self.with_min else [])
 
     def dense(self) -> Tensor:
         """The weight [E, R, C]: float16 when 4-bit (dequantized), else as stored."""
@@ -58,7 +66,8 @@ class MixtralExperts(nn.Module):
         """sum_e weights[t, e] * expert_e(x[t]) for x [T, H], weights [T, E] (float32).
 
         Every expert runs on every token and the unchosen ones get weight 0: exact, and E / k
-        times the work of reading only the chosen experts (the CUDA kernels of issue 21 will).
+        times the work of reading only the chosen experts (what one token's step does on CUDA:
+        MixtralSparseMoeBlock._decode).
         """
         t, h = x.shape
         gate_up_w, down_w = self.gate_up_proj.dense(), self.down_proj.dense()
@@ -107,8 +116,48 @@ class MixtralSparseMoeBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The block's output for x [B, S, H]."""
         b, s, h = x.shape
+        if isinstance(b, int) and isinstance(s, int) and b * s == 1 and self._decode_kernels(x):
+            return op.reshape(self._decode(op.reshape(x, (1, h))), (b, s, h))
         flat = op.reshape(x, (b * s, h))
         return op.reshape(self.experts(flat, self.routing_weights(flat)), (b, s, h))
+
+    def _decode_kernels(self, x: Tensor) -> bool:
+        """Whether one token's experts run on mc::gemv_expert (CUDA, shapes our GEMV takes)."""
+        from mistral_compile.model import kernels
+
+        target = Target.current(allow_none=True)
+        ex = self.experts
+        return (target is not None and target.kind.name == "cuda" and x.dtype in kernels.CTYPES
+                and all(kernels.gemv_supported(w.shape[2], "float16" if w.quantized else x.dtype)
+                        for w in (ex.gate_up_proj, ex.down_proj)))
+
+    def _decode(self, x: Tensor) -> Tensor:
+        """One token [1, H]: only the k chosen experts' rows are read (mc::gemv_expert).
+
+        The router and its top k run on the device; the experts' outputs are weighted by their
+        renormalised probabilities, as in ``routing_weights``.
+        """
+        from mistral_compile.model import kernels
+
+        h, k, ex = x.shape[1], self.top_k, self.experts
+        i, e = ex.intermediate_size, self.num_experts
+        logits = self.gate(op.reshape(x, (1, 1, h)))
+        probs = op.softmax(op.reshape(logits, (1, e)).astype("float32"), axis=-1)
+        values, indices = op.topk(probs, k, axis=-1, ret_type="both", largest=True,
+                                  dtype="int32")
+        weights = op.reshape(values / op.sum(values, axis=-1, keepdims=True), (k, 1))
+        idx = op.reshape(indices, (k,))
+
+        def run(w: StackedWeight, rows: int, cols: int, inp: Tensor, mode: str, shared: bool,
+                out_dtype: str) -> Tensor:
+            q4 = w.quantization if w.quantized else None
+            func = kernels.gemv_experts(rows, cols, e, k, x.dtype, out_dtype, mode, shared, q4)
+            return op.tensor_ir_op(func, f"gemv_expert_{mode}", args=[inp, idx, *w.stored()],
+                                   out=Tensor.placeholder((k, rows), out_dtype))
+
+        act = run(ex.gate_up_proj, i, h, x, "silu", True, x.dtype)  # [k, I]
+        y = run(ex.down_proj, h, i, act, "plain", False, "float32")  # [k, H]
+        return op.reshape(op.sum(y * weights, axis=0).astype(x.dtype), (1, h))
 
     def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + self(x)`` (the dense MLP's interface)."""

@@ -5,7 +5,7 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
               fixed), apache-tvm-ffi, ml_dtypes, and mistral-common with the dependencies the
               GPU image lacks, for CPython 3.12 / manylinux x86-64
   tiny/       tiny random checkpoints written by transformers (W = 16 windowed, no window,
-              per-layer windows), converted to q0f32 and q0f16 (windowed also q4f16_1),
+              per-layer windows, a Mixtral), converted to q0f32 and q0f16 (windowed also q4f16_1),
               compiled for CUDA
   chat/       a tiny model with a real Mistral tokenizer (v3), CUDA and CPU libraries
   7b-window/, 7b-full/   Mistral-7B-shaped configs (window 4096 / full attention), fp16 CUDA
@@ -57,6 +57,9 @@ TINY = {  # name: (transformers class, extra config)
     # K a multiple of 128 in every projection: the batched step's skinny GEMM (fp16 and q4)
     "wide": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=W, hidden_size=256,
                                         intermediate_size=512)),
+    # experts: decode on mc::gemv_expert (compile_model(experimental_moe=True) until checked)
+    "mixtral": ("MixtralForCausalLM", dict(num_hidden_layers=2, sliding_window=W,
+                                           num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
@@ -129,7 +132,8 @@ def tiny_models(out: Path, arch: str) -> None:
                                        else ())
         for quant in quants:
             convert_weight(root / "hf", root / quant, quant, progress=False)
-            t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
+            t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch,
+                              experimental_moe=name == "mixtral")
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
 
 

@@ -128,6 +128,17 @@ def test_other_models_match_hf(name, n, quant):
         assert delta <= TOL[quant] and same
 
 
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+@pytest.mark.parametrize("n", [1, W + 1, 3 * W + 5])
+def test_mixtral_matches_hf(n, quant):
+    # decode steps read only the chosen experts' rows (mc::gemv_expert, the router and top-k on
+    # the device); prefill runs every expert weighted by the routing (TVM's schedules)
+    if not (GPU_DIR / "tiny" / "mixtral").is_dir():
+        pytest.skip("dist-gpu/tiny/mixtral not prepared")
+    delta, same = compare_hf("mixtral", quant, n, W)
+    assert delta <= TOL[quant] and same
+
+
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f16_1", "q4f16_2"])
 def test_device_greedy_matches_host_argmax(quant):
     # Engine.greedy: our argmax kernel on the device, its output fed to the next step (inside

@@ -750,6 +750,39 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   }
 }
 
+// The decode GEMVs of a mixture of experts (model/moe.py): expert slot s = blockIdx.y runs
+// gemv / gemv_q4 on expert idx[s] of a stacked weight [E, R, K] (R = n, or 2 n with silu: the
+// expert's gate rows, then its up rows), on x + s * x_stride (x_stride 0: every slot reads the
+// same x), into y + s * n. Only the chosen experts' rows are read. Modes: plain or silu.
+template <typename T, typename OutT, int K, int MODE>
+__device__ __forceinline__ void gemv_expert(const T* __restrict__ x, int x_stride,
+                                            const int32_t* __restrict__ idx,
+                                            const T* __restrict__ w, OutT* __restrict__ y, int n,
+                                            void* xs_dyn) {
+  static_assert(MODE == GEMV_PLAIN || MODE == GEMV_SILU, "experts: plain or silu");
+  const int s = blockIdx.y;
+  const int64_t rows = gemv_silu(MODE) ? 2 * n : n;
+  gemv<T, OutT, K, MODE>(x + static_cast<int64_t>(s) * x_stride, nullptr,
+                         w + static_cast<int64_t>(idx[s]) * rows * K,
+                         y + static_cast<int64_t>(s) * n, n, 0.f, xs_dyn);
+}
+
+template <typename OutT, int K, int MODE, bool MIN>
+__device__ __forceinline__ void gemv_q4_expert(const half* __restrict__ x, int x_stride,
+                                               const int32_t* __restrict__ idx,
+                                               const uint32_t* __restrict__ qw,
+                                               const half* __restrict__ qs,
+                                               const half* __restrict__ qm,
+                                               OutT* __restrict__ y, int n, void* xs_dyn) {
+  static_assert(MODE == GEMV_PLAIN || MODE == GEMV_SILU, "experts: plain or silu");
+  const int s = blockIdx.y;
+  const int64_t rows = gemv_silu(MODE) ? 2 * n : n, e = idx[s];
+  gemv_q4<OutT, K, MODE, Q4Dot, SameRow, MIN>(
+      x + static_cast<int64_t>(s) * x_stride, nullptr, qw + e * rows * (K / 8),
+      qs + e * rows * (K / 32), y + static_cast<int64_t>(s) * n, n, 0.f,
+      MIN ? qm + e * rows * (K / 32) : nullptr, xs_dyn);
+}
+
 // Tensor-core GEMM for prefill: y[m, n] = x[m, K] . w[n, K]^T, float16 in, float32
 // accumulation (WMMA 16x16x16), OutT out. CTA tile 128 x 128 x 32 with 8 warps (2 x 4, each
 // 64 x 32 = 4 x 2 fragments); both operands are K-contiguous, staged through shared memory
