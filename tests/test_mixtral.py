@@ -176,6 +176,7 @@ def test_4_bit_experts_match_their_dequantized_weights(mixtral, tmp_path, quant)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("mixtral", ["windowed"], indirect=True)  # the window changes nothing
 @pytest.mark.parametrize(("quant", "kernels"), [
     ("q0f16", ["mc::gemv_expert<half, half, 64, 4>", "mc::gemv_expert<half, float, 128, 0>"]),
     ("q4f16_1", ["mc::gemv_q4_expert<half, 64, 4, false>",
