@@ -426,7 +426,8 @@ def gemv_experts(out_features: int, in_features: int, experts: int, top_k: int, 
 
     W is a stacked expert weight [E, R, K] (R = N, or 2 N with ``mode`` "silu": each expert's
     gate rows, then its up rows), float or ``q4`` ("q4f16_1" / "q4f16_2": codes [E, R, K / 8],
-    scales (and minimums) [E, R, K / 32]). ``shared_x``: every slot reads the same x [1, K]
+    scales and minimums [E, R, K / 32]; q4f16_1 passes its scales again as the minimums, which
+    the kernel then ignores). ``shared_x``: every slot reads the same x [1, K]
     (gate_up), else slot s reads x[s] (down). Grid (CTAs, top_k); only the chosen experts'
     weights are read (mc::gemv_expert, mc::gemv_q4_expert).
     """
@@ -462,27 +463,6 @@ def gemv_experts(out_features: int, in_features: int, experts: int, top_k: int, 
     ctas = _gemv_ctas(n, GEMV_Q4_MAX_CTAS)
 
     @T.prim_func(private=True, s_tir=True)
-    def func_q4(x: T.Buffer((x_rows, k), "float16"), idx: T.Buffer((top_k,), "int32"),
-                q_weight: T.Buffer((experts, rows, k // 8), "uint32"),
-                q_scale: T.Buffer((experts, rows, k // 32), "float16"),
-                y: T.Buffer((top_k, n), out_dtype)):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for _bx in T.thread_binding(ctas, thread="blockIdx.x"):
-            for _by in T.thread_binding(top_k, thread="blockIdx.y"):
-                for _tx in T.thread_binding(GEMV_WARPS * 32, thread="threadIdx.x"):
-                    with T.sblock("gemv_q4_expert"):
-                        T.reads(x[0:x_rows, 0:k], idx[0:top_k],
-                                q_weight[0:experts, 0:rows, 0:k // 8],
-                                q_scale[0:experts, 0:rows, 0:k // 32])
-                        T.writes(y[0:top_k, 0:n])
-                        xs = T.alloc_buffer((x_elements,), "float16", scope="shared.dyn")
-                        T.evaluate(T.call_extern(
-                            "void", extern, x.access_ptr("r"), x_stride, idx.access_ptr("r"),
-                            q_weight.access_ptr("r"), q_scale.access_ptr("r"),
-                            q_scale.access_ptr("r"),  # no minimums
-                            y.access_ptr("w"), n, xs.access_ptr("rw")))
-
-    @T.prim_func(private=True, s_tir=True)
     def func_q4_min(x: T.Buffer((x_rows, k), "float16"), idx: T.Buffer((top_k,), "int32"),
                     q_weight: T.Buffer((experts, rows, k // 8), "uint32"),
                     q_scale: T.Buffer((experts, rows, k // 32), "float16"),
@@ -504,7 +484,7 @@ def gemv_experts(out_features: int, in_features: int, experts: int, top_k: int, 
                             q_weight.access_ptr("r"), q_scale.access_ptr("r"),
                             q_min.access_ptr("r"), y.access_ptr("w"), n, xs.access_ptr("rw")))
 
-    return func_q4_min if with_min else func_q4
+    return func_q4_min
 
 
 @functools.cache

@@ -152,7 +152,10 @@ class MixtralSparseMoeBlock(nn.Module):
                 out_dtype: str) -> Tensor:
             q4 = w.quantization if w.quantized else None
             func = kernels.gemv_experts(rows, cols, e, k, x.dtype, out_dtype, mode, shared, q4)
-            return op.tensor_ir_op(func, f"gemv_expert_{mode}", args=[inp, idx, *w.stored()],
+            operands = w.stored()
+            if w.quantized and not w.with_min:  # one kernel signature: scales stand in (unread)
+                operands.append(w.q_scale)
+            return op.tensor_ir_op(func, f"gemv_expert_{mode}", args=[inp, idx, *operands],
                                    out=Tensor.placeholder((k, rows), out_dtype))
 
         act = run(ex.gate_up_proj, i, h, x, "silu", True, x.dtype)  # [k, I]
