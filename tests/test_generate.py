@@ -58,7 +58,8 @@ def test_outputs_in_input_order_equal_hf_greedy(model, run_cli, tmp_path):
     write(tmp_path / "in.jsonl", lines)
     done = run_cli("generate", root / "model", "--lib", root / "lib.so", "--input",
                    tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl",
-                   "--max-batch-size", "3", "--prefill-chunk-size", "8")
+                   "--max-batch-size", "3", "--prefill-chunk-size", "8",
+                   "--max-num-batched-tokens", "10")
     assert done.returncode == 0, done.stderr
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == ["ids", 2, 7, 4, "sampled"]
@@ -121,3 +122,18 @@ def test_a_bad_line_is_one_error_naming_it(model, run_cli, tmp_path, case):
     assert len(errors) == 1 and "Traceback" not in done.stderr
     assert "in.jsonl:2: " in errors[0] and message in errors[0], errors[0]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_engine_arguments_reach_the_engine_config():
+    from mistral_compile.cli.args import engine_config
+    from mistral_compile.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "m", "--lib", "l.so", "--input", "x.jsonl",
+                                      "--max-num-batched-tokens", "12", "--no-cuda-graphs",
+                                      "--no-prefix-caching", "--max-batch-size", "5"])
+    cfg = engine_config(args)
+    assert (cfg.max_step_tokens, cfg.cuda_graphs, cfg.prefix_caching, cfg.max_batch_size) == \
+        (12, False, False, 5)
+    default = engine_config(build_parser().parse_args(["generate", "m", "--lib", "l.so",
+                                                       "--input", "x.jsonl"]))
+    assert (default.max_step_tokens, default.cuda_graphs) == (None, True)

@@ -64,6 +64,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "the weights; on a CPU what the batch needs, at most 1 GB)")
     parser.add_argument("--prefill-chunk-size", type=positive, default=None, metavar="N",
                         help="prompt tokens per sequence per step (default: the config's)")
+    parser.add_argument("--max-num-batched-tokens", type=positive, default=None, metavar="N",
+                        help="tokens per step, prompts and decode rows together (default: the "
+                             "prefill chunk plus the batch size); fewer cut the time to first "
+                             "token of prompts that arrive together, at some throughput")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV pages of common prompt prefixes")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -77,6 +81,7 @@ def engine_config(args: argparse.Namespace) -> Any:
 
     return EngineConfig(max_batch_size=args.max_batch_size,
                         prefill_chunk_size=args.prefill_chunk_size,
+                        max_step_tokens=args.max_num_batched_tokens,
                         kv_cache_bytes=None if args.kv_cache_gb is None
                         else int(args.kv_cache_gb * 2**30),
                         prefix_caching=not args.no_prefix_caching,
