@@ -28,6 +28,10 @@ echo "== B ($engine engine): 16 streams, 1024:128" | tee -a "$OUT/serve-load.log
 python3 benchmarks/serve_load.py --requests "${TTFT_REQUESTS:-64}" --concurrency 16 \
     --prompt-tokens 1024 --output-tokens 128 --spread 0 --seed 1 \
     --json "$OUT/serve-load-ttft.json" | tee -a "$OUT/serve-load.log"
+echo "== B' ($engine engine): 16 streams, 1024:128, lengths spread 0.5 (arrivals desynchronise)" | tee -a "$OUT/serve-load.log"
+python3 benchmarks/serve_load.py --requests "${TTFT_REQUESTS:-64}" --concurrency 16 \
+    --prompt-tokens 1024 --output-tokens 128 --spread 0.5 --seed 1 \
+    --json "$OUT/serve-load-ttft-spread.json" | tee -a "$OUT/serve-load.log"
 curl -s http://127.0.0.1:8000/metrics | grep -E "^mistral_compile_(preemptions|prefix|kv)" \
     | tee -a "$OUT/serve-load.log" || true
 fi
