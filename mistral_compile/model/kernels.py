@@ -532,11 +532,15 @@ def dequantize_q4(out_features: int, in_features: int, with_min: bool = False) -
     return func_min
 
 
+def on_cuda() -> bool:
+    """Whether the model is being built for a CUDA target (our kernels apply)."""
+    target = Target.current(allow_none=True)
+    return target is not None and target.kind.name == "cuda"
+
+
 def rms_norm_supported(hidden: int, dtype: str) -> bool:
     """Whether rms_norm takes rows of this width and dtype (on a CUDA target)."""
-    target = Target.current(allow_none=True)
-    return (target is not None and target.kind.name == "cuda" and dtype in CTYPES
-            and hidden % 8 == 0 and hidden <= 16384)
+    return on_cuda() and dtype in CTYPES and hidden % 8 == 0 and hidden <= 16384
 
 
 ARGMAX_THREADS = 1024
@@ -544,8 +548,7 @@ ARGMAX_THREADS = 1024
 
 def argmax_supported(vocab: int) -> bool:
     """Whether the device argmax applies (a CUDA target; any row length)."""
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name == "cuda" and vocab > 0
+    return on_cuda() and vocab > 0
 
 
 @functools.cache

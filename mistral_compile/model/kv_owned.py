@@ -22,12 +22,18 @@ from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
-from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
-from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, TARGET_CTAS, THREADS, VEC
+from mistral_compile.model.kernels import (
+    CTYPES,
+    MAX_SPLITS,
+    TARGET_CTAS,
+    THREADS,
+    VEC,
+    on_cuda,
+)
 
 TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
 
@@ -59,11 +65,6 @@ class KVState(nn.Module):
         self.storage.to(dtype)
 
 
-def _on_cuda() -> bool:
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name == "cuda"
-
-
 class OwnedKVCache:
     """Stands where TVM's PagedKVCache stands in the layers (same ``attention_with_fused_qkv``)."""
 
@@ -82,18 +83,18 @@ class OwnedKVCache:
                      h_kv=h_kv, d=d, dtype=dtype)
         layer = tirx.IntImm("int32", layer_id)
         theta, storage, length = float(cfg.position_embedding_base), state.storage, state.length
-        if _on_cuda():
+        if on_cuda():
             check_cuda_shape(cfg, dtype)
-        if _on_cuda() and isinstance(s, int) and s == 1:
+        if on_cuda() and isinstance(s, int) and s == 1:
             func = split_kv_cuda(**shape, window=window, theta=theta, sm_scale=sm_scale,
                                  fused=True)
             return op.tensor_ir_op(func, "owned_decode", args=[qkv, storage, length, layer],
                                    out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
-        append = append_cuda if _on_cuda() else append_cpu
+        append = append_cuda if on_cuda() else append_cpu
         q = op.tensor_ir_op(append(**shape, theta=theta), "owned_append",
                             args=[qkv, storage, length, layer],
                             out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
-        if not _on_cuda():
+        if not on_cuda():
             attend = attention_cpu(**shape, window=window, sm_scale=sm_scale)
         elif prefill_tc_supported(d, dtype):
             attend = prefill_cuda(**shape, window=window, sm_scale=sm_scale)
@@ -412,6 +413,6 @@ def argmax_advance_cpu(vocab: int) -> tirx.PrimFunc:
 def argmax_advance(logits: Tensor, state: KVState) -> Tensor:
     """The greedy token of a decode step's logits [1, 1, vocab]; the cache's length + 1."""
     vocab = logits.shape[-1]
-    func = argmax_advance_cuda(vocab) if _on_cuda() else argmax_advance_cpu(vocab)
+    func = argmax_advance_cuda(vocab) if on_cuda() else argmax_advance_cpu(vocab)
     return op.tensor_ir_op(func, "argmax_advance", args=[logits, state.length],
                            out=Tensor.placeholder((1,), "int32"))

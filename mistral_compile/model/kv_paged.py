@@ -25,13 +25,12 @@ import functools
 from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
-from tvm.target import Target
 
 from mistral_compile import abi
 from mistral_compile.abi import PAGE_SIZE, KVGroup
 from mistral_compile.config import MistralConfig
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
-from mistral_compile.model.kernels import CTYPES, MAX_SPLITS
+from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, on_cuda
 
 
 def kv_groups(config: MistralConfig) -> list[KVGroup]:
@@ -45,11 +44,6 @@ TARGET_CTAS = 1056  # split-KV CTAs a step aims for: 8 per SM of an H200 (132 SM
 def _splits(rows: tirx.PrimExpr, h_kv: int) -> tirx.PrimExpr:
     """CTAs that share one row's keys for one KV head in mc::paged_attn_partial."""
     return T.min(MAX_SPLITS, T.max(1, T.ceildiv(TARGET_CTAS, rows * h_kv)))
-
-
-def _on_cuda() -> bool:
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name == "cuda"
 
 
 def _pool_shape(layers: int, h_kv: int, d: int, pages: tirx.Var) -> tuple:
@@ -86,10 +80,10 @@ class PagedCache:
         theta = float(cfg.position_embedding_base)
         table, pool = self.tables[g], self.pools[g]
         steps = [self.positions, self.rows, table, pool, layer]
-        append = append_cuda if _on_cuda() else append_cpu
+        append = append_cuda if on_cuda() else append_cpu
         q = op.tensor_ir_op(append(**shape, theta=theta), "paged_append", args=[qkv, *steps],
                             out=Tensor.placeholder((1, n, num_qo_heads, d), dtype))
-        attend = attention_cuda if _on_cuda() else attention_cpu
+        attend = attention_cuda if on_cuda() else attention_cpu
         return op.tensor_ir_op(attend(**shape, window=group.window, sm_scale=sm_scale),
                                "paged_attention", args=[q, *steps],
                                out=Tensor.placeholder((1, n, num_qo_heads, d), dtype))

@@ -7,7 +7,6 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
-from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
 from mistral_compile.model import cpu_kernels, kernels, quant, sampler
@@ -133,7 +132,7 @@ class MistralLinear(nn.Module):
         """The weight as a dense [out, in] tensor (q4f16_*: dequantized, by our kernel on CUDA)."""
         if not self.quantized:
             return self.weight
-        if _on_cuda():
+        if kernels.on_cuda():
             n, k = self.out_features, self.in_features
             dense = op.tensor_ir_op(kernels.dequantize_q4(n, k, self.with_min), "dequantize_q4",
                                     args=self.q4_params(),
@@ -167,7 +166,7 @@ class MistralLinear(nn.Module):
     def takes_fused_decode(self, dtype: str) -> bool:
         """Whether ``fused`` applies: CUDA, and our GEMV takes this weight and input dtype."""
         weight_dtype = "float16" if self.quantized else self.weight.dtype
-        return _on_cuda() and dtype == weight_dtype and \
+        return kernels.on_cuda() and dtype == weight_dtype and \
             kernels.gemv_supported(self.in_features, dtype)
 
     def fused(self, x: Tensor, mode: str, aux: Tensor, eps: float = 0.0) -> Tensor:
@@ -196,18 +195,13 @@ def project(x: Tensor, weight: Tensor, out_dtype: str) -> Tensor:
         return op.tensor_ir_op(kernels.gemv(n, k, x.dtype, out_dtype), "gemv",
                                args=[x, x, weight],
                                out=Tensor.placeholder((1, 1, n), out_dtype))
-    if _on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
+    if kernels.on_cuda() and x.dtype == weight.dtype and kernels.gemm_supported(n, k, x.dtype):
         b, s, _ = x.shape
         gemm = kernels.gemm_wgmma(n, k, out_dtype) if kernels.wgmma_supported(k, x.dtype) \
             else kernels.gemm(n, k, out_dtype)
         return op.tensor_ir_op(gemm, "gemm", args=[x, weight],
                                out=Tensor.placeholder((b, s, n), out_dtype))
     return _to(op.matmul(x, op.permute_dims(weight), out_dtype="float32"), out_dtype)
-
-
-def _on_cuda() -> bool:
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name == "cuda"
 
 
 def _static(shape: list) -> list[int | None]:
@@ -217,7 +211,7 @@ def _static(shape: list) -> list[int | None]:
 
 def _decode_gemv(x: Tensor, in_features: int, weight_dtype: str) -> bool:
     """A CUDA batch-1 decode input that our GEMV kernels take (else the generic matmul)."""
-    return (_on_cuda() and x.dtype == weight_dtype
+    return (kernels.on_cuda() and x.dtype == weight_dtype
             and [d if isinstance(d, int) else None for d in x.shape] == [1, 1, in_features]
             and kernels.gemv_supported(in_features, x.dtype))
 

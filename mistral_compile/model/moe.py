@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.target import Target
 
 from mistral_compile.config import MistralConfig
-from mistral_compile.model import quant
+from mistral_compile.model import kernels, quant
 from mistral_compile.weights.quantize import GROUP, PER_WORD, Q4_FORMATS, quantizable
 
 
@@ -123,11 +122,8 @@ class MixtralSparseMoeBlock(nn.Module):
 
     def _decode_kernels(self, x: Tensor) -> bool:
         """Whether one token's experts run on mc::gemv_expert (CUDA, shapes our GEMV takes)."""
-        from mistral_compile.model import kernels
-
-        target = Target.current(allow_none=True)
         ex = self.experts
-        return (target is not None and target.kind.name == "cuda" and x.dtype in kernels.CTYPES
+        return (kernels.on_cuda() and x.dtype in kernels.CTYPES
                 and all(kernels.gemv_supported(w.shape[2], "float16" if w.quantized else x.dtype)
                         for w in (ex.gate_up_proj, ex.down_proj)))
 
@@ -137,8 +133,6 @@ class MixtralSparseMoeBlock(nn.Module):
         The router and its top k run on the device; the experts' outputs are weighted by their
         renormalised probabilities, as in ``routing_weights``.
         """
-        from mistral_compile.model import kernels
-
         h, k, ex = x.shape[1], self.top_k, self.experts
         i, e = ex.intermediate_size, self.num_experts
         logits = self.gate(op.reshape(x, (1, 1, h)))

@@ -15,7 +15,6 @@ import functools
 from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
-from tvm.target import Target
 
 from mistral_compile.abi import (
     MAX_TOP_LOGPROBS,
@@ -28,24 +27,20 @@ from mistral_compile.abi import (
     OPT_TOP_K,
     OPT_TOP_P,
 )
+from mistral_compile.model.kernels import on_cuda
 
 SAMPLE_THREADS = 1024
 ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
-
-
-def _on_cuda() -> bool:
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name == "cuda"
 
 
 def sample(logits: Tensor, options: Tensor, rng: Tensor, adjust: Tensor,
            bias: Tensor) -> tuple[Tensor, Tensor]:
     """Tokens [B] int32 and their logprobs under the raw logits [B] float32."""
     b, vocab = logits.shape
-    work = op.tensor_ir_op(adjust_cuda(vocab) if _on_cuda() else adjust_cpu(vocab),
+    work = op.tensor_ir_op(adjust_cuda(vocab) if on_cuda() else adjust_cpu(vocab),
                            "sample_adjust", args=[logits, options, adjust, bias],
                            out=Tensor.placeholder((b, vocab), "float32"))
-    return op.tensor_ir_op(rows_cuda(vocab) if _on_cuda() else rows_cpu(vocab), "sample_rows",
+    return op.tensor_ir_op(rows_cuda(vocab) if on_cuda() else rows_cpu(vocab), "sample_rows",
                            args=[logits, work, options, rng],
                            out=[Tensor.placeholder((b,), "int32"),
                                 Tensor.placeholder((b,), "float32")])
@@ -54,7 +49,7 @@ def sample(logits: Tensor, options: Tensor, rng: Tensor, adjust: Tensor,
 def top_logprobs(logits: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """The k (<= 20, a [1] int32 tensor) most likely tokens per row and their logprobs."""
     b, vocab = logits.shape
-    func = top_cuda(vocab) if _on_cuda() else top_cpu(vocab)
+    func = top_cuda(vocab) if on_cuda() else top_cpu(vocab)
     return op.tensor_ir_op(func, "top_logprobs", args=[logits, k],
                            out=[Tensor.placeholder((b, MAX_TOP_LOGPROBS), "int32"),
                                 Tensor.placeholder((b, MAX_TOP_LOGPROBS), "float32")])

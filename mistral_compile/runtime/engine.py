@@ -58,9 +58,6 @@ class Engine:
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
         self.kv = open_cache(art, kv_cache, attention_sink_size, prefill_chunk_size)
-        self.kv_cache, self.chunk_size = self.kv.kind, self.kv.chunk_size
-        self.window, self.attention_sink_size = self.kv.window, self.kv.sink
-        self.per_sequence_window = self.kv.per_sequence_window
         self._embed = self.vm["embed"]
         # a device buffer for token ids, made once (a fresh device array each step cost an
         # allocation and a free on the decode path)
@@ -207,6 +204,28 @@ class Engine:
     def capacity(self) -> int:
         """Token slots one sequence may hold in the cache (its memory bound)."""
         return self.kv.capacity
+
+    @property
+    def kv_cache(self) -> str:
+        """"owned" or "paged" (TVM's cache, for sinks)."""
+        return self.kv.kind
+
+    @property
+    def chunk_size(self) -> int:
+        """The prefill chunk, bounded by what the cache and the window allow."""
+        return self.kv.chunk_size
+
+    @property
+    def window(self) -> int:
+        return self.kv.window
+
+    @property
+    def attention_sink_size(self) -> int:
+        return self.kv.sink
+
+    @property
+    def per_sequence_window(self) -> bool:
+        return self.kv.per_sequence_window
 
     def context_full(self) -> bool:
         """True when a model without a window cannot take another token."""

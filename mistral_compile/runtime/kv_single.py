@@ -28,7 +28,7 @@ from mistral_compile.runtime.library import STATE_PREFIX, TokenReader
 
 logger = logging.getLogger("mistral_compile.runtime")
 
-PAGE_SIZE = 16  # TVM 0.27's CPU attention kernels are generated for 16-token pages
+PAGE_SIZE = 16  # TVM's paged cache (not ours, abi.PAGE_SIZE): its CPU kernels take 16
 SEQ_ID = 0
 
 
@@ -84,11 +84,19 @@ class SequenceCache:
         raise NotImplementedError
 
     def chunk_sizes(self, n: int, length: int) -> list[int]:
-        """Chunk sizes in which ``n`` more tokens are prefilled after ``length``."""
+        """Chunk sizes in which ``n`` more tokens are prefilled after ``length``.
+
+        With sinks (TVM's paged cache) no chunk crosses the window's first W tokens: the first
+        forward that evicts still sees the cache without its sinks marked (TVM slides after
+        building the attention views), and then every row's view is the one the mask expects.
+        """
         sizes = []
         while n > 0:
-            sizes.append(min(self.chunk_size, n))
-            n -= sizes[-1]
+            size = min(self.chunk_size, n)
+            if self.sink and length < self.window:
+                size = min(size, self.window - length)
+            sizes.append(size)
+            length, n = length + size, n - size
         return sizes
 
     def rollback(self, n: int, length: int) -> bool:
@@ -191,22 +199,6 @@ class SinkPagedCache(SequenceCache):
         logits, best = self._decode(ids, self.cache, self.artifact.params)[:2]
         _builtin("kv_state_end_forward")(self.cache)
         return logits, best
-
-    def chunk_sizes(self, n: int, length: int) -> list[int]:
-        """Chunk sizes; with sinks no chunk crosses the window's first W tokens.
-
-        The first forward that evicts still sees the cache without its sinks marked (TVM slides
-        after building the attention views); so no chunk may cross the window's first W tokens,
-        and then every row's view is the one the mask expects.
-        """
-        sizes = []
-        while n > 0:
-            size = min(self.chunk_size, n)
-            if self.sink and length < self.window:
-                size = min(size, self.window - length)
-            sizes.append(size)
-            length, n = length + size, n - size
-        return sizes
 
     def rollback(self, n: int, length: int) -> bool:
         if self.per_sequence_window and length > self.window - 1:

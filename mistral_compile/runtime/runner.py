@@ -131,5 +131,5 @@ class ModelRunner:
         logits = self.fn(*(self._up(a) for a in arrays),
                          tvm.runtime.convert([self._up(t) for t in tables]), self._pools,
                          self.artifact.params)
-        return logits._create_view((len(work), vocab)) if len(arrays[0]) != len(work) \
-            else logits
+        padded = len(arrays[3]) != len(work)  # logits of padding rows follow the real ones
+        return logits._create_view((len(work), vocab)) if padded else logits

@@ -7,11 +7,12 @@ the same interface: ``generate``, ``check_request``, ``tokenizer``, ``stats``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mistral_compile.runtime.llm import LLM, RequestOutput
@@ -19,6 +20,25 @@ from mistral_compile.runtime.sampling import SamplingParams
 from mistral_compile.serve.engine_core import engine_stats
 
 logger = logging.getLogger("mistral_compile.serve")
+
+
+async def follow(outputs: asyncio.Queue,
+                 done: Callable[[bool], None]) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its queue until it finishes (an exception in it is raised).
+
+    ``done(finished)`` runs however it ends: finished, failed, or left by its consumer (a
+    client that disconnected), which is when the engine must abort the request.
+    """
+    finished = False
+    try:
+        while not finished:
+            item = await outputs.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            yield item
+    finally:
+        done(finished)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -79,20 +99,15 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(("add", request_id, prompt, params, loop, outputs))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
+
+        def done(finished: bool) -> None:
             if not finished:
                 self._commands.put(("abort", request_id))
                 self._wake.set()
+
+        async with contextlib.aclosing(follow(outputs, done)) as items:
+            async for item in items:
+                yield item
 
     def _deliver(self, request_id: Any, item: Any) -> None:
         self._deliver_all([(request_id, item)])

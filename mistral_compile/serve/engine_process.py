@@ -9,6 +9,7 @@ loop folds them into per-request outputs and wakes the requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.llm import EngineConfig, RequestOutput
 from mistral_compile.runtime.sampling import SamplingParams
 from mistral_compile.serve.engine_core import Delta, run_core
+from mistral_compile.serve.engine_loop import follow
 
 logger = logging.getLogger("mistral_compile.serve")
 
@@ -109,21 +111,16 @@ class EngineProcess:
         self._subscribers[request_id] = (asyncio.get_running_loop(), outputs)
         self._outputs[request_id] = RequestOutput(request_id, list(prompt))
         self._send(("add", request_id, list(prompt), params))
-        finished = False
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
+
+        def done(finished: bool) -> None:
             self._subscribers.pop(request_id, None)
             self._outputs.pop(request_id, None)
             if not finished and self.dead is None:
                 self._send(("abort", request_id))
+
+        async with contextlib.aclosing(follow(outputs, done)) as items:
+            async for item in items:
+                yield item
 
     def _apply(self, deltas: list[Delta]) -> None:
         """On the event loop: fold a step's deltas into the outputs, one snapshot per request."""
