@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 from conftest import native_tensors, tiny_library  # noqa: E402
 from test_batch import check_against_hf, engine, join_and_leave  # noqa: E402
 from test_fidelity import compare  # noqa: E402
+from test_quantize import _dequantized_reference  # noqa: E402
 
 from mistral_compile.compiler.pipeline import compile_model  # noqa: E402
-from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime import Engine  # noqa: E402
 from mistral_compile.weights import convert_weight  # noqa: E402
 
@@ -110,46 +110,6 @@ def test_native_params_and_consolidated_experts(tmp_path):
     assert compare(ref, eng, W + 5) <= TOL
 
 
-def _dequantized_mixtral(ref, model_dir):
-    """The HF model with every 4-bit weight replaced by its dequantized values (router: float)."""
-    import copy
-
-    from mistral_compile.weights.quantize import dequantize
-    from mistral_compile.weights.safetensors_io import SafetensorsFile
-
-    tensors = {}
-    for f in model_dir.glob("params_shard_*.safetensors"):
-        sf = SafetensorsFile(f)
-        tensors.update({k: sf.get(k) for k in sf.keys()})
-
-    def deq(name):
-        return dequantize(tensors[name + ".q_weight"], tensors[name + ".q_scale"],
-                          tensors.get(name + ".q_min"))
-
-    def deq_stacked(name):
-        q, s, m = (tensors.get(f"{name}.{k}") for k in ("q_weight", "q_scale", "q_min"))
-        return np.stack([dequantize(q[e], s[e], None if m is None else m[e])
-                         for e in range(q.shape[0])])
-
-    model = copy.deepcopy(ref).float()
-    cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    rows = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd,
-            cfg.num_key_value_heads * hd]
-    state = {"lm_head.weight": torch.from_numpy(deq("lm_head"))}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        q, k, v = np.split(deq(p + "self_attn.qkv_proj"), np.cumsum(rows)[:2])
-        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                      p + "self_attn.v_proj.weight": v,
-                      p + "self_attn.o_proj.weight": deq(p + "self_attn.o_proj"),
-                      p + "mlp.experts.gate_up_proj": deq_stacked(p + "mlp.experts.gate_up_proj"),
-                      p + "mlp.experts.down_proj": deq_stacked(p + "mlp.experts.down_proj")})
-    state = {k: torch.as_tensor(v) for k, v in state.items()}
-    assert not model.load_state_dict(state, strict=False).unexpected_keys
-    return model
-
-
 @pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_2"])
 def test_4_bit_experts_match_their_dequantized_weights(mixtral, tmp_path, quant):
     # each expert quantized as its own weight; the engine against HF on those very weights
@@ -162,7 +122,7 @@ def test_4_bit_experts_match_their_dequantized_weights(mixtral, tmp_path, quant)
     assert shapes["model.layers.0.mlp.experts.gate_up_proj.q_weight"] == [
         cfg.num_local_experts, 2 * cfg.intermediate_size, cfg.hidden_size // 8]
     assert "model.layers.0.mlp.gate.weight" in shapes  # the router stays in float
-    deq = _dequantized_mixtral(ref, tmp_path / quant)
+    deq = _dequantized_reference(ref, tmp_path / quant)
     eng = Engine(tmp_path / quant, tmp_path / quant / "lib.so", attention_sink_size=0)
     ids = np.random.default_rng(5).integers(3, 256, W + 7).tolist()
     got = eng.prefill(ids)
@@ -178,18 +138,20 @@ def test_4_bit_experts_match_their_dequantized_weights(mixtral, tmp_path, quant)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("mixtral", ["windowed"], indirect=True)  # the window changes nothing
 @pytest.mark.parametrize(("quant", "kernels"), [
-    ("q0f16", ["mc::gemv_expert<half, half, 64, 4>", "mc::gemv_expert<half, float, 128, 0>"]),
+    ("q0f16", ["mc::gemv_expert<half, half, 64, 4>", "mc::gemv_expert<half, float, 128, 0>",
+               "mc::gemm_wgmma<half, 64, 2>", "mc::gemm_wgmma<float, 128, 0>"]),
     ("q4f16_1", ["mc::gemv_q4_expert<half, 64, 4, false>",
-                 "mc::gemv_q4_expert<float, 128, 0, false>"])])
+                 "mc::gemv_q4_expert<float, 128, 0, false>",
+                 "mc::gemm_wgmma<half, 64, 2>", "mc::gemm_wgmma<float, 128, 0>"])])
 def test_cuda_decode_reads_only_the_chosen_experts(mixtral, tmp_path, quant, kernels):
     # one token's step: the router's top k on the device, then gate_up (silu) and down GEMVs
-    # over the k chosen experts' rows of the stacked weights (grid y = expert slot); checked
+    # over the k chosen experts' rows of the stacked weights (grid y = expert slot); prefill:
+    # each expert's GEMMs on the tensor cores (gemm_wgmma at the expert's offset). Checked
     # against HF on the H200 by tests/gpu/test_cuda.py::test_mixtral_matches_hf
     _, _, root = mixtral
     convert_weight(root / "hf", tmp_path / quant, quant, progress=False)
     code = f"""from mistral_compile.compiler.pipeline import compile_model
-compile_model({str(tmp_path / quant)!r}, {str(tmp_path / "l.so")!r}, "cuda", "sm_90",
-              experimental_moe=True)"""
+compile_model({str(tmp_path / quant)!r}, {str(tmp_path / "l.so")!r}, "cuda", "sm_90")"""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "MISTRAL_COMPILE_DUMP_CUDA": str(tmp_path / "k.cu")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -197,12 +159,3 @@ compile_model({str(tmp_path / quant)!r}, {str(tmp_path / "l.so")!r}, "cuda", "sm
     source = (tmp_path / "k.cu").read_text()
     for kernel in kernels:
         assert kernel in source
-
-
-def test_what_is_not_built_for_experts_is_one_clear_line(mixtral, tmp_path):
-    # the CUDA path for experts is not yet checked on a GPU (issue 21): refused unless asked for
-    # (compile_model(experimental_moe=True)), before anything is made
-    _, _, root = mixtral
-    with pytest.raises(MistralCompileError, match="mixture-of-experts.*the CUDA library"):
-        compile_model(root / "model", tmp_path / "l.so", "cuda")
-    assert not (tmp_path / "l.so").exists()

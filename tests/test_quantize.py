@@ -86,7 +86,11 @@ def tiny_q4(tmp_path_factory):
 
 
 def _dequantized_reference(ref, model_dir):
-    """The HF model with every projection replaced by its dequantized 4-bit weight."""
+    """The HF model with every 4-bit weight replaced by its dequantized values.
+
+    Dense MLPs and Mixtral's stacked experts (each expert dequantized as its own weight; the
+    router stays float) alike.
+    """
     import copy
 
     import torch
@@ -97,30 +101,33 @@ def _dequantized_reference(ref, model_dir):
     for f in model_dir.glob("params_shard_*.safetensors"):
         sf = SafetensorsFile(f)
         tensors.update({k: sf.get(k) for k in sf.keys()})
+
+    def deq(name):
+        q, s, m = (tensors.get(f"{name}.{k}") for k in ("q_weight", "q_scale", "q_min"))
+        if q.ndim == 3:  # stacked experts [E, rows, cols / 8]
+            return torch.from_numpy(np.stack([dequantize(q[e], s[e], None if m is None else
+                                                         m[e]) for e in range(q.shape[0])]))
+        return torch.from_numpy(dequantize(q, s, m))
+
     model = copy.deepcopy(ref).float()
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     rows = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd,
             cfg.num_key_value_heads * hd]
-    state = {}
+    state = {"lm_head.weight": deq("lm_head")}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-
-        def deq(name, p=p):
-            return torch.from_numpy(dequantize(tensors[p + name + ".q_weight"],
-                                               tensors[p + name + ".q_scale"],
-                                               tensors.get(p + name + ".q_min")))
-
-        q, k, v = torch.split(deq("self_attn.qkv_proj"), rows)
-        gate, up = torch.chunk(deq("mlp.gate_up_proj"), 2)
+        q, k, v = torch.split(deq(p + "self_attn.qkv_proj"), rows)
         state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                      p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate,
-                      p + "mlp.up_proj.weight": up,
-                      p + "self_attn.o_proj.weight": deq("self_attn.o_proj"),
-                      p + "mlp.down_proj.weight": deq("mlp.down_proj")})
-    state["lm_head.weight"] = torch.from_numpy(dequantize(tensors["lm_head.q_weight"],
-                                                          tensors["lm_head.q_scale"],
-                                                          tensors.get("lm_head.q_min")))
+                      p + "self_attn.v_proj.weight": v,
+                      p + "self_attn.o_proj.weight": deq(p + "self_attn.o_proj")})
+        if p + "mlp.experts.gate_up_proj.q_weight" in tensors:  # Mixtral, transformers 5 names
+            state.update({p + "mlp.experts.gate_up_proj": deq(p + "mlp.experts.gate_up_proj"),
+                          p + "mlp.experts.down_proj": deq(p + "mlp.experts.down_proj")})
+        else:
+            gate, up = torch.chunk(deq(p + "mlp.gate_up_proj"), 2)
+            state.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                          p + "mlp.down_proj.weight": deq(p + "mlp.down_proj")})
     assert not model.load_state_dict(state, strict=False).unexpected_keys
     return model
 

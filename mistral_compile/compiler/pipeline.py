@@ -240,24 +240,18 @@ def make_target(device: str, arch: str | None = None,
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
                   device: str = "cpu", arch: str | None = None,
                   quantization: str | None = None,
-                  cuda_graph: bool | None = None, cpu: str | None = None,
-                  experimental_moe: bool = False) -> dict[str, float]:
+                  cuda_graph: bool | None = None, cpu: str | None = None) -> dict[str, float]:
     """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
     MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
     ``mistral-config.json`` (convert-config's output) plus ``quantization``: libraries hold no
     weights. ``device`` is "cpu" (llvm; ``cpu``: native, the default, or an x86-64 level the
     library will need, checked when it loads) or "cuda" (``arch`` default sm_90; nvcc only).
-    A mixture-of-experts model is refused for CUDA unless ``experimental_moe``: its decode
-    kernels (mc::gemv_expert) are built but not yet checked on a GPU (scripts/gpu/prepare.py
-    builds the tiny Mixtral of tests/gpu with it).
     """
     from mistral_compile.weights.convert import MANIFEST_NAME, QUANTIZATIONS
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
-    if device == "cuda" and not experimental_moe:
-        config.require_dense(str(model_dir / "mistral-config.json"), "the CUDA library")
     stored = None
     if (model_dir / MANIFEST_NAME).is_file():
         stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]

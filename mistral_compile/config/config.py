@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mistral_compile.errors import ConfigError, MistralCompileError
+from mistral_compile.errors import ConfigError
 
 logger = logging.getLogger("mistral_compile.config")
 
@@ -373,13 +373,6 @@ class MistralConfig:
     def is_moe(self) -> bool:
         """True for a mixture-of-experts model (Mixtral): experts in place of the dense MLP."""
         return self.num_local_experts > 0
-
-    def require_dense(self, where: str, what: str) -> None:
-        """Refuse ``what``, built only for dense models so far, in one line naming ``where``."""
-        if self.is_moe:
-            raise MistralCompileError(
-                f"{where}: a mixture-of-experts model ({self.num_local_experts} experts, "
-                f"{self.num_experts_per_tok} per token): {what} is not built for experts yet")
 
     @property
     def num_groups(self) -> int:

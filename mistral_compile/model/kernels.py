@@ -701,7 +701,7 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         elif splits > 1 and b * s <= WG_BM:  # a batched step's rows
             split_launches(x, w, y, extra_reads, *extra_args)
         else:
-            wgmma_launches(x, w, y, extra_reads, *extra_args)
+            wgmma_launches(x, w.access_ptr("r"), [w[0:n, 0:k]], y, extra_reads, *extra_args)
 
     @T.prim_func(private=True, s_tir=True)
     def with_residual(x_handle: T.handle, w: T.Buffer((n, k), "float16"), res_handle: T.handle,
@@ -724,6 +724,33 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
         launches(x, w, y, [])
 
     return with_residual if epilogue == "residual" else func
+
+
+@functools.cache
+def gemm_wgmma_expert(out_features: int, in_features: int, experts: int, out_dtype: str,
+                      epilogue: str = "plain") -> tirx.PrimFunc:
+    """y[b, s, N'] = x[b, s, K] @ W[e, N, K]^T: expert ``e`` of stacked weights on gemm_wgmma.
+
+    The tiles of gemm_wgmma over every row of x, with W's TMA descriptor at expert e's offset
+    (the mixture-of-experts prefill, model/moe.py); epilogues as gemm_wgmma's ("silu": W[e] is
+    [gate; up]).
+    """
+    n, k = out_features, in_features
+    outputs = n // 2 if epilogue == "silu" else n
+    wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, w: T.Buffer((experts, n, k), "float16"), e: T.int32,
+             y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_handle, (b, s, k), "float16")
+        y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
+        wgmma_launches(x, w.access_ptr("r", offset=T.Cast("int64", e) * n * k),
+                       [w[0:experts, 0:n, 0:k]], y, [])
+
+    return func
 
 
 def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # noqa: ANN202
@@ -766,20 +793,22 @@ def _gemv_row_macro(n: int, k: int, out_dtype: str, epilogue: str, q4: int):  # 
 
 
 def _tma_maps_macro(n: int, k: int):  # noqa: ANN202
-    """One warp's launch that writes the TMA descriptors of x and W [n, k] into ``maps``."""
+    """One warp's launch that writes the TMA descriptors of x and W [n, k] into ``maps``.
+
+    ``w_ptr``: the address of W (an expert's of stacked weights: an offset into them).
+    """
     extern = f"mc::gemm_wgmma_maps<{k}>"
 
     @T.macro
-    def write_maps(x, w, maps):  # noqa: ANN001, ANN202
+    def write_maps(x, w_ptr, maps):  # noqa: ANN001, ANN202
         b, s = x.shape[0], x.shape[1]
         for _bx in T.thread_binding(1, thread="blockIdx.x"):
             for _tx in T.thread_binding(32, thread="threadIdx.x"):
                 with T.sblock("tma_maps"):
                     T.reads()
                     T.writes(maps[0:TMA_MAPS_BYTES])
-                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
-                                             w.access_ptr("r"), T.Cast("int32", b * s), n,
-                                             maps.access_ptr("w")))
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"), w_ptr,
+                                             T.Cast("int32", b * s), n, maps.access_ptr("w")))
 
     return write_maps
 
@@ -795,7 +824,7 @@ def _wgmma_split_macro(n: int, k: int, out_dtype: str, epilogue: str, splits: in
         b, s = x.shape[0], x.shape[1]
         maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
         ws = T.alloc_buffer((splits * b * s * n,), "float32")
-        write_maps(x, w, maps)
+        write_maps(x, w.access_ptr("r"), maps)
         for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
             for _by in T.thread_binding((n + WG_BN - 1) // WG_BN, thread="blockIdx.y"):
                 for _bz in T.thread_binding(splits, thread="blockIdx.z"):
@@ -843,15 +872,15 @@ def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
     grid_n = (outputs + cols - 1) // cols
 
     @T.macro
-    def wgmma_launches(x, w, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
+    def wgmma_launches(x, w_ptr, w_reads, y, extra_reads, *extra_args):  # noqa: ANN001, ANN002, ANN202
         b, s = x.shape[0], x.shape[1]
         maps = T.alloc_buffer((TMA_MAPS_BYTES,), "uint8")
-        write_maps(x, w, maps)
+        write_maps(x, w_ptr, maps)
         for _bx in T.thread_binding((b * s + WG_BM - 1) // WG_BM, thread="blockIdx.x"):
             for _by in T.thread_binding(grid_n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(WG_THREADS, thread="threadIdx.x"):
                     with T.sblock("gemm"):
-                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], w[0:n, 0:k],
+                        T.reads(maps[0:TMA_MAPS_BYTES], x[0:b, 0:s, 0:k], *w_reads,
                                 *extra_reads)
                         T.writes(y[0:b, 0:s, 0:outputs])
                         smem = T.alloc_buffer((WG_SMEM // 2,), "float16", scope="shared.dyn")
@@ -929,7 +958,8 @@ def gemm_q4(out_features: int, in_features: int, out_dtype: str, epilogue: str =
                         T.evaluate(T.call_extern("void", dequantize, qw.access_ptr("r"),
                                                  qs.access_ptr("r"), qm.access_ptr("r"),
                                                  dense.access_ptr("w"), groups))
-            wgmma_launches(x, dense, y, extra_reads, *extra_args)
+            wgmma_launches(x, dense.access_ptr("r"), [dense[0:n, 0:k]], y, extra_reads,
+                           *extra_args)
 
     @T.prim_func(private=True, s_tir=True)
     def with_residual(x_handle: T.handle, qw: T.Buffer((n, k // 8), "uint32"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
@@ -66,10 +67,12 @@ class MixtralExperts(nn.Module):
 
         Every expert runs on every token and the unchosen ones get weight 0: exact, and E / k
         times the work of reading only the chosen experts (what one token's step does on CUDA:
-        MixtralSparseMoeBlock._decode).
+        MixtralSparseMoeBlock._decode). On Hopper each expert runs on the tensor cores.
         """
         t, h = x.shape
         gate_up_w, down_w = self.gate_up_proj.dense(), self.down_proj.dense()
+        if self._tensor_cores(x, h):
+            return self._per_expert(x, weights, gate_up_w, down_w)
         xs = op.reshape(x, (1, t, h))
         if gate_up_w.dtype != x.dtype:  # 4-bit: float16 weights against a float32 model
             xs = xs.astype(gate_up_w.dtype)
@@ -80,6 +83,37 @@ class MixtralExperts(nn.Module):
         y = op.matmul(act, op.permute_dims(down_w, [0, 2, 1]), out_dtype="float32")
         routed = y * op.unsqueeze(op.permute_dims(weights, [1, 0]), -1)  # [E, T, H]
         return op.sum(routed, axis=0).astype(x.dtype)
+
+
+    def _tensor_cores(self, x: Tensor, h: int) -> bool:
+        """Whether the experts run on mc::gemm_wgmma (sm_90, float16, K multiples of 64)."""
+        return (kernels.on_cuda() and x.dtype == "float16"
+                and kernels.wgmma_supported(h, "float16")
+                and kernels.wgmma_supported(self.intermediate_size, "float16"))
+
+    def _per_expert(self, x: Tensor, weights: Tensor, gate_up_w: Tensor,
+                    down_w: Tensor) -> Tensor:
+        """Each expert over every token on the tensor cores, weighted and summed in float32.
+
+        Expert e: silu(x gate_e^T) * (x up_e^T) (the GEMM's silu epilogue, float16 as the
+        dense MLP), then its down projection in float32 times the routing weights' column e.
+        """
+        t, h = x.shape
+        e_count, i = self.gate_up_proj.shape[0], self.intermediate_size
+        xs = op.reshape(x, (1, t, h))
+        columns = op.split(weights, e_count, axis=1)  # [T, 1] each
+        out = None
+        for e in range(e_count):
+            index = tirx.IntImm("int32", e)
+            act = op.tensor_ir_op(kernels.gemm_wgmma_expert(2 * i, h, e_count, "float16", "silu"),
+                                  "expert_gate_up", args=[xs, gate_up_w, index],
+                                  out=Tensor.placeholder((1, t, i), "float16"))
+            y = op.tensor_ir_op(kernels.gemm_wgmma_expert(h, i, e_count, "float32"),
+                                "expert_down", args=[act, down_w, index],
+                                out=Tensor.placeholder((1, t, h), "float32"))
+            term = y * op.reshape(columns[e], (1, t, 1))
+            out = term if out is None else out + term
+        return op.reshape(out, (t, h)).astype(x.dtype)
 
 
 class MixtralSparseMoeBlock(nn.Module):

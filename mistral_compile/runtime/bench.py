@@ -129,12 +129,15 @@ def matmul_tflops(device_kind: str, index: int) -> float | None:
 def prefill_flops(config: Any, n: int) -> float:
     """Forward FLOPs of prefilling ``n`` tokens into an empty cache.
 
-    The matmuls, plus causal attention where a windowed layer's query sees
-    min(position + 1, window) keys.
+    The matmuls (a mixture of experts: the k experts a token is routed to), plus causal
+    attention where a windowed layer's query sees min(position + 1, window) keys.
     """
     h, hd = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads, config.num_key_value_heads
-    matmul = 2 * h * (q + 2 * kv) * hd + 2 * q * hd * h + 3 * 2 * h * config.intermediate_size
+    mlp = 3 * 2 * h * config.intermediate_size
+    if config.is_moe:  # a token's k chosen experts and the router (the work it needs)
+        mlp = mlp * config.num_experts_per_tok + 2 * h * config.num_local_experts
+    matmul = 2 * h * (q + 2 * kv) * hd + 2 * q * hd * h + mlp
     flops = n * (config.num_hidden_layers * matmul + 2 * h * config.vocab_size)
     for w in config.layer_sliding_window_sizes:
         w = n if w <= 0 else min(w, n)
@@ -158,23 +161,29 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
                     prefill_chunk_size=max(prefill_chunks), params=params, progress=True,
                     kv_cache=kv_cache)
     cfg, dev = engine.config, engine.device
-    weight_bytes = sum(int(np.prod(s)) * _BYTES[d] for n, s, d in zip(
+    sizes = {n: int(np.prod(s)) * _BYTES[d] for n, s, d in zip(
         engine.meta["params"], engine.meta["param_shapes"], engine.meta["param_dtypes"],
-        strict=True) if not n.startswith(STATE_PREFIX))
+        strict=True) if not n.startswith(STATE_PREFIX)}
+    weight_bytes = sum(sizes.values())
+    # what a decode step reads: of a mixture of experts, the k chosen experts' share
+    share = cfg.num_experts_per_tok / cfg.num_local_experts if cfg.is_moe else 1.0
+    read_bytes = int(sum(b * share if ".experts." in n else b for n, b in sizes.items()))
     kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
                 * _BYTES[engine.dtype])
     result: dict[str, Any] = {
         "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
         "cuda_graph": bool(engine.meta.get("cuda_graph")), "kv_cache": engine.kv_cache,
         "weights": "random" if random_weights else str(model_dir),
-        "weight_bytes": weight_bytes, "window": engine.window,
+        "weight_bytes": weight_bytes, "weight_bytes_read_per_token": read_bytes,
+        "window": engine.window,
         "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
         "kv_cache_bytes_per_token": kv_bytes,
         "kv_cache_bytes_per_sequence": kv_bytes * engine.capacity
         if engine.capacity > 0 else None,
         "batch_decode": "not used by the engine (batch 1 only)"}
-    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}), window {engine.window}, "
-        f"chunk {engine.chunk_size}, {engine.kv_cache} KV cache")
+    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}"
+        + (f"; {read_bytes / 1e9:.2f} GB read per token" if read_bytes != weight_bytes else "")
+        + f"), window {engine.window}, chunk {engine.chunk_size}, {engine.kv_cache} KV cache")
     result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
     result["matmul_TFLOPs"] = matmul_tflops(kind, index)
     log(f"device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); "
@@ -224,8 +233,8 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
             times.append(time.perf_counter() - start)
         t = statistics.median(times)
         row = {"context": context, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t,
-               "weight_GBps": weight_bytes / t / 1e9,
-               "MBU": weight_bytes / t / 1e9 / result["copy_bandwidth_GBps"],
+               "weight_GBps": read_bytes / t / 1e9,
+               "MBU": read_bytes / t / 1e9 / result["copy_bandwidth_GBps"],
                "cache_tokens_held": min(engine.length, engine.capacity)
                if engine.capacity > 0 else engine.length}
         decode.append(row)

@@ -18,6 +18,9 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
   --shapes: only wheels-core/ (TVM and its two needs) and one fp16 library of every configs/
            shape (7B, Nemo-12B, Ministral-8B, Codestral-22B, Small-24B), plus 7B and 24B q4f16_1,
            for scripts/gpu/shapes.sh (issue 20)
+  --mixtral: wheels-core/, tiny/ and Mixtral-8x7B CUDA libraries (mixtral-8x7b/ fp16,
+           mixtral-8x7b-q4/ q4f16_1, mixtral-8x7b-2l/ fp16 with 2 of the 32 layers) for
+           scripts/gpu/mixtral.sh (issue 21)
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
            [--q4-pair] [--batch] [--smollm]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
@@ -57,7 +60,7 @@ TINY = {  # name: (transformers class, extra config)
     # K a multiple of 128 in every projection: the batched step's skinny GEMM (fp16 and q4)
     "wide": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=W, hidden_size=256,
                                         intermediate_size=512)),
-    # experts: decode on mc::gemv_expert (compile_model(experimental_moe=True) until checked)
+    # experts: decode on mc::gemv_expert, prefill each expert on gemm_wgmma
     "mixtral": ("MixtralForCausalLM", dict(num_hidden_layers=2, sliding_window=W,
                                            num_local_experts=4, num_experts_per_tok=2)),
 }
@@ -129,11 +132,10 @@ def tiny_models(out: Path, arch: str) -> None:
         cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**{**SHAPE, **extra})
         getattr(transformers, cls)(cfg).save_pretrained(root / "hf")
         quants = ("q0f32", "q0f16") + (("q4f16_1", "q4f16_2") if name in ("windowed", "wide")
-                                       else ())
+                                       else ("q4f16_1",) if name == "mixtral" else ())
         for quant in quants:
             convert_weight(root / "hf", root / quant, quant, progress=False)
-            t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch,
-                              experimental_moe=name == "mixtral")
+            t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
 
 
@@ -212,13 +214,35 @@ def shape_models(out: Path, arch: str) -> None:
     from mistral_compile.compiler.pipeline import compile_model
     from mistral_compile.config import convert_config
 
+    core_wheels(out)
+    for name, (src, quant, overrides) in SHAPES.items():
+        convert_config(REPO / "configs" / src, out / name, overrides)
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s")
+
+
+MIXTRAL = {  # name: (quantization, overrides); -2l: the 8x7B shape with 2 of its 32 layers,
+    # small enough for HF in float32 beside it (tests/gpu/test_cuda.py)
+    "mixtral-8x7b": ("q0f16", {}), "mixtral-8x7b-q4": ("q4f16_1", {}),
+    "mixtral-8x7b-2l": ("q0f16", {"num_hidden_layers": 2})}
+
+
+def core_wheels(out: Path) -> None:
+    """wheels-core/: TVM and its two needs only (what bench and the tests' engines import)."""
     core = out / "wheels-core"
     core.mkdir(parents=True, exist_ok=True)
     for wheel in (out / "wheels").glob("*.whl"):
         if wheel.name.startswith(CORE_WHEELS):
             shutil.copy(wheel, core / wheel.name)
-    for name, (src, quant, overrides) in SHAPES.items():
-        convert_config(REPO / "configs" / src, out / name, overrides)
+
+
+def mixtral_models(out: Path, arch: str) -> None:
+    """Mixtral-8x7B-shaped CUDA libraries (fp16, q4f16_1): weights are made on the GPU."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    for name, (quant, overrides) in MIXTRAL.items():
+        convert_config(REPO / "configs" / "mixtral-8x7b-v0.1.json", out / name, overrides)
         t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
         print(f"  {name}: compiled in {sum(t.values()):.1f} s")
 
@@ -294,6 +318,9 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true",
                         help="only wheels-core/ and a library of every configs/ shape "
                              "(scripts/gpu/shapes.sh)")
+    parser.add_argument("--mixtral", action="store_true",
+                        help="only wheels-core/, tiny/ and the Mixtral-8x7B libraries "
+                             "(scripts/gpu/mixtral.sh)")
     parser.add_argument("--smollm", action="store_true",
                         help="also SmolLM2-135M-Instruct (real weights; scripts/gpu/smollm.py)")
     args = parser.parse_args()
@@ -312,10 +339,14 @@ def main() -> None:
     else:
         print("tiny checkpoints and CUDA libraries")
         tiny_models(out / "tiny", args.arch)
-    if not args.batch and not args.shapes:
+    if not args.batch and not args.shapes and not args.mixtral:
         chat_model(out / "chat", args.arch)
     if args.shapes:
         pass
+    elif args.mixtral:
+        print("Mixtral-8x7B-shaped fp16 and q4f16_1 CUDA libraries")
+        core_wheels(out)
+        mixtral_models(out, args.arch)
     elif args.batch:
         print("batched runtime: 7B-shaped fp16 and q4f16_1, Ministral-8B fp16")
         batch_models(out, args.arch)

@@ -44,7 +44,8 @@ def gpu_engine(name, quant, **settings):
 
 
 CASES = [(name, quant) for name in MODELS for quant in ("q0f32", "q0f16")] + [
-    ("wide", "q0f16"), ("wide", "q4f16_1"), ("wide", "q4f16_2")]
+    ("wide", "q0f16"), ("wide", "q4f16_1"), ("wide", "q4f16_2"),
+    ("mixtral", "q0f32"), ("mixtral", "q0f16")]  # experts: every expert, routing-weighted
 
 
 @pytest.mark.parametrize(("name", "quant"), CASES)

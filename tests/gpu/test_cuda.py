@@ -99,18 +99,25 @@ def test_windowed_fp16_inside_window(n):
 @pytest.mark.parametrize("n", [1, W - 1, W])
 def test_windowed_q4_matches_its_dequantized_weights(n, quant):
     # decode runs our q4 GEMV kernel (half2 products; q4f16_2: plus each group's minimum times
-    # its sum of x), prefill dequantize + tensor-core GEMM. Greedy tokens may part only at a
-    # near-tie: HF's top two logits closer than 2 max|dlogit|.
-    eng = engine("windowed", quant, attention_sink_size=0, prefill_chunk_size=W)
+    # its sum of x), prefill dequantize + tensor-core GEMM
+    compare_q4("windowed", quant, n)
+
+
+def compare_q4(name, quant, n):
+    """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W.
+
+    Greedy tokens may part only at a near-tie: HF's top two logits closer than 2 max|dlogit|.
+    """
+    eng = engine(name, quant, attention_sink_size=0, prefill_chunk_size=W)
     ids = np.random.default_rng(n).integers(3, 256, n).tolist()
     got, seq = run_engine(eng, ids)
     with torch.no_grad():
-        want = hf_model("windowed", quant)(torch.tensor([seq], device="cuda")).logits[0]
+        want = hf_model(name, quant)(torch.tensor([seq], device="cuda")).logits[0]
     want = want.float().cpu().numpy()[n - 1:]
     delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
               if int(np.argmax(g)) != int(np.argmax(w))]
-    report(f"windowed {quant} prompt {n:3d} vs dequantized HF fp16", delta, not parted)
+    report(f"{name} {quant} prompt {n:3d} vs dequantized HF fp16", delta, not parted)
     assert delta <= TOL["q0f16"]
     if parted:
         top2 = np.sort(want[parted[0]])[-2:]
@@ -128,13 +135,16 @@ def test_other_models_match_hf(name, n, quant):
         assert delta <= TOL[quant] and same
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f16_1"])
 @pytest.mark.parametrize("n", [1, W + 1, 3 * W + 5])
 def test_mixtral_matches_hf(n, quant):
-    # decode steps read only the chosen experts' rows (mc::gemv_expert, the router and top-k on
-    # the device); prefill runs every expert weighted by the routing (TVM's schedules)
+    # decode steps read only the chosen experts' rows (mc::gemv_expert / gemv_q4_expert, the
+    # router and top-k on the device); prefill runs every expert weighted by the routing
     if not (GPU_DIR / "tiny" / "mixtral").is_dir():
         pytest.skip("dist-gpu/tiny/mixtral not prepared")
+    if quant.startswith("q4"):
+        compare_q4("mixtral", quant, n)
+        return
     delta, same = compare_hf("mixtral", quant, n, W)
     assert delta <= TOL[quant] and same
 
@@ -255,6 +265,59 @@ def test_mistral_7b_window_receipt():
     assert d_full > 4 * max(d_hf, 0.05)
 
 
+def test_mixtral_8x7b_shape_matches_hf_float32():
+    """The Mixtral-8x7B shape (2 of its 32 layers), fp16, random weights on the GPU: a 2100-token
+    prompt (prefill on the tensor cores, every expert) and one decode step (the chosen experts'
+    GEMVs) against HF in float32 on the same float16 weights (issue 21).
+
+    Two layers so that HF fits in float32 beside us. Against HF in float16 the comparison says
+    little: its own rounding flips the top-2 expert choice of 4-9% of the tokens per layer at
+    this length (measured), and 32 random layers turn a flip into logits far apart; the full
+    depth is measured by scripts/gpu/mixtral_precision.py (docs/benchmarks.md).
+    """
+    root = GPU_DIR / "mixtral-8x7b-2l"
+    if not root.is_dir():
+        pytest.skip("dist-gpu/mixtral-8x7b-2l not prepared")
+    ref32 = random_mixtral_reference(torch.float32, num_hidden_layers=2)
+    ref16 = random_mixtral_reference(torch.float16, num_hidden_layers=2, like=ref32)
+    ids = np.random.default_rng(7).integers(3, 32000, 2101).tolist()  # the last: a decode step
+    with torch.no_grad():
+        want = ref32(torch.tensor([ids], device="cuda"), logits_to_keep=2).logits[0]
+        want16 = ref16(torch.tensor([ids], device="cuda"), logits_to_keep=2).logits[0]
+    want, want16 = want.cpu().numpy(), want16.float().cpu().numpy()
+    eng = Engine(root, root / "lib.so", device="cuda", params=_fused(root, ref16.state_dict()))
+    got = [eng.prefill(ids[:-1]), eng.decode(ids[-1])]
+    for i, label in enumerate(("prefill 2100", "decode step")):
+        d = float(np.abs(got[i] - want[i]).max())
+        d16 = float(np.abs(want16[i] - want[i]).max())
+        top = (int(np.argmax(got[i])), int(np.argmax(want[i])))
+        print(f"RESULT Mixtral-8x7B shape (2 layers) fp16 {label}: engine vs HF float32 "
+              f"max|d| {d:.4f} (HF float16: {d16:.4f}), top-1 engine/HF {top}")
+        assert d <= 0.25 and top[0] == top[1]
+
+
+def random_mixtral_reference(dtype, like=None, **overrides):
+    """HF MixtralForCausalLM, Mixtral-8x7B config (``overrides`` applied), random, on the GPU.
+
+    ``like``: a model whose weights to copy (cast to ``dtype``) instead of drawing new ones.
+    """
+    import copy
+    import json
+
+    if like is not None:
+        return copy.deepcopy(like).to(dtype)
+    cfg = json.loads((REPO / "configs" / "mixtral-8x7b-v0.1.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")}
+    hf_cfg = transformers.MixtralConfig(**{**cfg, **overrides}, attn_implementation="eager")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(dtype)
+        try:
+            return transformers.MixtralForCausalLM(hf_cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+
 def random_7b_reference():
     """HF MistralForCausalLM, Mistral-7B config (window 4096), random fp16, on the GPU."""
     import json
@@ -278,6 +341,12 @@ def _fused(model_dir, state):
 
     params = {}
     for name, spec in build_name_map(read_config(model_dir), HF).items():
+        if name in state:  # the same name in memory: embeddings, norms, Mixtral's router
+            params[name] = state[name]
+            continue
+        if spec.stacked:  # transformers 5 holds experts stacked as we do: [E, rows, cols]
+            params[name] = state[name.removesuffix(".weight")]
+            continue
         parts = [state[s] for s in spec.sources]
         params[name] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     return params
