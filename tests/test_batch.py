@@ -8,8 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import tiny_library  # noqa: E402
+from reference import streaming_logits  # noqa: E402
 
 from mistral_compile.abi import PAGE_SIZE  # noqa: E402
+from mistral_compile.errors import MistralCompileError  # noqa: E402
 from mistral_compile.runtime.llm import LLM, EngineConfig  # noqa: E402
 from mistral_compile.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -113,6 +115,70 @@ def test_sequences_joining_and_leaving_equal_hf_alone(model):
         assert pool.in_use == 0
 
 
+SINKS = 4
+
+
+def test_sinks_equal_the_float64_reference_in_the_chunks_run(windowed):
+    # StreamingLLM sinks in the batched runtime: sequences of 1 to past 4W joining and leaving,
+    # prompts read in chunks of 8 between decode steps. Each sequence's logits equal the float64
+    # reference fed in the very chunks the scheduler gave it (a chunk's start sets its shift),
+    # and the long ones part from HF's exact window, so the sinks were really used.
+    ref, root = windowed
+    llm, seen = engine(root, max_batch_size=4, prefill_chunk_size=8, max_step_tokens=20,
+                       attention_sink_size=SINKS)
+    worst, parted = check_sinks(ref, llm, seen)
+    print(f"sinks {SINKS}: max |dlogit| against float64 {worst:.2e}; against HF's exact "
+          f"window {parted:.2e}")
+    assert worst <= TOL
+    assert parted > 100 * TOL
+
+
+def check_sinks(ref, llm, seen):
+    """join_and_leave with sinks: (max |dlogit| against the float64 reference, against HF).
+
+    Each sequence is compared with tests/reference.py::streaming_logits fed the chunks it ran
+    in; HF (``ref``, its exact window) gives the second figure. Also checks that prefix caching
+    is off and that every page, the sinks' included, is released at the end.
+    """
+    assert not llm.kv.prefix_caching  # a page's KV depends on the chunking: never shared
+    chunks = defaultdict(list)
+    run = llm.runner.run
+
+    def recording(work):
+        for w in work:
+            chunks[w.seq.request_id].append((w.start, w.count))
+        return run(work)
+
+    llm.runner.run = recording
+    prompts = join_and_leave(llm)
+    state = {k: v.float().cpu().numpy() for k, v in ref.state_dict().items()}
+    worst, parted = 0.0, 0.0
+    for rid, prompt in prompts.items():
+        tokens = list(prompt) + llm.outputs[rid].token_ids
+        starts = [start for start, _ in chunks[rid]]
+        assert starts == sorted(starts) and starts[0] == 0  # no preemption: one pass
+        sizes = [count for _, count in chunks[rid]]
+        fed = tokens[:sum(sizes)]  # the last sampled token is never fed
+        want = streaming_logits(state, ref.config.to_dict(), fed, sizes, W, SINKS)
+        want = want[len(prompt) - 1:]
+        got = np.stack(seen[rid])
+        assert got.shape == want.shape
+        worst = max(worst, float(np.abs(got - want).max()))
+        parted = max(parted, float(np.abs(got - hf_logits(ref, fed)[len(prompt) - 1:]).max()))
+    for pool in llm.kv.pools:  # the sinks' pages are released with their sequences
+        assert pool.in_use == 0
+    return worst, parted
+
+
+def test_sinks_are_refused_in_one_line_where_they_cannot_apply(model):
+    # a model with a full-attention layer, or sinks past one page: one clear line, no engine
+    name, _, root = model
+    for sink in ([SINKS] if name != "windowed" else []) + [PAGE_SIZE + 1]:
+        with pytest.raises(MistralCompileError, match=f"attention_sink_size={sink}"):
+            LLM(root / "model", root / "lib.so", engine_config=EngineConfig(
+                attention_sink_size=sink))
+
+
 def test_padded_decode_steps_equal_hf_alone(model):
     # the CUDA graphs' padding, run here eagerly: every decode step runs as 8 rows (padding rows
     # on the scratch page) with full groups' tables a power of two wide; each sequence's logits
@@ -123,9 +189,9 @@ def test_padded_decode_steps_equal_hf_alone(model):
     shapes = []
     fn = llm.runner.fn
 
-    def recording(ids, positions, rows, last, tables, pools, params):
+    def recording(ids, positions, rows, last, sinks, tables, pools, params):
         shapes.append((int(ids.shape[0]), int(last.shape[0]), [int(t.shape[1]) for t in tables]))
-        return fn(ids, positions, rows, last, tables, pools, params)
+        return fn(ids, positions, rows, last, sinks, tables, pools, params)
 
     llm.runner.fn = recording
     prompts = join_and_leave(llm)

@@ -185,4 +185,4 @@ def test_mixtral_config_converts_with_its_experts_in_the_summary(run_cli, tmp_pa
     proc = run_cli("convert-config", CONFIGS / "mixtral-8x7b-v0.1.json", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "8 per layer, 2 per token" in proc.stdout + proc.stderr
-    assert json.loads((out / "mistral-config.json").read_text())["num_local_experts"] == 8
+    assert json.loads((out / "mistral-config.json").read_text())["config"]["num_local_experts"] == 8

@@ -55,6 +55,17 @@ def gigabytes(text: str) -> float:
     return value
 
 
+def non_negative(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The batched engine's settings (generate, serve, bench --throughput)."""
     parser.add_argument("--max-batch-size", type=positive, default=64,
@@ -70,6 +81,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "token of prompts that arrive together, at some throughput")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV pages of common prompt prefixes")
+    parser.add_argument("--attention-sink-size", type=non_negative, default=0, metavar="S",
+                        help="StreamingLLM sinks: each sequence keeps its first S tokens' KV "
+                             "past the window (a model whose layers share one window; at most "
+                             "16; turns prefix caching off). Default 0: the exact window")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="launch every decode step's kernels from the host (default on "
                              "CUDA: each padded batch size's step is captured once and replayed)")
@@ -85,4 +100,5 @@ def engine_config(args: argparse.Namespace) -> Any:
                         kv_cache_bytes=None if args.kv_cache_gb is None
                         else int(args.kv_cache_gb * 2**30),
                         prefix_caching=not args.no_prefix_caching,
+                        attention_sink_size=args.attention_sink_size,
                         cuda_graphs=not args.no_cuda_graphs)

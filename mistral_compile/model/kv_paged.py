@@ -16,6 +16,14 @@ a group (kv_groups); each group has a pool of pages, one function argument
 Attention is exact: the query at position p sees keys [p - W + 1, p] (or [0, p]) of its own
 sequence, as Hugging Face. The kernels run the rows in parallel, so a step's rows may belong to
 any sequences in any order; each sequence's rows of a step are consecutive positions.
+
+StreamingLLM sinks (a windowed model): ``sinks`` [rows, 3] int32 holds each table row's sink
+count s (0: none, the exact window above), the page that holds its first PAGE_SIZE positions
+(kept when the window passes it) and its step's shift = max(0, chunk start - (W - 1)). The query
+at p then sees the s sink keys j < s and the recent keys p - j < W - s, with positions as the
+float64 reference (tests/reference.py::streaming_logits) gives them: recent keys and the query
+shifted alike, so their scores are those of the stored (absolutely rotated) keys; a sink key
+keeps position j, so the query scores it rotated back by the shift.
 """
 
 from __future__ import annotations
@@ -56,9 +64,9 @@ class PagedCache:
     Holds the step's positions, rows, and each group's table and pool (relax tensors).
     """
 
-    def __init__(self, config: MistralConfig, positions: Tensor, rows: Tensor,
+    def __init__(self, config: MistralConfig, positions: Tensor, rows: Tensor, sinks: Tensor,
                  tables: list[Tensor], pools: list[Tensor]) -> None:
-        self.config, self.positions, self.rows = config, positions, rows
+        self.config, self.positions, self.rows, self.sinks = config, positions, rows, sinks
         self.groups = kv_groups(config)
         self.tables, self.pools = list(tables), list(pools)
         self.where = {}  # layer -> (group, index in the group)
@@ -84,8 +92,10 @@ class PagedCache:
         q = op.tensor_ir_op(append(**shape, theta=theta), "paged_append", args=[qkv, *steps],
                             out=Tensor.placeholder((1, n, num_qo_heads, d), dtype))
         attend = attention_cuda if on_cuda() else attention_cpu
-        return op.tensor_ir_op(attend(**shape, window=group.window, sm_scale=sm_scale),
-                               "paged_attention", args=[q, *steps],
+        return op.tensor_ir_op(attend(**shape, window=group.window, sm_scale=sm_scale,
+                                      theta=theta),
+                               "paged_attention",
+                               args=[q, self.positions, self.rows, self.sinks, table, pool, layer],
                                out=Tensor.placeholder((1, n, num_qo_heads, d), dtype))
 
 
@@ -141,65 +151,86 @@ def append_cpu(layers: int, h_q: int, h_kv: int, d: int, dtype: str,
 
 @functools.cache
 def attention_cpu(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
-                  sm_scale: float) -> tirx.PrimFunc:
+                  sm_scale: float, theta: float) -> tirx.PrimFunc:
     """Attention of appended rows through the page tables, one (row, head) per task, float32.
 
-    The online softmax of kv_owned.attention_cpu: keys scored in blocks of KEY_BLOCK.
+    The online softmax of kv_owned.attention_cpu: keys scored in blocks of KEY_BLOCK. A row
+    with sinks (module docstring) sees its ``nsink`` sink keys first, scored with q rotated
+    back by the shift, then the recent keys from ``lo``.
     """
     group = h_q // h_kv
     span = window - 1 if window > 0 else 1 << 30  # a row sees keys [pos - span, pos]
     blk = KEY_BLOCK
+    half = d // 2
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_handle: T.handle, pos_handle: T.handle, row_handle: T.handle,
-             table_handle: T.handle, pool_handle: T.handle, layer: T.int32,
-             out_handle: T.handle):
+             sink_handle: T.handle, table_handle: T.handle, pool_handle: T.handle,
+             layer: T.int32, out_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n, b, w, pages = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
         positions = T.match_buffer(pos_handle, (n,), "int32")
         rows = T.match_buffer(row_handle, (n,), "int32")
+        sinks = T.match_buffer(sink_handle, (b, 3), "int32")
         table = T.match_buffer(table_handle, (b, w), "int32")
         pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
         with T.sblock("root"):
             for task in T.parallel(n * h_q):
                 qf = T.sblock_alloc_buffer((d,), "float32")
+                qs = T.sblock_alloc_buffer((d,), "float32")  # q rotated back by the shift
                 acc = T.sblock_alloc_buffer((d,), "float32")
                 part = T.sblock_alloc_buffer((16,), "float32")
                 score = T.sblock_alloc_buffer((blk,), "float32")
-                where = T.sblock_alloc_buffer((blk, 2), "int32")  # page, slot of each key
+                where = T.sblock_alloc_buffer((blk, 3), "int32")  # page, slot, is a sink key
                 stat = T.sblock_alloc_buffer((4,), "float32")  # max, sum, block max, rescale
                 r: T.int64 = task // h_q
                 h: T.int64 = task % h_q
                 pos: T.int32 = positions[r]
                 seq: T.int32 = rows[r]
-                lo: T.int32 = T.max(pos - span, 0)
-                count: T.int32 = pos + 1 - lo
+                sink: T.int32 = sinks[seq, 0]
+                nsink: T.int32 = T.min(sink, pos + 1)  # sink keys this query sees
+                lo: T.int32 = T.if_then_else(sink > 0, T.max(sink, pos - (window - sink) + 1),
+                                             T.max(pos - span, 0))
+                count: T.int32 = nsink + T.max(pos + 1 - lo, 0)
                 kvh: T.int64 = h // group
                 for e in T.vectorized(d):
                     qf[e] = T.Cast("float32", q[0, r, h, e]) * T.float32(sm_scale)
                     acc[e] = T.float32(0)
+                if sink > 0:
+                    for j in range(half):  # R(-shift) q: rotate-half with the angle negated
+                        angle: T.float32 = T.Cast("float32", sinks[seq, 2]) / T.pow(
+                            T.float32(theta), T.Cast("float32", 2 * j) / T.float32(d))
+                        qs[j] = qf[j] * T.cos(angle) + qf[j + half] * T.sin(angle)
+                        qs[j + half] = qf[j + half] * T.cos(angle) - qf[j] * T.sin(angle)
                 stat[0] = T.float32(-3.0e38)
                 stat[1] = T.float32(0)
                 for kb in range((count + blk - 1) // blk):
                     stat[2] = stat[0]
                     for t in range(T.min(blk, count - kb * blk)):
-                        where[t, 0] = table[seq, T.truncmod(T.truncdiv(lo + kb * blk + t,
-                                                                       PAGE_SIZE),
-                                                            T.Cast("int32", w))]
-                        where[t, 1] = T.truncmod(lo + kb * blk + t, PAGE_SIZE)
+                        # key kb * blk + t: the sinks first, then the recent keys from lo
+                        where[t, 2] = T.if_then_else(kb * blk + t < nsink, 1, 0)
+                        where[t, 0] = T.if_then_else(
+                            where[t, 2] == 1, sinks[seq, 1],
+                            table[seq, T.truncmod(T.truncdiv(lo + kb * blk + t - nsink,
+                                                             PAGE_SIZE), T.Cast("int32", w))])
+                        where[t, 1] = T.if_then_else(
+                            where[t, 2] == 1, kb * blk + t,
+                            T.truncmod(lo + kb * blk + t - nsink, PAGE_SIZE))
                         for ln in T.vectorized(16):  # q.k: 16 partial sums, then a tree
                             part[ln] = T.float32(0)
                         for c in range(d // 16):
                             for ln in T.vectorized(16):
-                                part[ln] = part[ln] + qf[c * 16 + ln] * T.Cast(
-                                    "float32", pool[where[t, 0], layer, 0, kvh, where[t, 1],
-                                                    c * 16 + ln])
+                                part[ln] = part[ln] + T.if_then_else(
+                                    where[t, 2] == 1, qs[c * 16 + ln], qf[c * 16 + ln]
+                                ) * T.Cast("float32", pool[where[t, 0], layer, 0, kvh,
+                                                          where[t, 1], c * 16 + ln])
                         for e in range(d % 16):
-                            part[0] = part[0] + qf[d // 16 * 16 + e] * T.Cast(
-                                "float32", pool[where[t, 0], layer, 0, kvh, where[t, 1],
-                                                d // 16 * 16 + e])
+                            part[0] = part[0] + T.if_then_else(
+                                where[t, 2] == 1, qs[d // 16 * 16 + e], qf[d // 16 * 16 + e]
+                            ) * T.Cast("float32", pool[where[t, 0], layer, 0, kvh, where[t, 1],
+                                                      d // 16 * 16 + e])
                         for ln in T.vectorized(8):
                             part[ln] = part[ln] + part[ln + 8]
                         for ln in T.vectorized(4):
@@ -263,11 +294,12 @@ def append_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str,
 
 @functools.cache
 def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
-                   sm_scale: float) -> tirx.PrimFunc:
+                   sm_scale: float, theta: float) -> tirx.PrimFunc:
     """Split-KV attention of appended rows through the page tables, then the merge.
 
-    mc::paged_attn_partial splits each (row, KV head)'s keys over ``nsplit`` CTAs, chosen from
-    the row count so that a small batch still fills the GPU; mc::paged_merge merges them.
+    mc::paged_attn_partial splits each (row, KV head)'s recent keys over ``nsplit`` CTAs, chosen
+    from the row count so that a small batch still fills the GPU (split 0 also scores the sink
+    keys); mc::paged_merge merges them.
     """
     group = h_q // h_kv
     partial = f"mc::paged_attn_partial<{CTYPES[dtype]}, {d}, {group}, {h_kv}, {PAGE_SIZE}>"
@@ -275,13 +307,14 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_handle: T.handle, pos_handle: T.handle, row_handle: T.handle,
-             table_handle: T.handle, pool_handle: T.handle, layer: T.int32,
-             out_handle: T.handle):
+             sink_handle: T.handle, table_handle: T.handle, pool_handle: T.handle,
+             layer: T.int32, out_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
         n, b, w, pages = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
         positions = T.match_buffer(pos_handle, (n,), "int32")
         rows = T.match_buffer(row_handle, (n,), "int32")
+        sinks = T.match_buffer(sink_handle, (b, 3), "int32")
         table = T.match_buffer(table_handle, (b, w), "int32")
         pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
@@ -292,14 +325,15 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
                     for _tx in T.thread_binding(128, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads(q[0, 0:n, 0:h_q, 0:d], positions[0:n], rows[0:n],
-                                    table[0:b, 0:w])
+                                    sinks[0:b, 0:3], table[0:b, 0:w])
                             T.writes(ws[0:n * h_q * _splits(n, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
                                 "void", partial, q.access_ptr("r"), positions.access_ptr("r"),
-                                rows.access_ptr("r"), table.access_ptr("r"),
-                                T.Cast("int32", w), pool.access_ptr("r"), layer, layers,
-                                window, ws.access_ptr("rw"), T.Cast("int32", _splits(n, h_kv)),
-                                T.float32(sm_scale)))
+                                rows.access_ptr("r"), sinks.access_ptr("r"),
+                                table.access_ptr("r"), T.Cast("int32", w), pool.access_ptr("r"),
+                                layer, layers, window, ws.access_ptr("rw"),
+                                T.Cast("int32", _splits(n, h_kv)), T.float32(sm_scale),
+                                T.float32(theta)))
         for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
             for _by in T.thread_binding(n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):

@@ -445,16 +445,18 @@ class MistralForCausalLM(nn.Module):
         return logits, _argmax(logits), cache
 
     def batch_step(self, input_ids: Tensor, positions: Tensor, rows: Tensor,
-                   logit_index: Tensor, tables: list[Tensor], pools: list[Tensor]) -> Tensor:
+                   logit_index: Tensor, sinks: Tensor, tables: list[Tensor],
+                   pools: list[Tensor]) -> Tensor:
         """One step of a batch: T tokens of several sequences (ragged), on the paged cache.
 
         Token t is at ``positions[t]`` of the sequence in row ``rows[t]`` of each group's page
-        table (model/kv_paged.py); its key and value are written to the pools in place. The
-        logits [R, vocab] are those of the tokens at ``logit_index`` (each sequence's last).
+        table (model/kv_paged.py); its key and value are written to the pools in place. ``sinks``
+        [R, 3]: each row's attention sinks (count, page, shift; zeros for none). The logits
+        [R, vocab] are those of the tokens at ``logit_index`` (each sequence's last).
         """
         embed = self.embed(input_ids)
         hidden = op.reshape(embed, (1, input_ids.shape[0], self.config.hidden_size))
-        cache = PagedCache(self.config, positions, rows, tables, pools)
+        cache = PagedCache(self.config, positions, rows, sinks, tables, pools)
         hidden = op.take(self.model(hidden, cache), logit_index, axis=1)
         logits = self.get_logits(hidden)
         return op.reshape(logits, (logit_index.shape[0], self.config.vocab_size))

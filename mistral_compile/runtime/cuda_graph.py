@@ -51,6 +51,7 @@ class GraphedStep:
                ctypes.c_uint(0))  # 0: a blocking stream, ordered with the legacy default one
         self.max_rows, self.max_widths = max_rows, max_widths
         self._inputs = [tvm.runtime.empty((max_rows,), "int32", device) for _ in range(4)]
+        self._sinks = tvm.runtime.empty((max_rows * 3,), "int32", device)
         self._tables = [tvm.runtime.empty((max_rows * w,), "int32", device) for w in max_widths]
         self.graphs: dict[tuple, tuple[ctypes.c_void_p, tvm.runtime.Tensor]] = {}
         self._threads: list[threading.Thread] = []  # one parked thread per graph (_capture)
@@ -65,7 +66,8 @@ class GraphedStep:
             params: Any) -> tvm.runtime.Tensor:
         """The step's logits [rows, vocab] (float32, on the device) from its graph."""
         rows = len(arrays[0])
-        views = [buf._create_view((rows,)) for buf in self._inputs]
+        views = [buf._create_view((rows,)) for buf in self._inputs] + [
+            self._sinks._create_view((rows, 3))]
         table_views = [buf._create_view(t.shape) for buf, t in zip(self._tables, tables,
                                                                      strict=True)]
         for view, array in zip(views + table_views, list(arrays) + list(tables), strict=True):

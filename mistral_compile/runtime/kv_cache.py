@@ -9,6 +9,11 @@ prefix cache): a later sequence with the same prefix takes the page instead of c
 Pages are reference counted; a registered page nobody holds stays cached until a fresh page is
 needed, oldest first (LRU). KV at a position depends only on the tokens up to it, so sharing
 is exact; with a window a prefix is reusable while the pages the next query reads are there.
+
+StreamingLLM sinks (``sink`` > 0, one windowed group): a sequence keeps the page of its first
+PAGE_SIZE positions when the window passes it (``SequencePages.sink_page``), and each step's
+row tells the kernels the sink count, that page and the shift (``sink_row``). The KV of later
+positions then depends on the chunking, so the engine turns prefix caching off.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class SequencePages:
     held: list[dict[int, int]]
     length: int = 0  # tokens whose KV is in the pages
     keys: list[bytes] = field(default_factory=list)  # prefix hash of each full page so far
+    sink_page: int | None = None  # with sinks: logical page 0, kept once the window passed it
 
 
 def prefix_keys(tokens: list[int], pages: int, known: list[bytes] | None = None) -> list[bytes]:
@@ -100,8 +106,8 @@ class KVCacheManager:
     """The pages of every sequence across the window groups' pools."""
 
     def __init__(self, groups: list[KVGroup], pages: list[int], chunk: int, context: int,
-                 prefix_caching: bool = True) -> None:
-        self.groups = groups
+                 prefix_caching: bool = True, sink: int = 0) -> None:
+        self.groups, self.sink = groups, sink
         self.pools = [PagePool(n) for n in pages]
         self.widths = [ring_width(g.window, chunk, context) for g in groups]
         self.prefix_caching = prefix_caching
@@ -186,7 +192,11 @@ class KVCacheManager:
                 continue
             first = max(0, seq.length - group.window + 1) // PAGE_SIZE
             for lp in [lp for lp in seq.held[g] if lp < first]:
-                self.pools[g].drop(seq.held[g].pop(lp))
+                page = seq.held[g].pop(lp)
+                if lp == 0 and self.sink:
+                    seq.sink_page = page  # the sinks stay while the sequence lives
+                else:
+                    self.pools[g].drop(page)
 
     def release(self, seq: SequencePages) -> None:
         """Drop every page of the sequence (finished, cancelled or preempted)."""
@@ -194,7 +204,19 @@ class KVCacheManager:
             for page in held.values():
                 self.pools[g].drop(page)
             held.clear()
-        seq.length, seq.keys = 0, []
+        if seq.sink_page is not None:
+            self.pools[0].drop(seq.sink_page)
+        seq.length, seq.keys, seq.sink_page = 0, [], None
+
+    def sink_row(self, seq: SequencePages, start: int) -> tuple[int, int, int]:
+        """(sink count, the sinks' page, shift) of a step whose chunk starts at ``start``.
+
+        (0, 0, 0) without sinks. The shift is the float64 reference's: max(0, start - (W - 1)).
+        """
+        if not self.sink:
+            return 0, 0, 0
+        page = seq.sink_page if seq.sink_page is not None else seq.held[0][0]
+        return self.sink, page, max(0, start - (self.groups[0].window - 1))
 
     def table(self, g: int, seqs: list[SequencePages], width: int) -> np.ndarray:
         """Group g's page table for a step's rows: [rows, width] int32."""

@@ -41,6 +41,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # page pools' total; None: from free memory
     num_pages: list[int] | None = None  # pages per window group (overrides kv_cache_bytes)
     prefix_caching: bool = True
+    attention_sink_size: int = 0  # StreamingLLM sinks per sequence (0: the exact window)
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (runtime/cuda_graph.py)
 
     def __post_init__(self) -> None:
@@ -49,6 +50,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise MistralCompileError(f"{name}={value}: must be a positive integer")
+        sink = self.attention_sink_size
+        if not isinstance(sink, int) or not 0 <= sink <= PAGE_SIZE:
+            raise MistralCompileError(f"attention_sink_size={sink}: must be an integer from 0 "
+                                      f"to {PAGE_SIZE} (one page) in the batched runtime")
 
 
 @dataclass
@@ -118,17 +123,24 @@ class LLM:
         self.config = cfg = self.artifact.config
         self.settings = settings = engine_config or EngineConfig()
         self.chunk_size = settings.prefill_chunk_size or cfg.prefill_chunk_size
-        if cfg.attention_sink_size:
-            logger.warning("the config asks for %d attention sinks: the batched runtime runs the "
-                           "exact sliding window (sinks: the single-sequence Engine)",
-                           cfg.attention_sink_size)
         self.groups = kv_groups(cfg.layer_sliding_window_sizes)
+        sink = settings.attention_sink_size
+        if sink and (len(self.groups) != 1 or not sink < self.groups[0].window - 1):
+            raise MistralCompileError(
+                f"attention_sink_size={sink}: sinks need every layer windowed, with one window "
+                f"larger than sinks + 1 (this model's: {cfg.layer_sliding_window_sizes[0]}"
+                f"{'' if len(self.groups) == 1 else ' and others'}); use 0")
+        if cfg.attention_sink_size and not sink:
+            logger.info("the config's %d attention sinks apply to chat (the single-sequence "
+                        "Engine); the batched runtime runs the exact window unless "
+                        "attention_sink_size is set", cfg.attention_sink_size)
         pages = settings.num_pages or self._plan_pages()
         if len(pages) != len(self.groups) or min(pages) <= 0:
             raise MistralCompileError(f"num_pages={pages}: one positive count per window group "
                                       f"({len(self.groups)})")
+        # with sinks a page's KV depends on how its sequence was chunked: no sharing
         self.kv = KVCacheManager(self.groups, pages, self.chunk_size, cfg.context_window_size,
-                                 settings.prefix_caching)
+                                 settings.prefix_caching and not sink, sink)
         self.scheduler = Scheduler(self.kv, settings.max_batch_size, self.chunk_size,
                                    settings.max_step_tokens)
         self.runner = ModelRunner(self.artifact, self.kv, settings.max_batch_size,

@@ -88,11 +88,11 @@ class ModelRunner:
 
     def arrays(self, work: list[Work], pad: bool = False) -> tuple[list[np.ndarray],
                                                                    list[np.ndarray]]:
-        """The step's (ids, positions, rows, logit index) and its page tables, as numpy.
+        """The step's (ids, positions, rows, logit index, sinks) and its page tables, as numpy.
 
         With ``pad`` (decode steps only) the rows are padded to their bucket.
         """
-        ids, positions, rows, last = [], [], [], []
+        ids, positions, rows, last, sinks = [], [], [], [], []
         total = 0
         for row, w in enumerate(work):
             ids.extend(w.seq.tokens[w.start:w.start + w.count])
@@ -100,6 +100,7 @@ class ModelRunner:
             rows.extend([row] * w.count)
             total += w.count
             last.append(total - 1)
+            sinks.append(self.kv.sink_row(w.seq.pages, w.start))
         widths = self._widths(work, pad)
         seqs = [w.seq.pages for w in work]
         tables = [self.kv.table(g, seqs, width) for g, width in enumerate(widths)]
@@ -110,9 +111,11 @@ class ModelRunner:
             positions += [0] * extra
             rows += range(first, first + extra)
             last += range(total, total + extra)
+            sinks += [(0, 0, 0)] * extra
             tables = [np.concatenate([t, np.full((extra, t.shape[1]), self.scratch[g], "int32")])
                       for g, t in enumerate(tables)]
-        return ([np.asarray(a, dtype="int32") for a in (ids, positions, rows, last)], tables)
+        return ([np.asarray(a, dtype="int32") for a in (ids, positions, rows, last)]
+                + [np.asarray(sinks, dtype="int32").reshape(-1, 3)], tables)
 
     def run(self, work: list[Work]) -> tvm.runtime.Tensor:
         """Logits [len(work), vocab] float32 on the device: of each work's last token."""

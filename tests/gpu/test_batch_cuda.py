@@ -18,7 +18,7 @@ W = 16
 if not torch.cuda.is_available() or not (GPU_DIR / "prepared.json").is_file():
     pytest.skip("needs an NVIDIA GPU and the prepared dist-gpu/ folder", allow_module_level=True)
 
-from test_batch import check_against_hf, engine, join_and_leave  # noqa: E402
+from test_batch import SINKS, check_against_hf, check_sinks, engine, join_and_leave  # noqa: E402
 
 from mistral_compile.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -57,6 +57,18 @@ def test_sequences_joining_and_leaving_equal_hf_alone(name, quant):
     prompts = join_and_leave(llm)
     worst = check_against_hf(hf(name, quant), llm, seen, prompts, TOL[quant])
     print(f"{name} {quant}: max |dlogit| {worst:.2e}")
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+def test_sinks_equal_the_float64_reference(quant):
+    # mc::paged_attn_partial's sink keys (split 0, q rotated back by the shift) and the recent
+    # keys from the sink count on: each sequence against the float64 reference in its chunks
+    llm, seen = gpu_engine("windowed", quant, max_batch_size=4, prefill_chunk_size=8,
+                           max_step_tokens=20, attention_sink_size=SINKS)
+    worst, parted = check_sinks(hf("windowed", "q0f32"), llm, seen)
+    print(f"sinks {SINKS} windowed {quant}: max |dlogit| against float64 {worst:.2e}; against "
+          f"HF's exact window {parted:.2e}")
+    assert worst <= TOL[quant] and parted > 0.2
 
 
 @pytest.mark.parametrize("name", MODELS + ["wide"])

@@ -1748,9 +1748,18 @@ __device__ __forceinline__ void owned_append(const T* __restrict__ qkv, const in
 // rotates q and the new key, reads keys [lo, pos) from the cache and the new one from registers
 // (last split), and that split also writes the new k and v to slot(pos). Otherwise q is already
 // rotated ([rows, HQ, D]) and every key, pos included, comes from the cache.
+// `sinks` (the paged cache's StreamingLLM sinks; count 0: none): the row also sees keys
+// [0, min(count, pos + 1)) at kbase / vbase + page + j D, scored by split 0 with q rotated back
+// by `shift`, and its recent keys are [max(count, pos - (window - count) + 1), pos].
+struct SinkKeys {
+  int count;
+  int64_t page;  // offset of the sinks' page from kbase / vbase, in elements
+  int shift;
+};
+
 template <typename T, int D, int G, int HKV, bool FUSED, typename Slot>
 __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T* kbase,
-                                             T* vbase, Slot slot, int window,
+                                             T* vbase, Slot slot, int window, SinkKeys sinks,
                                              float* __restrict__ ws, int nsplit,
                                              float rope_scale, float rope_theta,
                                              float sm_scale) {
@@ -1771,7 +1780,8 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
   const int sub = lane % L, rg = warp * RPW + lane / L;
   const int d0 = sub * VEC;
 
-  const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+  const int recent = sinks.count > 0 ? window - sinks.count : window;
+  const int lo = max(sinks.count, recent > 0 ? max(0, pos - recent + 1) : 0);
   const int stored_end = FUSED ? pos : pos + 1;  // keys [lo, stored_end) come from the cache
   const int n_keys = stored_end - lo;
   const int chunk = max((n_keys + nsplit - 1) / nsplit, 16);
@@ -1823,13 +1833,14 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
     for (int e = 0; e < VEC; ++e) o[g][e] = 0.f;
   }
 
-  auto accumulate = [&](const float* kf, const float* vf, bool valid) {
+  auto accumulate_with = [&](const float (&qq)[G][VEC], const float* kf, const float* vf,
+                             bool valid) {
     float s[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float acc = 0.f;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc += qv[g][e] * kf[e];
+      for (int e = 0; e < VEC; ++e) acc += qq[g][e] * kf[e];
       s[g] = acc;
     }
 #pragma unroll
@@ -1849,6 +1860,35 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
       }
     }
   };
+  auto accumulate = [&](const float* kf, const float* vf, bool valid) {
+    accumulate_with(qv, kf, vf, valid);
+  };
+
+  if (sinks.count > 0 && split == 0) {  // the sink keys, with q rotated back by the shift
+    float qs[G][VEC];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float partner[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        partner[e] = __shfl_xor_sync(0xffffffffu, qv[g][e], L / 2);
+        qs[g][e] = qv[g][e];
+      }
+      rope<VEC, D>(qs[g], partner, inv, d0, -sinks.shift, 1.f);
+    }
+    const int n_sink = min(sinks.count, pos + 1);
+    for (int base = 0; base < n_sink; base += GROUPS) {
+      const int r = base + rg;
+      float kf[VEC], vf[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) kf[e] = vf[e] = 0.f;
+      if (r < n_sink) {
+        load16(kbase + sinks.page + static_cast<int64_t>(r) * D + d0, kf);
+        load16(vbase + sinks.page + static_cast<int64_t>(r) * D + d0, vf);
+      }
+      accumulate_with(qs, kf, vf, r < n_sink);
+    }
+  }
 
   for (int base = row_begin; base < row_end; base += GROUPS * UNROLL) {
     uint4 kn[UNROLL], vn[UNROLL];
@@ -1929,8 +1969,8 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
   attn_partial<T, D, G, HKV, FUSED>(
       q, len[0] + b, owned_rows<T, HKV, D>(state, layer, 0, kvh, cap),
       owned_rows<T, HKV, D>(state, layer, 1, kvh, cap),
-      [cap](int r) { return static_cast<int64_t>(r % cap) * D; }, window, ws, nsplit,
-      rope_scale, rope_theta, sm_scale);
+      [cap](int r) { return static_cast<int64_t>(r % cap) * D; }, window, SinkKeys{0, 0, 0}, ws,
+      nsplit, rope_scale, rope_theta, sm_scale);
 }
 
 // ---- The paged cache of a batch (mistral_compile/model/kv_paged.py) ----
@@ -1983,16 +2023,19 @@ __device__ __forceinline__ void paged_append(const T* __restrict__ qkv,
 
 // Split-KV attention of a step's rows (appended, q rotated) through the page tables: grid
 // (nsplit, H_kv, n), 128 threads; row b at positions[b] of table row rows[b] (attn_partial).
+// sinks [table rows, 3]: each row's sink count, the sinks' page and the shift (SinkKeys).
 template <typename T, int D, int G, int HKV, int P>
 __device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
                                                    const int* __restrict__ positions,
                                                    const int* __restrict__ rows,
+                                                   const int* __restrict__ sinks,
                                                    const int* __restrict__ table, int width,
                                                    T* __restrict__ pool, int layer, int layers,
                                                    int window, float* __restrict__ ws,
-                                                   int nsplit, float sm_scale) {
+                                                   int nsplit, float sm_scale, float theta) {
   const int kvh = blockIdx.y, b = blockIdx.z;
   const int* trow = table + static_cast<int64_t>(rows[b]) * width;
+  const int* srow = sinks + static_cast<int64_t>(rows[b]) * 3;
   const int64_t page_stride = static_cast<int64_t>(layers) * 2 * HKV * P * D;
   attn_partial<T, D, G, HKV, false>(
       q, positions[b], paged_rows<T, HKV, D, P>(pool, layer, layers, 0, kvh),
@@ -2000,7 +2043,8 @@ __device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
       [=](int r) {
         return trow[(r / P) % width] * page_stride + static_cast<int64_t>(r % P) * D;
       },
-      window, ws, nsplit, 1.f, 1.f, sm_scale);
+      window, SinkKeys{srow[0], srow[1] * page_stride, srow[2]}, ws, nsplit, 1.f, theta,
+      sm_scale);
 }
 
 // Pass 2 of paged_attn_partial: decode_attn_merge without the log-sum-exp.
