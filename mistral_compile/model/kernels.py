@@ -726,29 +726,123 @@ def gemm_wgmma(out_features: int, in_features: int, out_dtype: str,
     return with_residual if epilogue == "residual" else func
 
 
-@functools.cache
-def gemm_wgmma_expert(out_features: int, in_features: int, experts: int, out_dtype: str,
-                      epilogue: str = "plain") -> tirx.PrimFunc:
-    """y[b, s, N'] = x[b, s, K] @ W[e, N, K]^T: expert ``e`` of stacked weights on gemm_wgmma.
+MOE_ALIGN_THREADS = 1024
 
-    The tiles of gemm_wgmma over every row of x, with W's TMA descriptor at expert e's offset
-    (the mixture-of-experts prefill, model/moe.py); epilogues as gemm_wgmma's ("silu": W[e] is
-    [gate; up]).
+
+def moe_rows(tokens: tirx.PrimExpr, experts: int, top_k: int) -> tirx.PrimExpr:
+    """Rows of moe_align's layout: the T k pairs, each expert's run padded to WG_BM rows."""
+    return tirx.floordiv(tokens * top_k + experts * (WG_BM - 1) + WG_BM - 1, WG_BM) * WG_BM
+
+
+@functools.cache
+def moe_align(experts: int) -> tirx.PrimFunc:
+    """mc::moe_align: each (token, chosen expert) pair's row in the grouped layout.
+
+    expert [P] int32 -> rows [M] (the pair in each row, -1 padding), tile_expert [M / WG_BM]
+    (-1 past the last run), where [P] (each pair's row).
+    """
+    extern = f"mc::moe_align<{experts}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(expert_handle: T.handle, rows_handle: T.handle, tiles_handle: T.handle,
+             where_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        pairs, m, tiles = T.int64(), T.int64(), T.int64()
+        expert = T.match_buffer(expert_handle, (pairs,), "int32")
+        rows = T.match_buffer(rows_handle, (m,), "int32")
+        tile_expert = T.match_buffer(tiles_handle, (tiles,), "int32")
+        where = T.match_buffer(where_handle, (pairs,), "int32")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(MOE_ALIGN_THREADS, thread="threadIdx.x"):
+                with T.sblock("moe_align"):
+                    T.reads(expert[0:pairs])
+                    T.writes(rows[0:m], tile_expert[0:tiles], where[0:pairs])
+                    T.evaluate(T.call_extern(
+                        "void", extern, expert.access_ptr("r"), T.Cast("int32", pairs),
+                        rows.access_ptr("w"), tile_expert.access_ptr("w"),
+                        where.access_ptr("w"), T.Cast("int32", m)))
+
+    return func
+
+
+@functools.cache
+def moe_gather(hidden: int, top_k: int) -> tirx.PrimFunc:
+    """mc::moe_gather: x [T, H] float16 -> xs [1, M, H], each row its pair's token (or 0)."""
+    extern = f"mc::moe_gather<{hidden}, {top_k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_handle: T.handle, rows_handle: T.handle, xs_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        t, m = T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (t, hidden), "float16")
+        rows = T.match_buffer(rows_handle, (m,), "int32")
+        xs = T.match_buffer(xs_handle, (1, m, hidden), "float16")
+        for _bx in T.thread_binding(T.max(1, T.ceildiv(m * (hidden // 8), 256)),
+                                    thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("moe_gather"):
+                    T.reads(x[0:t, 0:hidden], rows[0:m])
+                    T.writes(xs[0, 0:m, 0:hidden])
+                    T.evaluate(T.call_extern("void", extern, x.access_ptr("r"),
+                                             rows.access_ptr("r"), T.Cast("int32", m),
+                                             xs.access_ptr("w")))
+
+    return func
+
+
+@functools.cache
+def moe_combine(hidden: int, top_k: int, out_dtype: str) -> tirx.PrimFunc:
+    """mc::moe_combine: y [1, M, H] float32, where [P], weight [P] -> out [T, H] (out_dtype)."""
+    extern = f"mc::moe_combine<{CTYPES[out_dtype]}, {hidden}, {top_k}>"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(y_handle: T.handle, where_handle: T.handle, weight_handle: T.handle,
+             out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        m, pairs, t = T.int64(), T.int64(), T.int64()
+        y = T.match_buffer(y_handle, (1, m, hidden), "float32")
+        where = T.match_buffer(where_handle, (pairs,), "int32")
+        weight = T.match_buffer(weight_handle, (pairs,), "float32")
+        out = T.match_buffer(out_handle, (t, hidden), out_dtype)
+        for _bx in T.thread_binding(T.max(1, T.ceildiv(t * hidden, 256)), thread="blockIdx.x"):
+            for _tx in T.thread_binding(256, thread="threadIdx.x"):
+                with T.sblock("moe_combine"):
+                    T.reads(y[0, 0:m, 0:hidden], where[0:pairs], weight[0:pairs])
+                    T.writes(out[0:t, 0:hidden])
+                    T.evaluate(T.call_extern("void", extern, y.access_ptr("r"),
+                                             where.access_ptr("r"), weight.access_ptr("r"),
+                                             T.Cast("int32", t), out.access_ptr("w")))
+
+    return func
+
+
+@functools.cache
+def gemm_wgmma_grouped(out_features: int, in_features: int, experts: int, out_dtype: str,
+                       epilogue: str = "plain") -> tirx.PrimFunc:
+    """y[1, M, N'] = xs[1, M, K] @ W[e(tile), N, K]^T: each WG_BM-row tile against its expert.
+
+    mc::gemm_wgmma over moe_align's layout: W's descriptor spans the stacked [E N, K] weight and
+    each tile starts at its expert's rows (tile_expert; -1 tiles do nothing). Epilogues as
+    gemm_wgmma's ("silu": W[e] is [gate; up]).
     """
     n, k = out_features, in_features
     outputs = n // 2 if epilogue == "silu" else n
-    wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue)
+    wgmma_launches = _wgmma_macro(n, k, out_dtype, epilogue, w_rows=experts * n)
 
     @T.prim_func(private=True, s_tir=True)
-    def func(x_handle: T.handle, w: T.Buffer((experts, n, k), "float16"), e: T.int32,
+    def func(x_handle: T.handle, w: T.Buffer((experts, n, k), "float16"), tiles_handle: T.handle,
              y_handle: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b = T.int64()
+        b = T.int64()  # 1; named as gemm_wgmma's, whose launch macros read b and s
         s = T.int64()
+        tiles = T.int64()
         x = T.match_buffer(x_handle, (b, s, k), "float16")
+        tile_expert = T.match_buffer(tiles_handle, (tiles,), "int32")
         y = T.match_buffer(y_handle, (b, s, outputs), out_dtype)
-        wgmma_launches(x, w.access_ptr("r", offset=T.Cast("int64", e) * n * k),
-                       [w[0:experts, 0:n, 0:k]], y, [])
+        # aux (unread by these epilogues) stands in as y; then the tiles' experts
+        wgmma_launches(x, w.access_ptr("r"), [w[0:experts, 0:n, 0:k]], y,
+                       [tile_expert[0:tiles]], y.access_ptr("r"), tile_expert.access_ptr("r"),
+                       n)
 
     return func
 
@@ -863,12 +957,16 @@ def _split_epilogue_macro(n: int, out_dtype: str, epilogue: str):  # noqa: ANN20
     return finish_launch
 
 
-def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str):  # noqa: ANN202
-    """The two launches of mc::gemm_wgmma (TMA descriptors, then the tiles) as a TIR macro."""
+def _wgmma_macro(n: int, k: int, out_dtype: str, epilogue: str,  # noqa: ANN202
+                 w_rows: int | None = None):
+    """The two launches of mc::gemm_wgmma (TMA descriptors, then the tiles) as a TIR macro.
+
+    ``w_rows``: the rows of W's descriptor (grouped experts: all E * n of them), default n.
+    """
     outputs = n // 2 if epilogue == "silu" else n
     cols = WG_BN // 2 if epilogue == "silu" else WG_BN
     extern = f"mc::gemm_wgmma<{CTYPES[out_dtype]}, {k}, {GEMM_EPILOGUES[epilogue]}>"
-    write_maps = _tma_maps_macro(n, k)
+    write_maps = _tma_maps_macro(w_rows or n, k)
     grid_n = (outputs + cols - 1) // cols
 
     @T.macro

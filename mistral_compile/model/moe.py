@@ -67,12 +67,10 @@ class MixtralExperts(nn.Module):
 
         Every expert runs on every token and the unchosen ones get weight 0: exact, and E / k
         times the work of reading only the chosen experts (what one token's step does on CUDA:
-        MixtralSparseMoeBlock._decode). On Hopper each expert runs on the tensor cores.
+        MixtralSparseMoeBlock._decode). Hopper runs ``grouped`` instead.
         """
         t, h = x.shape
         gate_up_w, down_w = self.gate_up_proj.dense(), self.down_proj.dense()
-        if self._tensor_cores(x, h):
-            return self._per_expert(x, weights, gate_up_w, down_w)
         xs = op.reshape(x, (1, t, h))
         if gate_up_w.dtype != x.dtype:  # 4-bit: float16 weights against a float32 model
             xs = xs.astype(gate_up_w.dtype)
@@ -84,36 +82,41 @@ class MixtralExperts(nn.Module):
         routed = y * op.unsqueeze(op.permute_dims(weights, [1, 0]), -1)  # [E, T, H]
         return op.sum(routed, axis=0).astype(x.dtype)
 
-
-    def _tensor_cores(self, x: Tensor, h: int) -> bool:
-        """Whether the experts run on mc::gemm_wgmma (sm_90, float16, K multiples of 64)."""
+    def tensor_cores(self, x: Tensor) -> bool:
+        """Whether ``grouped`` applies: sm_90, float16, H and I multiples of 64."""
         return (kernels.on_cuda() and x.dtype == "float16"
-                and kernels.wgmma_supported(h, "float16")
+                and kernels.wgmma_supported(x.shape[1], "float16")
                 and kernels.wgmma_supported(self.intermediate_size, "float16"))
 
-    def _per_expert(self, x: Tensor, weights: Tensor, gate_up_w: Tensor,
-                    down_w: Tensor) -> Tensor:
-        """Each expert over every token on the tensor cores, weighted and summed in float32.
+    def grouped(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        """The chosen experts only, on the tensor cores: x [T, H] float16, top k [T, k].
 
-        Expert e: silu(x gate_e^T) * (x up_e^T) (the GEMM's silu epilogue, float16 as the
-        dense MLP), then its down projection in float32 times the routing weights' column e.
+        The (token, expert) pairs are laid out expert by expert, each expert's run padded to a
+        128-row tile (kernels.moe_align); the tokens are gathered in that order; gate_up (silu
+        epilogue, float16 as the dense MLP) and down (float32) run as grouped GEMMs, each tile
+        on its expert's weight rows; each token sums its k rows weighted by their renormalised
+        probabilities, in float32 (kernels.moe_combine).
         """
         t, h = x.shape
-        e_count, i = self.gate_up_proj.shape[0], self.intermediate_size
-        xs = op.reshape(x, (1, t, h))
-        columns = op.split(weights, e_count, axis=1)  # [T, 1] each
-        out = None
-        for e in range(e_count):
-            index = tirx.IntImm("int32", e)
-            act = op.tensor_ir_op(kernels.gemm_wgmma_expert(2 * i, h, e_count, "float16", "silu"),
-                                  "expert_gate_up", args=[xs, gate_up_w, index],
-                                  out=Tensor.placeholder((1, t, i), "float16"))
-            y = op.tensor_ir_op(kernels.gemm_wgmma_expert(h, i, e_count, "float32"),
-                                "expert_down", args=[act, down_w, index],
-                                out=Tensor.placeholder((1, t, h), "float32"))
-            term = y * op.reshape(columns[e], (1, t, 1))
-            out = term if out is None else out + term
-        return op.reshape(out, (t, h)).astype(x.dtype)
+        k, e_count, i = indices.shape[1], self.gate_up_proj.shape[0], self.intermediate_size
+        gate_up_w, down_w = self.gate_up_proj.dense(), self.down_proj.dense()
+        m = kernels.moe_rows(t, e_count, k)
+        rows, tiles, where = op.tensor_ir_op(
+            kernels.moe_align(e_count), "moe_align", args=[op.reshape(indices, (t * k,))],
+            out=[Tensor.placeholder((m,), "int32"),
+                 Tensor.placeholder((tirx.floordiv(m, kernels.WG_BM),), "int32"),
+                 Tensor.placeholder((t * k,), "int32")])
+        xs = op.tensor_ir_op(kernels.moe_gather(h, k), "moe_gather", args=[x, rows],
+                             out=Tensor.placeholder((1, m, h), "float16"))
+        act = op.tensor_ir_op(kernels.gemm_wgmma_grouped(2 * i, h, e_count, "float16", "silu"),
+                              "experts_gate_up", args=[xs, gate_up_w, tiles],
+                              out=Tensor.placeholder((1, m, i), "float16"))
+        y = op.tensor_ir_op(kernels.gemm_wgmma_grouped(h, i, e_count, "float32"),
+                            "experts_down", args=[act, down_w, tiles],
+                            out=Tensor.placeholder((1, m, h), "float32"))
+        return op.tensor_ir_op(kernels.moe_combine(h, k, x.dtype), "moe_combine",
+                               args=[y, where, op.reshape(values, (t * k,))],
+                               out=Tensor.placeholder((t, h), x.dtype))
 
 
 class MixtralSparseMoeBlock(nn.Module):
@@ -152,7 +155,22 @@ class MixtralSparseMoeBlock(nn.Module):
         if isinstance(b, int) and isinstance(s, int) and b * s == 1 and self._decode_kernels(x):
             return op.reshape(self._decode(op.reshape(x, (1, h))), (b, s, h))
         flat = op.reshape(x, (b * s, h))
+        if self.experts.tensor_cores(flat):
+            values, indices = self.choose(flat)
+            return op.reshape(self.experts.grouped(flat, values, indices), (b, s, h))
         return op.reshape(self.experts(flat, self.routing_weights(flat)), (b, s, h))
+
+    def choose(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's k chosen experts, on the device: (probabilities, indices), both [T, k].
+
+        The probabilities are renormalised over the k (float32); the indices are int32.
+        """
+        t, h = x.shape
+        logits = self.gate(op.reshape(x, (1, t, h)))  # the model's dtype, as HF's nn.Linear
+        probs = op.softmax(op.reshape(logits, (t, self.num_experts)).astype("float32"), axis=-1)
+        values, indices = op.topk(probs, self.top_k, axis=-1, ret_type="both", largest=True,
+                                  dtype="int32")
+        return values / op.sum(values, axis=-1, keepdims=True), indices
 
     def _decode_kernels(self, x: Tensor) -> bool:
         """Whether one token's experts run on mc::gemv_expert (CUDA, shapes our GEMV takes)."""
@@ -169,11 +187,8 @@ class MixtralSparseMoeBlock(nn.Module):
         """
         h, k, ex = x.shape[1], self.top_k, self.experts
         i, e = ex.intermediate_size, self.num_experts
-        logits = self.gate(op.reshape(x, (1, 1, h)))
-        probs = op.softmax(op.reshape(logits, (1, e)).astype("float32"), axis=-1)
-        values, indices = op.topk(probs, k, axis=-1, ret_type="both", largest=True,
-                                  dtype="int32")
-        weights = op.reshape(values / op.sum(values, axis=-1, keepdims=True), (k, 1))
+        values, indices = self.choose(x)
+        weights = op.reshape(values, (k, 1))
         idx = op.reshape(indices, (k,))
 
         def run(w: StackedWeight, rows: int, cols: int, inp: Tensor, mode: str, shared: bool,

@@ -1092,10 +1092,15 @@ __device__ __forceinline__ void wg_store(const float* d, OutT* __restrict__ y,
 // gemm_wgmma_maps on x and w. Edges: TMA fills rows past m (x) or past the weight's rows with
 // zeros; stores are guarded. A consumer warpgroup whose 64 rows all lie past m (a decode step of
 // <= 64 rows) only passes the stages on, so its MMAs are not paid for.
+// Grouped (a mixture of experts' chunk, moe_align's layout): tile_expert[M tile] is the expert
+// whose weight rows [e expert_rows, (e + 1) expert_rows) of the stacked W the tile multiplies
+// (-1: the CTA has nothing to do); maps were made with W's E * expert_rows rows.
 template <typename OutT, int K, int EPI = GEMM_PLAIN>
 __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* __restrict__ y,
                                            int m, int n, half* smem_raw,
-                                           const OutT* __restrict__ aux = nullptr) {
+                                           const OutT* __restrict__ aux = nullptr,
+                                           const int* __restrict__ tile_expert = nullptr,
+                                           int expert_rows = 0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const unsigned base = smem_u32(smem_raw);
   half* smem = smem_raw + ((1024 - base % 1024) % 1024) / 2;
@@ -1110,6 +1115,12 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int2 tile = grouped_tile();
   const int row0 = tile.x * WG_BM, col0 = tile.y * COLS;
+  int wrow = 0;  // the first weight row of this tile's expert (grouped), else 0
+  if (tile_expert != nullptr) {
+    const int e = tile_expert[tile.x];
+    if (e < 0) return;  // past the last expert's run: the whole CTA leaves
+    wrow = e * expert_rows;
+  }
   if (tid == 0) {
     for (int s = 0; s < WG_STAGES; ++s) {
       mbar_init(full + s, 1);   // the producer's arrive, plus the copies' bytes
@@ -1134,7 +1145,7 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
           "l"(map_w)
           : "memory");
       // the weight tile's two boxes: gate and up rows for silu, else rows col0 and col0 + 128
-      const int w0 = col0, w1 = EPI == GEMM_SILU ? col0 + n : col0 + HALF;
+      const int w0 = wrow + col0, w1 = wrow + (EPI == GEMM_SILU ? col0 + n : col0 + HALF);
       for (int i = 0; i < count; ++i) {
         const int s = i % WG_STAGES, k0 = (kt0 + i) * WG_BK;
         if (i >= WG_STAGES) mbar_wait(empty + s, ((i / WG_STAGES) - 1) & 1);
@@ -1182,6 +1193,75 @@ __device__ __forceinline__ void gemm_wgmma(const void* __restrict__ maps, OutT* 
 #endif
 }
 
+
+// ---- Mixture of experts: a chunk's tokens grouped by expert for gemm_wgmma (model/moe.py) ----
+// Pair p = t TOPK + j is token t's j-th chosen expert, expert[p]. moe_align lays the pairs out
+// expert by expert, each expert's run padded to a multiple of WG_BM rows so that a tile has one
+// expert: rows[r] is the pair in row r (-1: padding), tile_expert[i] the expert of tile i (-1:
+// past the last run), where[p] the row of pair p. One CTA of 1024 threads. A pair's slot within
+// its run depends on the order of the atomics, but no row's result depends on its slot, and
+// moe_combine reads each token's rows through where[] in slot order j: the output is the same.
+template <int E>
+__device__ __forceinline__ void moe_align(const int* __restrict__ expert, int pairs,
+                                          int* __restrict__ rows, int* __restrict__ tile_expert,
+                                          int* __restrict__ where, int m_rows) {
+  __shared__ int count[E], start[E + 1], cursor[E];
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += blockDim.x) count[e] = cursor[e] = 0;
+  for (int r = tid; r < m_rows; r += blockDim.x) rows[r] = -1;
+  __syncthreads();
+  for (int p = tid; p < pairs; p += blockDim.x) atomicAdd(&count[expert[p]], 1);
+  __syncthreads();
+  if (tid == 0) {
+    start[0] = 0;
+    for (int e = 0; e < E; ++e) start[e + 1] = start[e] + (count[e] + WG_BM - 1) / WG_BM * WG_BM;
+  }
+  __syncthreads();
+  for (int i = tid; i < m_rows / WG_BM; i += blockDim.x) {
+    int e = 0;
+    while (e < E && start[e + 1] <= i * WG_BM) ++e;
+    tile_expert[i] = e < E ? e : -1;
+  }
+  for (int p = tid; p < pairs; p += blockDim.x) {
+    const int e = expert[p];
+    const int r = start[e] + atomicAdd(&cursor[e], 1);
+    rows[r] = p;
+    where[p] = r;
+  }
+}
+
+// xs[r] = x[rows[r] / TOPK] (zeros in padding rows): 8 halves per thread, 256 per CTA.
+template <int K, int TOPK>
+__device__ __forceinline__ void moe_gather(const half* __restrict__ x,
+                                           const int* __restrict__ rows, int m_rows,
+                                           half* __restrict__ xs) {
+  static_assert(K % 8 == 0, "K must be a multiple of 8");
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(m_rows) * (K / 8)) return;
+  const int r = static_cast<int>(i / (K / 8)), c = static_cast<int>(i % (K / 8)) * 8;
+  const int p = rows[r];
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (p >= 0) v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(p / TOPK) * K + c);
+  *reinterpret_cast<uint4*>(xs + static_cast<int64_t>(r) * K + c) = v;
+}
+
+// out[t] = sum over j < TOPK of weight[t TOPK + j] y[where[t TOPK + j]] (float32, slot order),
+// stored as OutT: one element per thread, 256 per CTA.
+template <typename OutT, int N, int TOPK>
+__device__ __forceinline__ void moe_combine(const float* __restrict__ y,
+                                            const int* __restrict__ where,
+                                            const float* __restrict__ weight, int tokens,
+                                            OutT* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(tokens) * N) return;
+  const int t = static_cast<int>(i / N), c = static_cast<int>(i % N);
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < TOPK; ++j) {
+    acc += weight[t * TOPK + j] * y[static_cast<int64_t>(where[t * TOPK + j]) * N + c];
+  }
+  store(out + i, acc);
+}
 
 // ---- Tensor-core flash attention for prefill (mma.sync m16n8k16, float32 accumulation) ----
 
