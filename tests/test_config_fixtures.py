@@ -57,16 +57,23 @@ def test_params_without_context_need_an_explicit_context(name):
         (-1, 32768, 8192)
 
 
-@pytest.mark.parametrize("name, overrides", [("mixtral-8x7b-v0.1.json", {}),
-                                             ("params-mixtral-8x7b-v0.1.json",
-                                              {"context_window_size": 32768})])
-def test_mixtral_configs_give_its_experts(name, overrides):
-    # HF's num_local_experts / num_experts_per_tok and params.json's moe block, the same model
+X7B = (4096, 14336, 32, 32, 32768)  # hidden, MLP, layers, query heads, context
+X22B = (6144, 16384, 56, 48, 65536)
+
+
+@pytest.mark.parametrize("name, overrides, shape", [
+    ("mixtral-8x7b-v0.1.json", {}, X7B), ("mixtral-8x7b-instruct-v0.1.json", {}, X7B),
+    ("params-mixtral-8x7b-v0.1.json", {"context_window_size": 32768}, X7B),
+    ("mixtral-8x22b-v0.1.json", {}, X22B)])
+def test_mixtral_configs_give_its_experts(name, overrides, shape):
+    # HF's num_local_experts / num_experts_per_tok and params.json's moe block
     cfg = load_source_config(CONFIGS / name, overrides)
+    hidden, mlp, layers, heads, context = shape
     assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (8, 2)
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (4096, 14336, 32)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 128)
-    assert (cfg.sliding_window_size, cfg.context_window_size) == (-1, 32768)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (hidden, mlp, layers)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (heads, 8, 128)
+    assert (cfg.sliding_window_size, cfg.context_window_size) == (-1, context)
+    assert cfg.position_embedding_base == 1e6
     assert "router_aux_loss_coef" in cfg.kwargs or name.startswith("params")  # training: unread
 
 

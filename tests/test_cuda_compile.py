@@ -134,8 +134,9 @@ def _compile_shape(run_cli, tmp_path, name, quantization):
     return cfg, (tmp_path / "k.cu").read_text()
 
 
-# one file per distinct shape in configs/ (the 7B v0.2 and v0.3 share v0.3's; Mixtral's experts
-# have no CUDA kernels yet and are refused). Mistral-Small-24B's down projection reads 32768
+# one file per distinct shape in configs/ (the 7B v0.2 and v0.3 share v0.3's; Mixtral 8x7B's
+# attention is the 7B's, and its experts are checked at 8x22B's shape by the test after this
+# one). Mistral-Small-24B's down projection reads 32768
 # inputs, 64 KB of float16: past the 48 KB of static shared memory the GEMVs once staged x in, it
 # fell back to TVM's own GEMV schedule (decode at 54% of the bandwidth); it now runs ours.
 SHAPES = [("mistral-7b-v0.1.json", "q0f16"), ("mistral-7b-v0.3.json", "q0f16"),
@@ -155,6 +156,19 @@ def test_every_configs_shape_decodes_on_our_kernels(run_cli, tmp_path, name, qua
     for k in (hidden, heads * head_dim, cfg["intermediate_size"]):
         assert gemv.format(k) in code, (name, k)
     assert "matmul" not in code
+
+
+def test_mixtral_8x22b_shape_runs_its_experts_on_our_kernels(run_cli, tmp_path):
+    # one layer at Mixtral-8x22B's shape: a decode step's experts on the expert GEMVs (only
+    # the chosen rows read), a chunk's on the grouped GEMM; attention's projections on ours
+    cfg, code = _compile_shape(run_cli, tmp_path, "mixtral-8x22b-v0.1.json", "q0f16")
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    for kernel in (f"mc::gemv_expert<half, half, {h}, 4>", f"mc::gemv_expert<half, float, {i}, 0>",
+                   "mc::moe_align<8>", f"mc::moe_gather<{h}, 2>", f"mc::gemm_wgmma<half, {h}, 2>",
+                   f"mc::gemm_wgmma<float, {i}, 0>", f"mc::moe_combine<half, {h}, 2>",
+                   f"mc::gemv<half, half, {h},"):
+        assert kernel in code, kernel
+    assert not [line for line in code.splitlines() if "matmul" in line and "experts" in line]
 
 
 def _vm_functions(lib, *names):

@@ -29,6 +29,7 @@ _MOE_MODEL_TYPES = ("mixtral",)
 _MOE_KEYS = ("num_local_experts", "num_experts_per_tok")
 # transformers' MixtralConfig defaults, used where a mixtral config.json leaves a key out
 _MIXTRAL_DEFAULTS = {"num_local_experts": 8, "num_experts_per_tok": 2}
+MIXTRAL_PARAMS_ROPE_THETA = 1e6
 # params.json "moe" block key -> MistralConfig field (mistral-inference's MoeArgs)
 _PARAMS_MOE_KEYS = {"num_experts": "num_local_experts",
                     "num_experts_per_tok": "num_experts_per_tok"}
@@ -169,6 +170,13 @@ def from_mistral_params(data: dict[str, Any],
         else:
             kwargs[key] = value
     args.update(moe_args)
+    if moe_args and kwargs.get("rope_theta") is None:
+        # Mixtral's native params.json has no rope_theta: mistral-inference then uses 1e6, the
+        # value Mixtral was trained with (its HF config.json says so). Dense params.json files
+        # without one (Mistral-7B-v0.1) keep 10000, theirs.
+        kwargs["rope_theta"] = MIXTRAL_PARAMS_ROPE_THETA
+        logger.info("rope_theta = %s (a params.json with experts and no rope_theta: "
+                    "mistral-inference's default)", MIXTRAL_PARAMS_ROPE_THETA)
     key_names = {field: key for key, field in PARAMS_KEY_MAP.items()}
     key_names.update({field: f"moe.{key}" for key, field in _PARAMS_MOE_KEYS.items()})
     return _build(args, kwargs, overrides, key_names)
