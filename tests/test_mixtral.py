@@ -55,6 +55,27 @@ def test_mixtral_in_the_batched_runtime_equals_hf_alone(mixtral):
     assert check_against_hf(ref, llm, seen, prompts, TOL) <= TOL
 
 
+@pytest.mark.parametrize("mixtral", ["windowed"], indirect=True)
+def test_generate_runs_a_mixtral_library_unchanged(mixtral, run_cli, tmp_path):
+    # `mistral-compile generate` on a Mixtral library, prompts past the window, batched
+    _, ref, root = mixtral
+    rng = np.random.default_rng(3)
+    lines = [{"id": i, "prompt_token_ids": rng.integers(3, 256, n).tolist(), "max_tokens": 6,
+              "ignore_eos": True} for i, n in enumerate((1, W + 3, 3 * W))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    done = run_cli("generate", root / "model", "--lib", root / "lib.so", "--input",
+                   tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl",
+                   "--prefill-chunk-size", "8")
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for o, line in zip(out, lines, strict=True):
+        tokens = list(line["prompt_token_ids"])
+        with torch.no_grad():
+            for _ in range(line["max_tokens"]):
+                tokens.append(int(ref(torch.tensor([tokens])).logits[0, -1].argmax()))
+        assert o["id"] == line["id"] and o["token_ids"] == tokens[len(line["prompt_token_ids"]):]
+
+
 def test_the_routing_really_chooses(mixtral):
     # the experts matter: zeroing all but the first changes HF's logits, and our engine equals
     # HF routing to its top 2 while it differs from HF's model routing to all 4 experts on the
