@@ -49,6 +49,11 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     assert "mc::owned_attn_partial<half, 64, 2, 2, true>" in code
     assert "mc::owned_append<half, 64, 4, 2>" in code and "mc::prefill_attn_owned<64, 2, 2>" in code
     assert "mc::argmax_advance" in code
+    # the batched step's paged attention, built with and without the StreamingLLM sink branch
+    # (the host picks by the width of the step's sinks array: no registers spent on sinks
+    # unless an engine asks for them)
+    assert all(f"mc::paged_attn_partial<half, 64, 2, 2, 16, {s}>" in code
+               for s in ("false", "true"))
     # and a decode step is one CUDA graph: every layer's attention inside, no call to TVM's cache
     decode, capture = _vm_functions(tmp_path / "l.so", "decode", "decode_cuda_graph_capture")
     assert "run_or_capture" in decode and "attention_kv_cache" not in decode

@@ -89,7 +89,7 @@ def module_spec(model: nn.Module) -> nn.spec.ModuleSpec:
             "positions": nn.spec.Tensor(["num_tokens"], "int32"),
             "rows": nn.spec.Tensor(["num_tokens"], "int32"),
             "logit_index": nn.spec.Tensor(["num_logits"], "int32"),
-            "sinks": nn.spec.Tensor(["num_rows", 3], "int32"),
+            "sinks": nn.spec.Tensor(["num_rows", "sink_columns"], "int32"),
             "tables": [nn.spec.Tensor(["num_rows", f"width_{g}"], "int32")
                        for g in range(len(groups))],
             "pools": [nn.spec.Tensor([f"pages_{g}", len(group.layers), 2,

@@ -17,9 +17,11 @@ Attention is exact: the query at position p sees keys [p - W + 1, p] (or [0, p])
 sequence, as Hugging Face. The kernels run the rows in parallel, so a step's rows may belong to
 any sequences in any order; each sequence's rows of a step are consecutive positions.
 
-StreamingLLM sinks (a windowed model): ``sinks`` [rows, 3] int32 holds each table row's sink
-count s (0: none, the exact window above), the page that holds its first PAGE_SIZE positions
-(kept when the window passes it) and its step's shift = max(0, chunk start - (W - 1)). The query
+StreamingLLM sinks (a windowed model): ``sinks`` [rows, SINK_COLUMNS] int32 holds each table
+row's sink count s (0: none, the exact window above), the page that holds its first PAGE_SIZE
+positions (kept when the window passes it) and its step's shift = max(0, chunk start - (W - 1)).
+An engine without sinks sends [rows, 1] zeros, and the CUDA step then runs the kernel built
+without the sink branch (the width is known on the host). The query
 at p then sees the s sink keys j < s and the recent keys p - j < W - s, with positions as the
 float64 reference (tests/reference.py::streaming_logits) gives them: recent keys and the query
 shifted alike, so their scores are those of the stored (absolutely rotated) keys; a sink key
@@ -46,6 +48,7 @@ def kv_groups(config: MistralConfig) -> list[KVGroup]:
     return abi.kv_groups(config.layer_sliding_window_sizes)
 
 
+SINK_COLUMNS = 3  # count, page, shift (abi.SINK_COLUMNS: the runtime's side)
 TARGET_CTAS = 1056  # split-KV CTAs a step aims for: 8 per SM of an H200 (132 SMs)
 
 
@@ -172,7 +175,8 @@ def attention_cpu(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window: 
         q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
         positions = T.match_buffer(pos_handle, (n,), "int32")
         rows = T.match_buffer(row_handle, (n,), "int32")
-        sinks = T.match_buffer(sink_handle, (b, 3), "int32")
+        cols = T.int64()
+        sinks = T.match_buffer(sink_handle, (b, cols), "int32")
         table = T.match_buffer(table_handle, (b, w), "int32")
         pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
         out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
@@ -189,7 +193,7 @@ def attention_cpu(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window: 
                 h: T.int64 = task % h_q
                 pos: T.int32 = positions[r]
                 seq: T.int32 = rows[r]
-                sink: T.int32 = sinks[seq, 0]
+                sink: T.int32 = T.if_then_else(cols == SINK_COLUMNS, sinks[seq, 0], 0)
                 nsink: T.int32 = T.min(sink, pos + 1)  # sink keys this query sees
                 lo: T.int32 = T.if_then_else(sink > 0, T.max(sink, pos - (window - sink) + 1),
                                              T.max(pos - span, 0))
@@ -302,38 +306,47 @@ def attention_cuda(layers: int, h_q: int, h_kv: int, d: int, dtype: str, window:
     keys); mc::paged_merge merges them.
     """
     group = h_q // h_kv
-    partial = f"mc::paged_attn_partial<{CTYPES[dtype]}, {d}, {group}, {h_kv}, {PAGE_SIZE}>"
+    kernel = f"mc::paged_attn_partial<{CTYPES[dtype]}, {d}, {group}, {h_kv}, {PAGE_SIZE}"
+    partial, partial_sinks = kernel + ", false>", kernel + ", true>"
     merge = f"mc::paged_merge<{CTYPES[dtype]}, {d}>"
 
-    @T.prim_func(private=True, s_tir=True)
-    def func(q_handle: T.handle, pos_handle: T.handle, row_handle: T.handle,
-             sink_handle: T.handle, table_handle: T.handle, pool_handle: T.handle,
-             layer: T.int32, out_handle: T.handle):
-        T.func_attr({"tirx.is_scheduled": True})
-        n, b, w, pages = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
-        positions = T.match_buffer(pos_handle, (n,), "int32")
-        rows = T.match_buffer(row_handle, (n,), "int32")
-        sinks = T.match_buffer(sink_handle, (b, 3), "int32")
-        table = T.match_buffer(table_handle, (b, w), "int32")
-        pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
-        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
-        ws = T.alloc_buffer((n * h_q * _splits(n, h_kv) * (d + 2),), "float32")
+    @T.macro
+    def launch_partial(extern, q, positions, rows, sinks, table, pool, layer, ws, n, b, w):  # noqa: ANN001, ANN202
         for _bx in T.thread_binding(_splits(n, h_kv), thread="blockIdx.x"):
             for _by in T.thread_binding(h_kv, thread="blockIdx.y"):
                 for _bz in T.thread_binding(n, thread="blockIdx.z"):
                     for _tx in T.thread_binding(128, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads(q[0, 0:n, 0:h_q, 0:d], positions[0:n], rows[0:n],
-                                    sinks[0:b, 0:3], table[0:b, 0:w])
+                                    sinks[0:b, 0:sinks.shape[1]], table[0:b, 0:w])
                             T.writes(ws[0:n * h_q * _splits(n, h_kv) * (d + 2)])
                             T.evaluate(T.call_extern(
-                                "void", partial, q.access_ptr("r"), positions.access_ptr("r"),
+                                "void", extern, q.access_ptr("r"), positions.access_ptr("r"),
                                 rows.access_ptr("r"), sinks.access_ptr("r"),
                                 table.access_ptr("r"), T.Cast("int32", w), pool.access_ptr("r"),
                                 layer, layers, window, ws.access_ptr("rw"),
                                 T.Cast("int32", _splits(n, h_kv)), T.float32(sm_scale),
                                 T.float32(theta)))
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_handle: T.handle, pos_handle: T.handle, row_handle: T.handle,
+             sink_handle: T.handle, table_handle: T.handle, pool_handle: T.handle,
+             layer: T.int32, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n, b, w, pages, cols = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        positions = T.match_buffer(pos_handle, (n,), "int32")
+        rows = T.match_buffer(row_handle, (n,), "int32")
+        sinks = T.match_buffer(sink_handle, (b, cols), "int32")
+        table = T.match_buffer(table_handle, (b, w), "int32")
+        pool = T.match_buffer(pool_handle, _pool_shape(layers, h_kv, d, pages), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        ws = T.alloc_buffer((n * h_q * _splits(n, h_kv) * (d + 2),), "float32")
+        if cols == SINK_COLUMNS:  # the host knows the width: the sink branch only when sent
+            launch_partial(partial_sinks, q, positions, rows, sinks, table, pool, layer, ws, n,
+                           b, w)
+        else:
+            launch_partial(partial, q, positions, rows, sinks, table, pool, layer, ws, n, b, w)
         for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
             for _by in T.thread_binding(n, thread="blockIdx.y"):
                 for _tx in T.thread_binding(d, thread="threadIdx.x"):

@@ -451,7 +451,8 @@ class MistralForCausalLM(nn.Module):
 
         Token t is at ``positions[t]`` of the sequence in row ``rows[t]`` of each group's page
         table (model/kv_paged.py); its key and value are written to the pools in place. ``sinks``
-        [R, 3]: each row's attention sinks (count, page, shift; zeros for none). The logits
+        [R, 3]: each row's attention sinks (count, page, shift), or [R, 1] zeros for an engine
+        without sinks. The logits
         [R, vocab] are those of the tokens at ``logit_index`` (each sequence's last).
         """
         embed = self.embed(input_ids)

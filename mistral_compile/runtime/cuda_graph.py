@@ -67,7 +67,7 @@ class GraphedStep:
         """The step's logits [rows, vocab] (float32, on the device) from its graph."""
         rows = len(arrays[0])
         views = [buf._create_view((rows,)) for buf in self._inputs] + [
-            self._sinks._create_view((rows, 3))]
+            self._sinks._create_view(arrays[4].shape)]
         table_views = [buf._create_view(t.shape) for buf, t in zip(self._tables, tables,
                                                                      strict=True)]
         for view, array in zip(views + table_views, list(arrays) + list(tables), strict=True):

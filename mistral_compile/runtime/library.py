@@ -22,7 +22,7 @@ LIBRARY_FORMAT_VERSION = 9  # 2: "target" is cpu/cuda, "arch" added; 3: "param_s
 # KV cache (its storage among the parameters), *_paged on TVM's; 7: CPU libraries: "cpu_level",
 # "cpu_flags", and "param_layouts" (weights the engine packs in panels at load); 8: batch_step
 # on our paged cache (model/kv_paged.py) replaces batch_*, "page_size"; 9: batch_step takes each
-# row's attention sinks (count, page, shift)
+# row's attention sinks (count, page, shift), or one zero column without sinks
 STATE_PREFIX = "kv_state."  # parameters that hold the owned KV cache: allocated, never loaded
 _loaded: set[str] = set()
 

@@ -114,8 +114,10 @@ class ModelRunner:
             sinks += [(0, 0, 0)] * extra
             tables = [np.concatenate([t, np.full((extra, t.shape[1]), self.scratch[g], "int32")])
                       for g, t in enumerate(tables)]
+        # without sinks one zero column: the CUDA step then runs the kernel without them
+        sinks = np.asarray(sinks, dtype="int32").reshape(-1, 3)
         return ([np.asarray(a, dtype="int32") for a in (ids, positions, rows, last)]
-                + [np.asarray(sinks, dtype="int32").reshape(-1, 3)], tables)
+                + [sinks if self.kv.sink else sinks[:, :1]], tables)
 
     def run(self, work: list[Work]) -> tvm.runtime.Tensor:
         """Logits [len(work), vocab] float32 on the device: of each work's last token."""

@@ -1828,16 +1828,17 @@ __device__ __forceinline__ void owned_append(const T* __restrict__ qkv, const in
 // rotates q and the new key, reads keys [lo, pos) from the cache and the new one from registers
 // (last split), and that split also writes the new k and v to slot(pos). Otherwise q is already
 // rotated ([rows, HQ, D]) and every key, pos included, comes from the cache.
-// `sinks` (the paged cache's StreamingLLM sinks; count 0: none): the row also sees keys
-// [0, min(count, pos + 1)) at kbase / vbase + page + j D, scored by split 0 with q rotated back
-// by `shift`, and its recent keys are [max(count, pos - (window - count) + 1), pos].
+// SINKS (the paged cache's StreamingLLM sinks, `sinks`; count 0: none for this row): the row
+// also sees keys [0, min(count, pos + 1)) at kbase / vbase + page + j D, scored by split 0 with
+// q rotated back by `shift`, and its recent keys are [max(count, pos - (window - count) + 1),
+// pos]. Without SINKS `sinks` is unread and the kernel is the plain window's, registers and all.
 struct SinkKeys {
   int count;
   int64_t page;  // offset of the sinks' page from kbase / vbase, in elements
   int shift;
 };
 
-template <typename T, int D, int G, int HKV, bool FUSED, typename Slot>
+template <typename T, int D, int G, int HKV, bool FUSED, bool SINKS, typename Slot>
 __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T* kbase,
                                              T* vbase, Slot slot, int window, SinkKeys sinks,
                                              float* __restrict__ ws, int nsplit,
@@ -1860,8 +1861,9 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
   const int sub = lane % L, rg = warp * RPW + lane / L;
   const int d0 = sub * VEC;
 
-  const int recent = sinks.count > 0 ? window - sinks.count : window;
-  const int lo = max(sinks.count, recent > 0 ? max(0, pos - recent + 1) : 0);
+  const int sink_count = SINKS ? sinks.count : 0;
+  const int recent = sink_count > 0 ? window - sink_count : window;
+  const int lo = max(sink_count, recent > 0 ? max(0, pos - recent + 1) : 0);
   const int stored_end = FUSED ? pos : pos + 1;  // keys [lo, stored_end) come from the cache
   const int n_keys = stored_end - lo;
   const int chunk = max((n_keys + nsplit - 1) / nsplit, 16);
@@ -1944,7 +1946,7 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
     accumulate_with(qv, kf, vf, valid);
   };
 
-  if (sinks.count > 0 && split == 0) {  // the sink keys, with q rotated back by the shift
+  if (SINKS && sink_count > 0 && split == 0) {  // the sink keys, q rotated back by the shift
     float qs[G][VEC];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -1956,7 +1958,7 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
       }
       rope<VEC, D>(qs[g], partner, inv, d0, -sinks.shift, 1.f);
     }
-    const int n_sink = min(sinks.count, pos + 1);
+    const int n_sink = min(sink_count, pos + 1);
     for (int base = 0; base < n_sink; base += GROUPS) {
       const int r = base + rg;
       float kf[VEC], vf[VEC];
@@ -2046,7 +2048,7 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
                                                    float rope_scale, float rope_theta,
                                                    float sm_scale) {
   const int kvh = blockIdx.y, b = blockIdx.z;
-  attn_partial<T, D, G, HKV, FUSED>(
+  attn_partial<T, D, G, HKV, FUSED, false>(
       q, len[0] + b, owned_rows<T, HKV, D>(state, layer, 0, kvh, cap),
       owned_rows<T, HKV, D>(state, layer, 1, kvh, cap),
       [cap](int r) { return static_cast<int64_t>(r % cap) * D; }, window, SinkKeys{0, 0, 0}, ws,
@@ -2103,8 +2105,9 @@ __device__ __forceinline__ void paged_append(const T* __restrict__ qkv,
 
 // Split-KV attention of a step's rows (appended, q rotated) through the page tables: grid
 // (nsplit, H_kv, n), 128 threads; row b at positions[b] of table row rows[b] (attn_partial).
-// sinks [table rows, 3]: each row's sink count, the sinks' page and the shift (SinkKeys).
-template <typename T, int D, int G, int HKV, int P>
+// SINKS: sinks [table rows, 3] holds each row's sink count, the sinks' page and the shift
+// (SinkKeys); without, it is not read.
+template <typename T, int D, int G, int HKV, int P, bool SINKS>
 __device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
                                                    const int* __restrict__ positions,
                                                    const int* __restrict__ rows,
@@ -2115,16 +2118,19 @@ __device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
                                                    int nsplit, float sm_scale, float theta) {
   const int kvh = blockIdx.y, b = blockIdx.z;
   const int* trow = table + static_cast<int64_t>(rows[b]) * width;
-  const int* srow = sinks + static_cast<int64_t>(rows[b]) * 3;
   const int64_t page_stride = static_cast<int64_t>(layers) * 2 * HKV * P * D;
-  attn_partial<T, D, G, HKV, false>(
+  SinkKeys sink_keys{0, 0, 0};
+  if (SINKS) {
+    const int* srow = sinks + static_cast<int64_t>(rows[b]) * 3;
+    sink_keys = SinkKeys{srow[0], srow[1] * page_stride, srow[2]};
+  }
+  attn_partial<T, D, G, HKV, false, SINKS>(
       q, positions[b], paged_rows<T, HKV, D, P>(pool, layer, layers, 0, kvh),
       paged_rows<T, HKV, D, P>(pool, layer, layers, 1, kvh),
       [=](int r) {
         return trow[(r / P) % width] * page_stride + static_cast<int64_t>(r % P) * D;
       },
-      window, SinkKeys{srow[0], srow[1] * page_stride, srow[2]}, ws, nsplit, 1.f, theta,
-      sm_scale);
+      window, sink_keys, ws, nsplit, 1.f, theta, sm_scale);
 }
 
 // Pass 2 of paged_attn_partial: decode_attn_merge without the log-sum-exp.
