@@ -84,12 +84,26 @@ class PagePool:
 
 @dataclass
 class SequencePages:
-    """A sequence's pages per group (logical page -> physical page) and its KV length."""
+    """A sequence's pages per group (logical page -> physical page) and its KV length.
+
+    ``rows[g]`` is the sequence's page-table row of group g, kept as pages are taken (a step's
+    table is then a stack of rows, not a walk over every held page); ``top[g]`` is one past
+    the highest logical page held.
+    """
 
     held: list[dict[int, int]]
+    rows: list[np.ndarray]
+    top: list[int]
     length: int = 0  # tokens whose KV is in the pages
     keys: list[bytes] = field(default_factory=list)  # prefix hash of each full page so far
     sink_page: int | None = None  # with sinks: logical page 0, kept once the window passed it
+
+    def hold(self, g: int, lp: int, page: int) -> None:
+        """Logical page ``lp`` of group g is physical ``page``: the held map and the row."""
+        self.held[g][lp] = page
+        row = self.rows[g]
+        row[lp % len(row)] = page
+        self.top[g] = max(self.top[g], lp + 1)
 
 
 def prefix_keys(tokens: list[int], pages: int, known: list[bytes] | None = None) -> list[bytes]:
@@ -115,7 +129,9 @@ class KVCacheManager:
         self.queried_tokens = 0
 
     def new_sequence(self) -> SequencePages:
-        return SequencePages([{} for _ in self.groups])
+        return SequencePages([{} for _ in self.groups],
+                             [np.zeros(w, dtype="int32") for w in self.widths],
+                             [0] * len(self.groups))
 
     def _needed(self, g: int, start: int, end: int) -> range:
         """Logical pages of group g that a step over positions [start, end) reads or writes."""
@@ -148,9 +164,9 @@ class KVCacheManager:
                 found.append(dict(zip(range(first, k), pages, strict=True)))
             else:
                 for g, held in enumerate(found):
-                    for page in held.values():
+                    for lp, page in held.items():
                         self.pools[g].hold(page)
-                    seq.held[g] = held
+                        seq.hold(g, lp, page)
                 seq.length, seq.keys = length, keys[:k]
                 self.hit_tokens += length
                 return length
@@ -168,8 +184,9 @@ class KVCacheManager:
                     for tg, tlp, tpage in taken:
                         del seq.held[tg][tlp]
                         self.pools[tg].drop(tpage)
+                        seq.top[tg] = max(seq.held[tg], default=-1) + 1
                     return False
-                seq.held[g][lp] = page
+                seq.hold(g, lp, page)
                 taken.append((g, lp, page))
         return True
 
@@ -204,6 +221,8 @@ class KVCacheManager:
             for page in held.values():
                 self.pools[g].drop(page)
             held.clear()
+            seq.rows[g][:] = 0
+            seq.top[g] = 0
         if seq.sink_page is not None:
             self.pools[0].drop(seq.sink_page)
         seq.length, seq.keys, seq.sink_page = 0, [], None
@@ -219,12 +238,14 @@ class KVCacheManager:
         return self.sink, page, max(0, start - (self.groups[0].window - 1))
 
     def table(self, g: int, seqs: list[SequencePages], width: int) -> np.ndarray:
-        """Group g's page table for a step's rows: [rows, width] int32."""
-        out = np.zeros((len(seqs), width), dtype="int32")
-        for row, seq in enumerate(seqs):
-            for lp, page in seq.held[g].items():
-                out[row, lp % width] = page
-        return out
+        """Group g's page table for a step's rows: [rows, width] int32.
+
+        ``width`` is the group's ring, or (no window) at least ``top``: either way a held page
+        sits at its logical page modulo the width, as in the kept rows.
+        """
+        if not seqs:
+            return np.zeros((0, width), dtype="int32")
+        return np.stack([seq.rows[g][:width] for seq in seqs])
 
     def stats(self) -> dict[str, int]:
         """Pages in use and total per group, and the prefix cache's hits (in tokens)."""

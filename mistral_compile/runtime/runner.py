@@ -80,8 +80,7 @@ class ModelRunner:
         for g, group in enumerate(self.kv.groups):
             width = self.kv.widths[g]
             if group.window <= 0:
-                need = max((max(w.seq.pages.held[g]) + 1 for w in work
-                            if w.seq.pages.held[g]), default=1)
+                need = max(max((w.seq.pages.top[g] for w in work), default=1), 1)
                 width = min(width, 1 << (need - 1).bit_length()) if pad else need
             widths.append(width)
         return widths
