@@ -130,10 +130,12 @@ def test_engine_arguments_reach_the_engine_config():
 
     args = build_parser().parse_args(["generate", "m", "--lib", "l.so", "--input", "x.jsonl",
                                       "--max-num-batched-tokens", "12", "--no-cuda-graphs",
-                                      "--no-prefix-caching", "--max-batch-size", "5"])
+                                      "--no-prefix-caching", "--max-batch-size", "5",
+                                      "--attention-sink-size", "4"])
     cfg = engine_config(args)
-    assert (cfg.max_step_tokens, cfg.cuda_graphs, cfg.prefix_caching, cfg.max_batch_size) == \
-        (12, False, False, 5)
+    assert (cfg.max_step_tokens, cfg.cuda_graphs, cfg.prefix_caching, cfg.max_batch_size,
+            cfg.attention_sink_size) == (12, False, False, 5, 4)
     default = engine_config(build_parser().parse_args(["generate", "m", "--lib", "l.so",
                                                        "--input", "x.jsonl"]))
-    assert (default.max_step_tokens, default.cuda_graphs) == (None, True)
+    assert (default.max_step_tokens, default.cuda_graphs, default.attention_sink_size) == \
+        (None, True, 0)
