@@ -1,8 +1,8 @@
 """What a library's batched functions and the runtime agree on (pure Python, no TVM compiler).
 
 The page layout of the KV cache and its window groups (model/kv_paged.py, runtime/kv_cache.py),
-and the sampler's option columns (model/sampler.py, mc_kernels.cuh OPT_*; a test holds the
-header equal).
+the attention sinks' columns, and the sampler's option columns (model/sampler.py,
+mc_kernels.cuh OPT_*; a test holds the header equal).
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ PAGE_SIZE = 16  # tokens per page: the unit of allocation, sharing and freeing
 OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P = 0, 1, 2, 3
 OPT_REPETITION, OPT_PRESENCE, OPT_FREQUENCY, NUM_OPTIONS = 4, 5, 6, 7
 MAX_TOP_LOGPROBS = 20
+
+# a batched step's attention sinks, columns of an int32 [rows, SINK_COLUMNS] array: count, the
+# sinks' page, shift (model/kv_paged.py; mc_kernels.cuh SINK_COLUMNS). Without sinks one column.
+SINK_COLUMNS = 3
 
 
 @dataclass(frozen=True)

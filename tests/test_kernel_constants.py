@@ -46,6 +46,7 @@ PAIRS = [
     ("OPT_TOP_K", abi.OPT_TOP_K), ("OPT_MIN_P", abi.OPT_MIN_P),
     ("OPT_REPETITION", abi.OPT_REPETITION), ("OPT_PRESENCE", abi.OPT_PRESENCE),
     ("OPT_FREQUENCY", abi.OPT_FREQUENCY), ("NUM_OPTIONS", abi.NUM_OPTIONS),
+    ("SINK_COLUMNS", abi.SINK_COLUMNS),  # the batched step's attention sinks
 ]
 
 

@@ -37,7 +37,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from mistral_compile import abi
-from mistral_compile.abi import PAGE_SIZE, KVGroup
+from mistral_compile.abi import PAGE_SIZE, SINK_COLUMNS, KVGroup
 from mistral_compile.config import MistralConfig
 from mistral_compile.model.cpu_kernels import KEY_BLOCK
 from mistral_compile.model.kernels import CTYPES, MAX_SPLITS, on_cuda
@@ -48,7 +48,6 @@ def kv_groups(config: MistralConfig) -> list[KVGroup]:
     return abi.kv_groups(config.layer_sliding_window_sizes)
 
 
-SINK_COLUMNS = 3  # count, page, shift (abi.SINK_COLUMNS: the runtime's side)
 TARGET_CTAS = 1056  # split-KV CTAs a step aims for: 8 per SM of an H200 (132 SMs)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 
+from mistral_compile.abi import SINK_COLUMNS
 from mistral_compile.runtime.library import _check, _cudart
 
 logger = logging.getLogger("mistral_compile.runtime")
@@ -51,7 +52,7 @@ class GraphedStep:
                ctypes.c_uint(0))  # 0: a blocking stream, ordered with the legacy default one
         self.max_rows, self.max_widths = max_rows, max_widths
         self._inputs = [tvm.runtime.empty((max_rows,), "int32", device) for _ in range(4)]
-        self._sinks = tvm.runtime.empty((max_rows * 3,), "int32", device)
+        self._sinks = tvm.runtime.empty((max_rows * SINK_COLUMNS,), "int32", device)
         self._tables = [tvm.runtime.empty((max_rows * w,), "int32", device) for w in max_widths]
         self.graphs: dict[tuple, tuple[ctypes.c_void_p, tvm.runtime.Tensor]] = {}
         self._threads: list[threading.Thread] = []  # one parked thread per graph (_capture)

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import tvm
 
-from mistral_compile.abi import PAGE_SIZE
+from mistral_compile.abi import PAGE_SIZE, SINK_COLUMNS
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
 from mistral_compile.runtime.scheduler import Work
@@ -114,7 +114,7 @@ class ModelRunner:
             tables = [np.concatenate([t, np.full((extra, t.shape[1]), self.scratch[g], "int32")])
                       for g, t in enumerate(tables)]
         # without sinks one zero column: the CUDA step then runs the kernel without them
-        sinks = np.asarray(sinks, dtype="int32").reshape(-1, 3)
+        sinks = np.asarray(sinks, dtype="int32").reshape(-1, SINK_COLUMNS)
         return ([np.asarray(a, dtype="int32") for a in (ids, positions, rows, last)]
                 + [sinks if self.kv.sink else sinks[:, :1]], tables)
 

@@ -1832,6 +1832,8 @@ __device__ __forceinline__ void owned_append(const T* __restrict__ qkv, const in
 // also sees keys [0, min(count, pos + 1)) at kbase / vbase + page + j D, scored by split 0 with
 // q rotated back by `shift`, and its recent keys are [max(count, pos - (window - count) + 1),
 // pos]. Without SINKS `sinks` is unread and the kernel is the plain window's, registers and all.
+constexpr int SINK_COLUMNS = 3;  // a row of the step's sinks array: count, page, shift
+
 struct SinkKeys {
   int count;
   int64_t page;  // offset of the sinks' page from kbase / vbase, in elements
@@ -2121,7 +2123,7 @@ __device__ __forceinline__ void paged_attn_partial(const T* __restrict__ q,
   const int64_t page_stride = static_cast<int64_t>(layers) * 2 * HKV * P * D;
   SinkKeys sink_keys{0, 0, 0};
   if (SINKS) {
-    const int* srow = sinks + static_cast<int64_t>(rows[b]) * 3;
+    const int* srow = sinks + static_cast<int64_t>(rows[b]) * SINK_COLUMNS;
     sink_keys = SinkKeys{srow[0], srow[1] * page_stride, srow[2]};
   }
   attn_partial<T, D, G, HKV, false, SINKS>(
