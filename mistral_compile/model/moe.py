@@ -138,11 +138,15 @@ class MixtralSparseMoeBlock(nn.Module):
         self.gate = gate
         self.experts = MixtralExperts(config, quantization)
 
-    def routing_weights(self, x: Tensor) -> Tensor:
-        """[T, E] float32: the renormalised probability of each chosen expert, 0 elsewhere."""
+    def probabilities(self, x: Tensor) -> Tensor:
+        """[T, E] float32: the router's softmax over every expert for x [T, H]."""
         t, h = x.shape
         logits = self.gate(op.reshape(x, (1, t, h)))  # the model's dtype, as HF's nn.Linear
-        probs = op.softmax(op.reshape(logits, (t, self.num_experts)).astype("float32"), axis=-1)
+        return op.softmax(op.reshape(logits, (t, self.num_experts)).astype("float32"), axis=-1)
+
+    def routing_weights(self, x: Tensor) -> Tensor:
+        """[T, E] float32: the renormalised probability of each chosen expert, 0 elsewhere."""
+        probs = self.probabilities(x)
         kth = op.topk(probs, self.top_k, axis=-1, ret_type="values", largest=True)
         threshold = op.min(kth, axis=-1, keepdims=True)
         chosen = op.where(op.greater_equal(probs, threshold), probs, op.zeros(probs.shape,
@@ -165,11 +169,8 @@ class MixtralSparseMoeBlock(nn.Module):
 
         The probabilities are renormalised over the k (float32); the indices are int32.
         """
-        t, h = x.shape
-        logits = self.gate(op.reshape(x, (1, t, h)))  # the model's dtype, as HF's nn.Linear
-        probs = op.softmax(op.reshape(logits, (t, self.num_experts)).astype("float32"), axis=-1)
-        values, indices = op.topk(probs, self.top_k, axis=-1, ret_type="both", largest=True,
-                                  dtype="int32")
+        values, indices = op.topk(self.probabilities(x), self.top_k, axis=-1, ret_type="both",
+                                  largest=True, dtype="int32")
         return values / op.sum(values, axis=-1, keepdims=True), indices
 
     def _decode_kernels(self, x: Tensor) -> bool:

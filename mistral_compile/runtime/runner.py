@@ -80,7 +80,7 @@ class ModelRunner:
         for g, group in enumerate(self.kv.groups):
             width = self.kv.widths[g]
             if group.window <= 0:
-                need = max(max((w.seq.pages.top[g] for w in work), default=1), 1)
+                need = max([1] + [w.seq.pages.top[g] for w in work])
                 width = min(width, 1 << (need - 1).bit_length()) if pad else need
             widths.append(width)
         return widths
