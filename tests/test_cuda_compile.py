@@ -161,6 +161,11 @@ def test_every_configs_shape_decodes_on_our_kernels(run_cli, tmp_path, name, qua
     for k in (hidden, heads * head_dim, cfg["intermediate_size"]):
         assert gemv.format(k) in code, (name, k)
     assert "matmul" not in code
+    # and a prefill chunk's attention over the cache runs the Hopper kernel (TMA + wgmma) at
+    # head_dim 128, after the launch that writes its TMA descriptor
+    group, h_kv = heads // cfg["num_key_value_heads"], cfg["num_key_value_heads"]
+    assert f"mc::prefill_attn_owned_wgmma<{group}, {h_kv}>" in code, name
+    assert "mc::prefill_attn_owned_map" in code and "mc::prefill_attn_owned<" not in code
 
 
 def test_mixtral_8x22b_shape_runs_its_experts_on_our_kernels(run_cli, tmp_path):

@@ -41,6 +41,8 @@ PAIRS = [
     # skinny GEMM, flash-attention prefill, sampler
     ("SK_SLAB", kernels.SKINNY_SLAB), ("SK_WARPS", kernels.SKINNY_WARPS),
     ("FA_BR", kernels.FA_ROWS), ("FA_THREADS", kernels.FA_THREADS), ("FA_BC", kv_owned.TILE),
+    ("FW_D", kv_owned.FW_D), ("FW_BM", kv_owned.FW_ROWS), ("FW_THREADS", kv_owned.FW_THREADS),
+    ("FW_SMEM_BYTES", kv_owned.FW_SMEM), ("TMA_MAP_WORDS", kv_owned.TMA_MAP_BYTES // 8),
     ("SAMPLE_THREADS", sampler.SAMPLE_THREADS),
     ("OPT_TEMPERATURE", abi.OPT_TEMPERATURE), ("OPT_TOP_P", abi.OPT_TOP_P),
     ("OPT_TOP_K", abi.OPT_TOP_K), ("OPT_MIN_P", abi.OPT_MIN_P),

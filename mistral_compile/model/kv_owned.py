@@ -33,9 +33,15 @@ from mistral_compile.model.kernels import (
     THREADS,
     VEC,
     on_cuda,
+    wgmma_supported,
 )
 
 TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
+# the Hopper prefill kernel (FW_* in the header): head size, query rows per CTA, threads, and
+# its dynamic shared memory (Q, two stages of K and of V, alignment, mbarriers)
+FW_D, FW_ROWS, FW_THREADS = 128, 128, 288
+FW_SMEM = 128 * 128 * 2 + 2 * 2 * 128 * 128 * 2 + 1024 + 4 * 2 * 8
+TMA_MAP_BYTES = 128
 
 
 def capacity(config: MistralConfig) -> int:
@@ -96,6 +102,8 @@ class OwnedKVCache:
                             out=Tensor.placeholder((1, s, num_qo_heads, d), dtype))
         if not on_cuda():
             attend = attention_cpu(**shape, window=window, sm_scale=sm_scale)
+        elif prefill_wgmma_supported(d, dtype):
+            attend = prefill_wgmma_cuda(**shape, window=window, sm_scale=sm_scale)
         elif prefill_tc_supported(d, dtype):
             attend = prefill_cuda(**shape, window=window, sm_scale=sm_scale)
         else:
@@ -128,6 +136,11 @@ def attention_supported(h_kv: int, h_q: int, d: int, dtype: str) -> bool:
 def prefill_tc_supported(d: int, dtype: str) -> bool:
     """Whether the tensor-core prefill kernel takes this head size and dtype."""
     return dtype == "float16" and d % 16 == 0 and 16 <= d <= 128
+
+
+def prefill_wgmma_supported(d: int, dtype: str) -> bool:
+    """Whether the Hopper prefill kernel applies: an sm_90 target, float16, head_dim 128."""
+    return d == FW_D and wgmma_supported(d, dtype)
 
 
 # ---- CUDA: launch stubs for mc::owned_* (compiler/csrc/mc_kernels.cuh) ----
@@ -240,6 +253,48 @@ def prefill_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
                             "void", extern, q.access_ptr("r"), length.access_ptr("r"),
                             T.Cast("int32", n), storage.access_ptr("r"), layer, cap, window,
                             out.access_ptr("w"), T.float32(sm_scale)))
+
+    return func
+
+
+@functools.cache
+def prefill_wgmma_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str,
+                       window: int, sm_scale: float) -> tirx.PrimFunc:
+    """prefill_cuda's contract on Hopper: the cache's TMA descriptor, then the attention.
+
+    mc::prefill_attn_owned_map (one warp) writes the descriptor of the whole storage, then
+    mc::prefill_attn_owned_wgmma runs 128 query rows of one head per CTA.
+    """
+    extern = f"mc::prefill_attn_owned_wgmma<{h_q // h_kv}, {h_kv}>"
+    rows = layers * 2 * h_kv * cap
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_handle: T.handle, storage: T.Buffer(_storage_shape(layers, h_kv, cap, d), dtype),
+             length: T.Buffer((1,), "int32"), layer: T.int32, out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        q = T.match_buffer(q_handle, (1, n, h_q, d), dtype)
+        out = T.match_buffer(out_handle, (1, n, h_q, d), dtype)
+        maps = T.alloc_buffer((TMA_MAP_BYTES,), "uint8")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for _tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("tma_map"):
+                    T.reads()
+                    T.writes(maps[0:TMA_MAP_BYTES])
+                    T.evaluate(T.call_extern("void", "mc::prefill_attn_owned_map",
+                                             storage.access_ptr("r"), rows,
+                                             maps.access_ptr("w")))
+        for _bx in T.thread_binding(T.ceildiv(n, FW_ROWS), thread="blockIdx.x"):
+            for _by in T.thread_binding(h_q, thread="blockIdx.y"):
+                for _tx in T.thread_binding(FW_THREADS, thread="threadIdx.x"):
+                    with T.sblock("attention"):
+                        T.reads(maps[0:TMA_MAP_BYTES], q[0, 0:n, 0:h_q, 0:d])
+                        T.writes(out[0, 0:n, 0:h_q, 0:d])
+                        smem = T.alloc_buffer((FW_SMEM // 2,), "float16", scope="shared.dyn")
+                        T.evaluate(T.call_extern(
+                            "void", extern, maps.access_ptr("r"), q.access_ptr("r"),
+                            length.access_ptr("r"), T.Cast("int32", n), layer, cap, window,
+                            out.access_ptr("w"), T.float32(sm_scale), smem.access_ptr("rw")))
 
     return func
 

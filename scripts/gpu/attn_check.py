@@ -3,8 +3,8 @@
 Usage on the GPU machine: python3 scripts/gpu/attn_check.py HARNESS.so
 Prints max |error| of output and log-sum-exp per case, then the kernel's time and TFLOP/s on a
 4096-token causal prefill of the Mistral-7B shape next to torch's scaled_dot_product_attention,
-and the owned cache's kernel (mc::prefill_attn_owned) on the same rows: its output against
-the ragged kernel's, and its time. Exits non-zero when a case is outside its tolerance.
+and the owned cache's kernels (mc::prefill_attn_owned, and mc::prefill_attn_owned_wgmma on
+Hopper, also against float64 with prefixes, windows and a wrapped ring) on the same rows. Exits non-zero when a case is outside its tolerance.
 """
 
 import ctypes
@@ -130,6 +130,92 @@ def owned_against_ragged(q, k, v, h_qo, h_kv, d, flops):
     return ok
 
 
+def owned_state(k_all, v_all, layers, layer, cap, gen):
+    """A [layers, 2, h_kv, cap, d] cache whose ring holds positions 0.. of k_all/v_all at layer
+    `layer` (later positions overwrite earlier slots); every other slot holds finite noise."""
+    h_kv, d = k_all.shape[1], k_all.shape[2]
+    state = torch.randn(layers, 2, h_kv, cap, d, device="cuda", generator=gen).half()
+    for p0 in range(0, k_all.shape[0], cap):  # in slot order, the latest position last
+        rows = slice(p0, min(p0 + cap, k_all.shape[0]))
+        n = rows.stop - rows.start
+        state[layer, 0, :, :n] = k_all[rows].transpose(0, 1)
+        state[layer, 1, :, :n] = v_all[rows].transpose(0, 1)
+    return state
+
+
+def windowed_reference(q, k_all, v_all, base, window, d):
+    """float64: row i at position base + i over keys [max(0, p - window + 1), p]."""
+    n, h_qo = q.shape[0], q.shape[1]
+    g = h_qo // k_all.shape[1]
+    ki = k_all.double().repeat_interleave(g, 1)
+    vi = v_all.double().repeat_interleave(g, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), ki) * d ** -0.5
+    pos = base + torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(k_all.shape[0], device=q.device)[None, :]
+    hidden = (j > pos) | ((j <= pos - window) if window > 0 else torch.zeros_like(j > pos))
+    s = s.masked_fill(hidden[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vi)
+
+
+_maps = torch.zeros(128, dtype=torch.uint8, device="cuda")
+
+
+def run_wgmma(q, state, layer, cap, window, base, out=None):
+    """mc::prefill_attn_owned_wgmma over `state` (the harness's launch_owned_wgmma)."""
+    layers, h_kv, d = state.shape[0], state.shape[2], state.shape[4]
+    h_qo = q.shape[1]
+    length = torch.tensor([base], device="cuda", dtype=torch.int32)
+    if out is None:
+        out = torch.full_like(q, float("nan"))
+    rc = lib.launch_owned_wgmma(h_qo // h_kv, h_qo, q.shape[0], ptr(q), ptr(length), ptr(state),
+                                layers, layer, cap, window, ptr(out), ctypes.c_float(d ** -0.5),
+                                ptr(_maps))
+    assert rc == 0, rc
+    return out
+
+
+def wgmma_case(name, n, base, window, h_qo=32, h_kv=8, d=128, tol=2e-3):
+    """The Hopper kernel against float64 on a chunk of n rows after `base` cached tokens."""
+    gen = torch.Generator(device="cuda").manual_seed(n + base + window)
+    total = base + n
+    slots = (window - 1 + n) if window > 0 else total
+    cap = -(-slots // 64) * 64
+    q = torch.randn(n, h_qo, d, device="cuda", generator=gen).half()
+    k_all = torch.randn(total, h_kv, d, device="cuda", generator=gen).half()
+    v_all = torch.randn(total, h_kv, d, device="cuda", generator=gen).half()
+    state = owned_state(k_all, v_all, 2, 1, cap, gen)
+    out = run_wgmma(q, state, 1, cap, window, base)
+    torch.cuda.synchronize()
+    want = windowed_reference(q, k_all, v_all, base, window, d)
+    err = (out.double() - want).abs().max().item()
+    ok = err < tol
+    print(f"{'ok ' if ok else 'BAD'} wgmma {name} (n {n}, base {base}, window {window}, cap {cap}, "
+          f"heads {h_qo}/{h_kv}): max|out err| {err:.2e}")
+    return ok
+
+
+def wgmma_against_mma(q, k, v, h_qo, h_kv, d, flops):
+    """The Hopper kernel on the timing chunk: output against the mma.sync kernel's, and time."""
+    s = q.shape[0]
+    state = torch.zeros(1, 2, h_kv, s, d, device="cuda", dtype=torch.float16)
+    state[0, 0] = k.transpose(0, 1)
+    state[0, 1] = v.transpose(0, 1)
+    length = torch.zeros(1, device="cuda", dtype=torch.int32)
+    old = torch.full_like(q, float("nan"))
+    rc = lib.launch_owned(d, h_qo // h_kv, h_qo, s, ptr(q), ptr(length), ptr(state), s, 0,
+                          ptr(old), ctypes.c_float(d ** -0.5))
+    assert rc == 0, rc
+    out = run_wgmma(q, state, 0, s, 0, 0)
+    torch.cuda.synchronize()
+    err = (out.float() - old.float()).abs().max().item()
+    ok = err < 2e-3
+    print(f"{'ok ' if ok else 'BAD'} wgmma kernel vs mma.sync owned kernel, {s} rows: "
+          f"max|out diff| {err:.2e}")
+    ms = median_ms(lambda: run_wgmma(q, state, 0, s, 0, 0, out))
+    print(f"ours owned cache, wgmma: {ms:.3f} ms per layer, {flops / ms / 1e9:.0f} TFLOP/s")
+    return ok
+
+
 def main():
     """Correctness cases, then timing."""
     ok = True
@@ -142,6 +228,13 @@ def main():
     ok &= case("7b not causal", [70, 200], [300, 33], False, False, 32, 8, 128)
     ok &= case("tiny d16 g2", [37, 130], [37, 130], True, True, 4, 2, 16)
     ok &= case("d64 g1", [200], [200], True, False, 8, 8, 64)
+    ok &= wgmma_case("7b chunk from 0", 4096, 0, 0)
+    ok &= wgmma_case("7b short chunk after a prefix", 1000, 3000, 0)
+    ok &= wgmma_case("one row", 1, 77, 0)
+    ok &= wgmma_case("ragged tile", 130, 5, 0)
+    ok &= wgmma_case("window, ring wrapped", 2048, 10000, 4096)
+    ok &= wgmma_case("small window", 300, 40, 64)
+    ok &= wgmma_case("codestral heads, window", 700, 900, 512, h_qo=48)
 
     # timing: Mistral-7B shape, one 4096-token causal chunk
     s, h_qo, h_kv, d = 4096, 32, 8, 128
@@ -158,6 +251,7 @@ def main():
             q, k, v, [s], [s], True, r, h_qo, h_kv, d, p, o, y, e))
         print(f"ours rotary={rotary}: {ms:.3f} ms per layer, {flops / ms / 1e9:.0f} TFLOP/s")
     ok &= owned_against_ragged(q, k, v, h_qo, h_kv, d, flops)
+    ok &= wgmma_against_mma(q, k, v, h_qo, h_kv, d, flops)
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
         qt, kt, vt, is_causal=True, enable_gqa=True))

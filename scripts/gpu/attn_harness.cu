@@ -1,6 +1,6 @@
 // Stand-alone launchers for mc::prefill_attn_ragged and mc::prefill_attn_owned (no TVM), so
 // scripts/gpu/attn_check.py can test and time the kernels from torch on the GPU machine. Built here by nvcc:
-//   nvcc -shared -Xcompiler -fPIC -O3 -gencode arch=compute_90,code=sm_90 \
+//   nvcc -shared -Xcompiler -fPIC -O3 -gencode arch=compute_90a,code=sm_90a \
 //        -I mistral_compile/compiler/csrc scripts/gpu/attn_harness.cu -o attn_harness.so
 #include "mc_kernels.cuh"
 
@@ -68,5 +68,39 @@ extern "C" int launch_owned(int d, int group, int h_qo, int n, const void* q, co
                                    (half*)out, sm_scale);
     return (int)cudaGetLastError();
   }
+  return -1;
+}
+
+__global__ void __launch_bounds__(32) owned_map(const half* state, int rows, void* maps) {
+  mc::prefill_attn_owned_map(state, rows, maps);
+}
+
+template <int G, int HKV>
+__global__ void __launch_bounds__(mc::FW_THREADS, 1) owned_wgmma(
+    const void* maps, const half* q, const int* len, int n, int layer, int cap, int window,
+    half* out, float sm_scale) {
+  extern __shared__ __align__(1024) half smem_dyn[];
+  mc::prefill_attn_owned_wgmma<G, HKV>(maps, q, len, n, layer, cap, window, out, sm_scale,
+                                       smem_dyn);
+}
+
+// The Hopper kernel on the same contract, over layer `layer` of a [layers, 2, h_kv, cap, 128]
+// state; maps: 128 bytes of device scratch (64-byte aligned) for the TMA descriptor.
+extern "C" int launch_owned_wgmma(int group, int h_qo, int n, const void* q, const int* len,
+                                  const void* state, int layers, int layer, int cap, int window,
+                                  void* out, float sm_scale, void* maps) {
+  const int h_kv = h_qo / group;
+  owned_map<<<1, 32>>>((const half*)state, layers * 2 * h_kv * cap, maps);
+  dim3 grid((n + mc::FW_BM - 1) / mc::FW_BM, h_qo);
+#define MC_WGMMA(G_, HKV_)                                                                   \
+  if (group == G_ && h_kv == HKV_) {                                                         \
+    cudaFuncSetAttribute(owned_wgmma<G_, HKV_>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                         mc::FW_SMEM_BYTES);                                                 \
+    owned_wgmma<G_, HKV_><<<grid, mc::FW_THREADS, mc::FW_SMEM_BYTES>>>(                      \
+        maps, (const half*)q, len, n, layer, cap, window, (half*)out, sm_scale);            \
+    return (int)cudaGetLastError();                                                          \
+  }
+  MC_WGMMA(4, 8)
+  MC_WGMMA(6, 8)
   return -1;
 }

@@ -920,6 +920,50 @@ __device__ __forceinline__ void wgmma_64x256x16(float* d, uint64_t desc_a, uint6
 #endif
 }
 
+// d (64 x 128 per warpgroup, float) += A (64 x 16, desc_a) * B (128 x 16, desc_b)^T, both
+// K-major in shared memory (the attention's S = Q K^T)
+__device__ __forceinline__ void wgmma_64x128x16(float* d, uint64_t desc_a, uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, 1, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  asm volatile("trap;");
+#endif
+}
+
+// d (64 x 128, float) += A (64 x 16, four f16x2 registers a per thread in the mma.sync m16n8k16
+// A layout of the warp's 16 rows) * B (16 x 128, desc_b N-major: the attention's O += P V)
+__device__ __forceinline__ void wgmma_64x128x16_rs(float* d, const uint32_t* a, uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+  asm volatile("trap;");
+#endif
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -988,11 +1032,12 @@ __device__ __forceinline__ void tma_load(void* dst, const void* map, int c0, int
 #endif
 
 // Encodes, on the device, the TMA descriptor of a row-major float16 [rows, cols] matrix read in
-// boxes of 128 rows x 64 columns with the 128-byte swizzle, into 128 bytes at `out` (global,
+// boxes of box_rows rows x 64 columns with the 128-byte swizzle, into 128 bytes at `out` (global,
 // 64-byte aligned): zeroed in shared memory, each field set with tensormap.replace, then copied
 // out with the proxy fence. TVM launches the kernels, so a host-made descriptor cannot be
 // passed as a kernel parameter. Called by a whole warp.
-__device__ __forceinline__ void tma_make_map(void* out, const half* base, int rows, int cols) {
+__device__ __forceinline__ void tma_make_map(void* out, const half* base, int rows, int cols,
+                                             int box_rows = WG_BM) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __shared__ alignas(128) uint64_t tm[TMA_MAP_WORDS];
   const int lane = threadIdx.x & 31;
@@ -1013,7 +1058,7 @@ __device__ __forceinline__ void tma_make_map(void* out, const half* base, int ro
         "tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 1, %7;\n"
         "tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;\n"       // float16
         "tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;\n"  // 128 bytes
-        ::"r"(a), "l"(base), "r"(WG_BK), "r"(WG_BM), "r"(cols), "r"(rows), "l"(stride), "r"(1)
+        ::"r"(a), "l"(base), "r"(WG_BK), "r"(box_rows), "r"(cols), "r"(rows), "l"(stride), "r"(1)
         : "memory");
   }
   __syncwarp();
@@ -2223,6 +2268,236 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
       *reinterpret_cast<uint32_t*>(orow + db * 8) =
           pack_half2(o[db][2 * half_] * inv, o[db][2 * half_ + 1] * inv);
   }
+}
+
+// ---- Hopper (sm_90a) prefill attention over the owned cache: TMA, warpgroup MMA ----
+// prefill_attn_owned's contract (q [n, HQ, 128] rotated; row i at position p = len[0] + i sees
+// the keys j in [max(0, p - window + 1), p], window 0: [0, p]) on Hopper's tensor cores. A CTA
+// owns FW_BM = 128 query rows of one head: warp 8 is the producer, whose lane 0 copies each
+// tile of FW_BN = 128 keys and its values from the cache with TMA (four 64 x 64 boxes each, so
+// a tile may wrap the ring at any multiple of 64 slots) into one of FW_STAGES stages, written
+// with the 128-byte swizzle; warps 0-7 are two consumer warpgroups of 64 rows. A consumer holds
+// its Q (loaded once, swizzled by hand) in shared memory, computes S = Q K^T with wgmma
+// m64n128k16 (both operands in shared memory), the online softmax on the accumulators in
+// base 2, and O += P V with P in registers (the accumulator layout is wgmma's A-fragment
+// layout) and V read N-major (transposed) by the MMA. Each stage has full/empty mbarriers per
+// K and per V, so the copies of the next tiles overlap both products. Keys past a row's
+// position read what the ring holds there (zeros or an older token: finite) and are masked;
+// tiles that no row of a warpgroup sees are skipped by it.
+constexpr int FW_D = 128, FW_BM = 128, FW_BN = 128, FW_STAGES = 2, FW_THREADS = 288;
+constexpr int FW_Q_BYTES = FW_BM * FW_D * 2, FW_KV_BYTES = FW_BN * FW_D * 2;
+// Q, the K and V stages, 1024 bytes to align them for the swizzle, and 4 x FW_STAGES mbarriers
+constexpr int FW_SMEM_BYTES = FW_Q_BYTES + 2 * FW_STAGES * FW_KV_BYTES + 1024 + 4 * FW_STAGES * 8;
+
+// Matrix descriptor of an N-major (transposed) operand with the 128-byte swizzle: 8-row atoms
+// of 1024 bytes along K, blocks of 64 N columns `lbo` bytes apart.
+__device__ __forceinline__ uint64_t wg_desc_mn(const half* p, uint32_t lbo) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(p));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{lbo >> 4} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// The TMA descriptor prefill_attn_owned_wgmma reads: the whole cache storage [layers, 2, HKV,
+// cap, 128] as rows of 128 halves, in boxes of 64 rows x 64 columns. One warp, its own launch.
+__device__ __forceinline__ void prefill_attn_owned_map(const half* state, int rows, void* maps) {
+  tma_make_map(maps, state, rows, FW_D, 64);
+}
+
+// Launch: grid (ceil(n / FW_BM), HQ), FW_THREADS threads, FW_SMEM_BYTES of dynamic shared
+// memory at smem_raw; maps from prefill_attn_owned_map on the same storage.
+template <int G, int HKV>
+__device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict__ maps,
+                                                         const half* __restrict__ q,
+                                                         const int* __restrict__ len, int n,
+                                                         int layer, int cap, int window,
+                                                         half* __restrict__ out, float sm_scale,
+                                                         half* smem_raw) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = FW_D, HQ = HKV * G, BOX = 64 * 64;  // halves in one 64 x 64 box
+  const unsigned smem_base = smem_u32(smem_raw);
+  half* qs = smem_raw + ((1024 - smem_base % 1024) % 1024) / 2;
+  half* ks = qs + FW_Q_BYTES / 2;                    // stage s at ks + s * FW_KV_BYTES / 2
+  half* vs = ks + FW_STAGES * FW_KV_BYTES / 2;
+  uint64_t* kfull = reinterpret_cast<uint64_t*>(vs + FW_STAGES * FW_KV_BYTES / 2);
+  uint64_t* kempty = kfull + FW_STAGES;
+  uint64_t* vfull = kempty + FW_STAGES;
+  uint64_t* vempty = vfull + FW_STAGES;
+
+  const int t = gridDim.x - 1 - static_cast<int>(blockIdx.x);  // the latest rows first
+  const int h = blockIdx.y, kvh = h / G;
+  const int base = len[0], row0 = t * FW_BM;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int last_row = min(row0 + FW_BM, n) - 1;
+  const int kv_end = base + last_row + 1;  // exclusive, in positions
+  int kv_begin = window > 0 ? max(0, base + row0 - window + 1) : 0;
+  kv_begin = kv_begin / 64 * 64;  // 64 slots of a box are contiguous in the ring
+  const int tiles = (kv_end - kv_begin + FW_BN - 1) / FW_BN;
+
+  if (tid == 0) {
+    for (int s = 0; s < FW_STAGES; ++s) {
+      mbar_init(kfull + s, 1);
+      mbar_init(vfull + s, 1);
+      mbar_init(kempty + s, 2);  // one arrive per consumer warpgroup
+      mbar_init(vempty + s, 2);
+    }
+  }
+  __syncthreads();
+
+  if (warp == 8) {  // producer
+    if (lane == 0) {
+      asm volatile(
+          "fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n"
+          "cp.async.bulk.commit_group;\n"
+          "cp.async.bulk.wait_group.read 0;\n" ::"l"(maps)
+          : "memory");
+      const int krow = (layer * 2 * HKV + kvh) * cap, vrow = krow + HKV * cap;
+      for (int it = 0; it < tiles; ++it) {
+        const int s = it % FW_STAGES, j0 = kv_begin + it * FW_BN;
+        const uint32_t wait_parity = ((it / FW_STAGES) - 1) & 1;
+        for (int kind = 0; kind < 2; ++kind) {
+          uint64_t* full = (kind == 0 ? kfull : vfull) + s;
+          if (it >= FW_STAGES) mbar_wait((kind == 0 ? kempty : vempty) + s, wait_parity);
+          half* dst = (kind == 0 ? ks : vs) + s * FW_KV_BYTES / 2;
+          const int row = kind == 0 ? krow : vrow;
+          mbar_expect_tx(full, FW_KV_BYTES);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {  // keys j0 + 64 hh ..: contiguous slots
+            const int slot = (j0 + 64 * hh) % cap;
+#pragma unroll
+            for (int c = 0; c < 2; ++c)  // columns 64 c ..: box [c][64 hh + r]
+              tma_load(dst + c * FW_BN * 64 + hh * BOX, maps, c * 64, row + slot, full);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns rows row0 + 64 wg .. + 63; Q in two 64-column boxes
+  const int wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
+  half* qw = qs + wg * 2 * BOX;
+  for (int i = tid & 127; i < 64 * (D / 8); i += 128) {
+    const int r = i / (D / 8), ch = i % (D / 8), row = row0 + 64 * wg + r;
+    const bool ok = row < n;
+    half* dst = qw + (ch / 8) * BOX + r * 64 + (((ch % 8) ^ (r & 7)) * 8);  // 128-byte swizzle
+    cp_async16(dst, q + (static_cast<int64_t>(ok ? row : 0) * HQ + h) * D + ch * 8, ok);
+  }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the MMA
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+
+  const float qk_scale = sm_scale * 1.4426950408889634f;  // scores in base 2
+  const int my_row = row0 + 64 * wg + 16 * (warp & 3) + gid;  // rows my_row, my_row + 8
+  const int wg_first = base + row0 + 64 * wg, wg_last = min(wg_first + 63, kv_end - 1);
+  const int warp_first = wg_first + 16 * (warp & 3), warp_last = warp_first + 15;
+  const bool idle = row0 + 64 * wg >= n;  // no row of this warpgroup is in the chunk
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+
+  for (int it = 0; it < tiles; ++it) {
+    const int s = it % FW_STAGES, j0 = kv_begin + it * FW_BN;
+    const uint32_t parity = (it / FW_STAGES) & 1;
+    const bool skip = idle || j0 > wg_last || (window > 0 && j0 + FW_BN - 1 <= wg_first - window);
+    const half* kt = ks + s * FW_KV_BYTES / 2;
+    const half* vt = vs + s * FW_KV_BYTES / 2;
+    if (skip) {  // pass the stages on
+      mbar_wait(kfull + s, parity);
+      if ((tid & 127) == 0) mbar_arrive(kempty + s);
+      mbar_wait(vfull + s, parity);
+      if ((tid & 127) == 0) mbar_arrive(vempty + s);
+      continue;
+    }
+    float sc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = 0.f;
+    mbar_wait(kfull + s, parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_64x128x16(sc, wg_desc(qw + (kk / 4) * BOX + (kk % 4) * 16),
+                      wg_desc(kt + (kk / 4) * FW_BN * 64 + (kk % 4) * 16));
+    wgmma_commit();
+    wgmma_wait<0>();
+    if ((tid & 127) == 0) mbar_arrive(kempty + s);
+
+    const bool edge = j0 + FW_BN - 1 > warp_first || (window > 0 && j0 <= warp_last - window);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int p = base + my_row + 8 * hf;  // this row's position
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < FW_BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = sc[4 * j + 2 * hf + e] * qk_scale;
+          const int key = j0 + 8 * j + 2 * tig + e;
+          if (edge && (key > p || (window > 0 && key <= p - window))) x = -INFINITY;
+          sc[4 * j + 2 * hf + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[hf], mx);
+      const float ref = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[hf] - ref);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < FW_BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = exp2f(sc[4 * j + 2 * hf + e] - ref);
+          sc[4 * j + 2 * hf + e] = pr;
+          sum += pr;
+        }
+      }
+      l[hf] = l[hf] * alpha + sum;
+      m[hf] = m_new;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 2 * hf] *= alpha;
+        o[4 * j + 2 * hf + 1] *= alpha;
+      }
+    }
+    uint32_t pa[FW_BN / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < FW_BN / 16; ++kc) {
+      pa[kc][0] = pack_half2(sc[8 * kc + 0], sc[8 * kc + 1]);
+      pa[kc][1] = pack_half2(sc[8 * kc + 2], sc[8 * kc + 3]);
+      pa[kc][2] = pack_half2(sc[8 * kc + 4], sc[8 * kc + 5]);
+      pa[kc][3] = pack_half2(sc[8 * kc + 6], sc[8 * kc + 7]);
+    }
+
+    mbar_wait(vfull + s, parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < FW_BN / 16; ++kc)
+      wgmma_64x128x16_rs(o, pa[kc], wg_desc_mn(vt + kc * 16 * 64, FW_BN * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    if ((tid & 127) == 0) mbar_arrive(vempty + s);
+  }
+
+  if (idle) return;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float den = l[hf];
+    den += __shfl_xor_sync(0xffffffffu, den, 1);
+    den += __shfl_xor_sync(0xffffffffu, den, 2);
+    const int row = my_row + 8 * hf;
+    if (row >= n) continue;
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    half* orow = out + (static_cast<int64_t>(row) * HQ + h) * D + 2 * tig;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<uint32_t*>(orow + 8 * j) =
+          pack_half2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+  }
+#else
+  asm volatile("trap;");
+#endif
 }
 
 // Pass 2 of owned_attn_partial: merges the NSPLIT partials of each (row, head). Grid (H_qo,
