@@ -39,7 +39,7 @@ from mistral_compile.model.kernels import (
 TILE = 64  # the CUDA prefill kernel's key tile (FA_BC): C is a multiple of it
 # the Hopper prefill kernel (FW_* in the header): head size, query rows per CTA, threads, and
 # its dynamic shared memory (Q, two stages of K and of V, alignment, mbarriers)
-FW_D, FW_ROWS, FW_THREADS = 128, 128, 288
+FW_D, FW_ROWS, FW_THREADS = 128, 128, 384
 FW_SMEM = 128 * 128 * 2 + 2 * 2 * 128 * 128 * 2 + 1024 + 4 * 2 * 8
 TMA_MAP_BYTES = 128
 

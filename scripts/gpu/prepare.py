@@ -60,6 +60,10 @@ TINY = {  # name: (transformers class, extra config)
     # K a multiple of 128 in every projection: the batched step's skinny GEMM (fp16 and q4)
     "wide": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=W, hidden_size=256,
                                         intermediate_size=512)),
+    # head_dim 128 (the real models'): fp16 prefill attention on the Hopper kernel
+    "heads128": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=W, head_dim=128)),
+    "heads128_full": ("MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=None,
+                                                 head_dim=128)),
     # experts: decode on mc::gemv_expert, prefill each expert on gemm_wgmma
     "mixtral": ("MixtralForCausalLM", dict(num_hidden_layers=2, sliding_window=W,
                                            num_local_experts=4, num_experts_per_tok=2)),
@@ -133,6 +137,8 @@ def tiny_models(out: Path, arch: str) -> None:
         getattr(transformers, cls)(cfg).save_pretrained(root / "hf")
         quants = ("q0f32", "q0f16") + (("q4f16_1", "q4f16_2") if name in ("windowed", "wide")
                                        else ("q4f16_1",) if name == "mixtral" else ())
+        if name.startswith("heads128"):  # the float16 kernel is what they are for
+            quants = ("q0f16",)
         for quant in quants:
             convert_weight(root / "hf", root / quant, quant, progress=False)
             t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)

@@ -103,6 +103,29 @@ def test_windowed_q4_matches_its_dequantized_weights(n, quant):
     compare_q4("windowed", quant, n)
 
 
+@pytest.mark.parametrize("name, n, chunk", [
+    ("heads128", 1, 64), ("heads128", 5 * W + 3, 64), ("heads128_full", 140, 64),
+    ("heads128_full", 300, 128), ("heads128_full", 300, 256), ("heads128_full", 450, 512)])
+def test_head_dim_128_fp16_prefill_matches_hf_float32(name, n, chunk):
+    # head_dim 128 in float16 on sm_90: a prefill chunk's attention runs
+    # mc::prefill_attn_owned_wgmma (128-row tiles, the ring wrapped by the windowed model's
+    # chunks); against HF in float32 on the same weights
+    eng = engine(name, "q0f16", attention_sink_size=0, prefill_chunk_size=chunk)
+    ids = np.random.default_rng(n).integers(3, 256, n).tolist()
+    got, seq = run_engine(eng, ids)
+    with torch.no_grad():
+        want = hf_model(name, "q0f32")(torch.tensor([seq], device="cuda")).logits[0]
+    want = want.float().cpu().numpy()[n - 1:]
+    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
+              if int(np.argmax(g)) != int(np.argmax(w))]
+    report(f"{name} q0f16 prompt {n:3d} chunk {eng.chunk_size:3d} vs HF fp32", delta, not parted)
+    assert delta <= TOL["q0f16"]
+    for i in parted:  # greedy tokens may part only at a near-tie of HF's top two
+        top2 = np.sort(want[i])[-2:]
+        assert top2[1] - top2[0] <= 2 * delta, (i, top2)
+
+
 def compare_q4(name, quant, n):
     """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W.
 

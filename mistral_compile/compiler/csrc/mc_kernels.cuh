@@ -920,14 +920,16 @@ __device__ __forceinline__ void wgmma_64x256x16(float* d, uint64_t desc_a, uint6
 #endif
 }
 
-// d (64 x 128 per warpgroup, float) += A (64 x 16, desc_a) * B (128 x 16, desc_b)^T, both
-// K-major in shared memory (the attention's S = Q K^T)
-__device__ __forceinline__ void wgmma_64x128x16(float* d, uint64_t desc_a, uint64_t desc_b) {
+// d (64 x 128 per warpgroup, float) = A (64 x 16, desc_a) * B (128 x 16, desc_b)^T (+ d when
+// accumulate is nonzero), both K-major in shared memory (the attention's S = Q K^T)
+__device__ __forceinline__ void wgmma_64x128x16(float* d, uint64_t desc_a, uint64_t desc_b,
+                                                int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
+      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, 1, 1, 1, 0, 0;\n"
+      "}, %64, %65, acc, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -936,7 +938,7 @@ __device__ __forceinline__ void wgmma_64x128x16(float* d, uint64_t desc_a, uint6
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b));
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 #else
   asm volatile("trap;");
 #endif
@@ -2270,6 +2272,13 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
   }
 }
 
+// 2^x on the SFU (flush-to-zero; 2^-inf = 0)
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- Hopper (sm_90a) prefill attention over the owned cache: TMA, warpgroup MMA ----
 // prefill_attn_owned's contract (q [n, HQ, 128] rotated; row i at position p = len[0] + i sees
 // the keys j in [max(0, p - window + 1), p], window 0: [0, p]) on Hopper's tensor cores. A CTA
@@ -2284,8 +2293,10 @@ __device__ __forceinline__ void prefill_attn_owned(const half* __restrict__ q,
 // K and per V, so the copies of the next tiles overlap both products. Keys past a row's
 // position read what the ring holds there (zeros or an older token: finite) and are masked;
 // tiles that no row of a warpgroup sees are skipped by it.
-constexpr int FW_D = 128, FW_BM = 128, FW_BN = 128, FW_STAGES = 2, FW_THREADS = 288;
+constexpr int FW_D = 128, FW_BM = 128, FW_BN = 128, FW_STAGES = 2, FW_THREADS = 384;
 constexpr int FW_Q_BYTES = FW_BM * FW_D * 2, FW_KV_BYTES = FW_BN * FW_D * 2;
+// registers per thread after setmaxnreg: 128 x 24 + 256 x 240 <= 65536 (three warpgroups)
+constexpr int FW_PRODUCER_REGS = 24, FW_CONSUMER_REGS = 240;
 // Q, the K and V stages, 1024 bytes to align them for the swizzle, and 4 x FW_STAGES mbarriers
 constexpr int FW_SMEM_BYTES = FW_Q_BYTES + 2 * FW_STAGES * FW_KV_BYTES + 1024 + 4 * FW_STAGES * 8;
 
@@ -2326,7 +2337,9 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
   const int t = gridDim.x - 1 - static_cast<int>(blockIdx.x);  // the latest rows first
   const int h = blockIdx.y, kvh = h / G;
   const int base = len[0], row0 = t * FW_BM;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // the warp index broadcast from lane 0: provably uniform, so the compiler sees no divergence
+  // between the warpgroups' paths (it would serialize the wgmma pipeline otherwise)
+  const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid >> 5, 0), lane = tid & 31;
   const int last_row = min(row0 + FW_BM, n) - 1;
   const int kv_end = base + last_row + 1;  // exclusive, in positions
   int kv_begin = window > 0 ? max(0, base + row0 - window + 1) : 0;
@@ -2343,8 +2356,9 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
   }
   __syncthreads();
 
-  if (warp == 8) {  // producer
-    if (lane == 0) {
+  if (warp >= 8) {  // producer warpgroup: lane 0 of warp 8 copies; registers to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FW_PRODUCER_REGS));
+    if (warp == 8 && lane == 0) {
       asm volatile(
           "fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n"
           "cp.async.bulk.commit_group;\n"
@@ -2374,6 +2388,7 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
   }
 
   // consumers: warpgroup wg owns rows row0 + 64 wg .. + 63; Q in two 64-column boxes
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(FW_CONSUMER_REGS));
   const int wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
   half* qw = qs + wg * 2 * BOX;
   for (int i = tid & 127; i < 64 * (D / 8); i += 128) {
@@ -2396,32 +2411,39 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
 
-  for (int it = 0; it < tiles; ++it) {
-    const int s = it % FW_STAGES, j0 = kv_begin + it * FW_BN;
+  // the tiles this warpgroup computes, [lo, hi): the others it only passes on
+  int lo = tiles, hi = 0;
+  if (!idle) {
+    lo = window > 0 ? max(0, (wg_first - window + 1 - kv_begin) / FW_BN) : 0;
+    hi = min(tiles, (wg_last - kv_begin) / FW_BN + 1);
+  }
+  auto pass = [&](int it) {
+    const int s = it % FW_STAGES;
     const uint32_t parity = (it / FW_STAGES) & 1;
-    const bool skip = idle || j0 > wg_last || (window > 0 && j0 + FW_BN - 1 <= wg_first - window);
-    const half* kt = ks + s * FW_KV_BYTES / 2;
-    const half* vt = vs + s * FW_KV_BYTES / 2;
-    if (skip) {  // pass the stages on
-      mbar_wait(kfull + s, parity);
-      if ((tid & 127) == 0) mbar_arrive(kempty + s);
-      mbar_wait(vfull + s, parity);
-      if ((tid & 127) == 0) mbar_arrive(vempty + s);
-      continue;
-    }
-    float sc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = 0.f;
     mbar_wait(kfull + s, parity);
-    wgmma_fence();
+    if ((tid & 127) == 0) mbar_arrive(kempty + s);
+    mbar_wait(vfull + s, parity);
+    if ((tid & 127) == 0) mbar_arrive(vempty + s);
+  };
+  // S = Q K^T of tile it into sc (issued, not waited for)
+  auto issue_s = [&](int it, float* sc) {
+    const half* kt = ks + (it % FW_STAGES) * FW_KV_BYTES / 2;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
       wgmma_64x128x16(sc, wg_desc(qw + (kk / 4) * BOX + (kk % 4) * 16),
-                      wg_desc(kt + (kk / 4) * FW_BN * 64 + (kk % 4) * 16));
-    wgmma_commit();
-    wgmma_wait<0>();
-    if ((tid & 127) == 0) mbar_arrive(kempty + s);
-
+                      wg_desc(kt + (kk / 4) * FW_BN * 64 + (kk % 4) * 16), kk);
+  };
+  // O += P V of tile it (issued, not waited for)
+  auto issue_pv = [&](int it, uint32_t (*pa)[4]) {
+    const half* vt = vs + (it % FW_STAGES) * FW_KV_BYTES / 2;
+#pragma unroll
+    for (int kc = 0; kc < FW_BN / 16; ++kc)
+      wgmma_64x128x16_rs(o, pa[kc], wg_desc_mn(vt + kc * 16 * 64, FW_BN * 128));
+  };
+  // masks, the online softmax of tile it's scores in place (probabilities out), alpha per row;
+  // the running maximum m is kept in raw score units, the scale folded into each exponent
+  auto softmax = [&](int it, float* sc, float* alpha) {
+    const int j0 = kv_begin + it * FW_BN;
     const bool edge = j0 + FW_BN - 1 > warp_first || (window > 0 && j0 <= warp_last - window);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -2431,37 +2453,39 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
       for (int j = 0; j < FW_BN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float x = sc[4 * j + 2 * hf + e] * qk_scale;
           const int key = j0 + 8 * j + 2 * tig + e;
-          if (edge && (key > p || (window > 0 && key <= p - window))) x = -INFINITY;
-          sc[4 * j + 2 * hf + e] = x;
-          mx = fmaxf(mx, x);
+          if (edge && (key > p || (window > 0 && key <= p - window)))
+            sc[4 * j + 2 * hf + e] = -INFINITY;
+          mx = fmaxf(mx, sc[4 * j + 2 * hf + e]);
         }
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[hf], mx);
-      const float ref = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[hf] - ref);
+      const float ref = m_new == -INFINITY ? 0.f : m_new * qk_scale;
+      alpha[hf] = ex2_approx(m[hf] * qk_scale - ref);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < FW_BN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pr = exp2f(sc[4 * j + 2 * hf + e] - ref);
+          const float pr = ex2_approx(fmaf(sc[4 * j + 2 * hf + e], qk_scale, -ref));
           sc[4 * j + 2 * hf + e] = pr;
           sum += pr;
         }
       }
-      l[hf] = l[hf] * alpha + sum;
+      l[hf] = l[hf] * alpha[hf] + sum;
       m[hf] = m_new;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[4 * j + 2 * hf] *= alpha;
-        o[4 * j + 2 * hf + 1] *= alpha;
-      }
     }
-    uint32_t pa[FW_BN / 16][4];
+  };
+  auto rescale_and_pack = [&](const float* sc, const float* alpha, uint32_t (*pa)[4]) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j] *= alpha[0];
+      o[4 * j + 1] *= alpha[0];
+      o[4 * j + 2] *= alpha[1];
+      o[4 * j + 3] *= alpha[1];
+    }
 #pragma unroll
     for (int kc = 0; kc < FW_BN / 16; ++kc) {
       pa[kc][0] = pack_half2(sc[8 * kc + 0], sc[8 * kc + 1]);
@@ -2469,16 +2493,49 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
       pa[kc][2] = pack_half2(sc[8 * kc + 4], sc[8 * kc + 5]);
       pa[kc][3] = pack_half2(sc[8 * kc + 6], sc[8 * kc + 7]);
     }
+  };
 
-    mbar_wait(vfull + s, parity);
+  const int ahead = min(lo, tiles);  // tiles before this warpgroup's first
+  for (int it = 0; it < ahead; ++it) pass(it);
+  if (lo < hi) {
+    // the pipeline: the scores of tile it + 1 are computed while P V of tile it runs
+    float sc[64], alpha[2];
+    uint32_t pa[FW_BN / 16][4];
+    mbar_wait(kfull + lo % FW_STAGES, (lo / FW_STAGES) & 1);
     wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < FW_BN / 16; ++kc)
-      wgmma_64x128x16_rs(o, pa[kc], wg_desc_mn(vt + kc * 16 * 64, FW_BN * 128));
+    issue_s(lo, sc);
     wgmma_commit();
     wgmma_wait<0>();
-    if ((tid & 127) == 0) mbar_arrive(vempty + s);
+    if ((tid & 127) == 0) mbar_arrive(kempty + lo % FW_STAGES);
+    softmax(lo, sc, alpha);
+    rescale_and_pack(sc, alpha, pa);
+    for (int it = lo + 1; it < hi; ++it) {
+      const int s = it % FW_STAGES, sp = (it - 1) % FW_STAGES;
+      mbar_wait(kfull + s, (it / FW_STAGES) & 1);
+      wgmma_fence();
+      issue_s(it, sc);
+      wgmma_commit();
+      mbar_wait(vfull + sp, ((it - 1) / FW_STAGES) & 1);
+      wgmma_fence();  // P and the rescaled O, written since the last MMA
+      issue_pv(it - 1, pa);
+      wgmma_commit();
+      wgmma_wait<1>();  // the scores have landed; P V of the tile before still runs
+      softmax(it, sc, alpha);
+      wgmma_wait<0>();
+      if ((tid & 127) == 0) {  // only once nothing is in flight: no divergence under a wgmma
+        mbar_arrive(kempty + s);
+        mbar_arrive(vempty + sp);
+      }
+      rescale_and_pack(sc, alpha, pa);
+    }
+    mbar_wait(vfull + (hi - 1) % FW_STAGES, ((hi - 1) / FW_STAGES) & 1);
+    wgmma_fence();
+    issue_pv(hi - 1, pa);
+    wgmma_commit();
+    wgmma_wait<0>();
+    if ((tid & 127) == 0) mbar_arrive(vempty + (hi - 1) % FW_STAGES);
   }
+  for (int it = lo < hi ? hi : ahead; it < tiles; ++it) pass(it);
 
   if (idle) return;
 #pragma unroll
