@@ -4,7 +4,8 @@ Usage on the GPU machine: python3 scripts/gpu/attn_check.py HARNESS.so
 Prints max |error| of output and log-sum-exp per case, then the kernel's time and TFLOP/s on a
 4096-token causal prefill of the Mistral-7B shape next to torch's scaled_dot_product_attention,
 and the owned cache's kernels (mc::prefill_attn_owned, and mc::prefill_attn_owned_wgmma on
-Hopper, also against float64 with prefixes, windows and a wrapped ring) on the same rows. Exits non-zero when a case is outside its tolerance.
+Hopper, also against float64 with prefixes, windows and a wrapped ring) on the same rows.
+Exits non-zero when a case is outside its tolerance.
 """
 
 import ctypes
@@ -131,8 +132,11 @@ def owned_against_ragged(q, k, v, h_qo, h_kv, d, flops):
 
 
 def owned_state(k_all, v_all, layers, layer, cap, gen):
-    """A [layers, 2, h_kv, cap, d] cache whose ring holds positions 0.. of k_all/v_all at layer
-    `layer` (later positions overwrite earlier slots); every other slot holds finite noise."""
+    """A [layers, 2, h_kv, cap, d] cache holding k_all/v_all's positions at layer `layer`.
+
+    Position p sits in slot p % cap (later positions overwrite earlier ones); every other slot
+    holds finite noise.
+    """
     h_kv, d = k_all.shape[1], k_all.shape[2]
     state = torch.randn(layers, 2, h_kv, cap, d, device="cuda", generator=gen).half()
     for p0 in range(0, k_all.shape[0], cap):  # in slot order, the latest position last
