@@ -193,12 +193,39 @@ class Engine:
         vocab = self.config.vocab_size
         rows = tvm.runtime.tensor(np.asarray(logits, dtype="float32").reshape(1, vocab),
                                   self.device)
+        if self.kv.reader is not None:
+            yield from self._sample_ahead(rows, state)
+            return
         while True:
             token = int(self._sampler.sample(rows, [state])[0][0])
             yield token
             self._check_tokens([token])
             state.output.append(token)
             rows = self._decode_step(self._upload([token]), token)[0]._create_view((1, vocab))
+
+    def _sample_ahead(self, rows: tvm.runtime.Tensor, state: SamplingState) -> Iterator[int]:
+        """``continue_from``'s sampled loop with each decode step queued before its id is read.
+
+        The step takes the drawn id where the sampler left it on the device, so the GPU goes
+        from the draw to the step without waiting for the host. The host reads the id (the copy
+        is queued before the step) and builds the next draw's inputs, whose penalties see that
+        id, while the step runs. As in ``greedy``, a step queued for an id the caller never
+        reads is not in the cache: the next forward overwrites its slot.
+        """
+        limit = self.config.context_window_size
+        reader, vocab = self.kv.reader, self.config.vocab_size
+        while True:
+            ids, _ = self._sampler.launch(rows, [state])
+            reader.start(0, ids)
+            logits = None
+            if limit <= 0 or self.length + 1 <= limit:  # the id joins the count when read
+                logits, _ = self.kv.decode(ids, self.length)
+            token = reader.result(0)
+            yield token
+            self._check_tokens([token])  # the context limit (then nothing was queued)
+            self._appended([token])
+            state.output.append(token)
+            rows = logits._create_view((1, vocab))
 
     @property
     def capacity(self) -> int:

@@ -62,12 +62,26 @@ class Sampler:
         self.artifact = artifact
         self.fn = artifact.vm["sample"]
         self.top = artifact.vm["top_logprobs"]
+        self._buffers: dict[str, tvm.runtime.Tensor] = {}
 
-    def _up(self, array: np.ndarray) -> tvm.runtime.Tensor:
-        return tvm.runtime.tensor(np.ascontiguousarray(array), self.artifact.device)
+    def _up(self, name: str, array: np.ndarray) -> tvm.runtime.Tensor:
+        """``array`` in the device buffer kept for ``name`` (grown when too small).
 
-    def sample(self, logits: tvm.runtime.Tensor, seqs: list) -> tuple[np.ndarray, list | None]:
-        """Token ids [rows] (numpy), and per row its logprob entry where one was asked for.
+        A fresh device array per draw cost an allocation and a free, which synchronises the
+        device: about 0.9 ms of a batch-1 sampled step on the H200, the GPU idle meanwhile.
+        """
+        array = np.ascontiguousarray(array)
+        buf = self._buffers.get(name)
+        if buf is None or int(buf.shape[0]) < array.size:
+            size = max(64, 1 << (array.size - 1).bit_length())
+            buf = tvm.runtime.empty((size,), str(array.dtype), self.artifact.device)
+            self._buffers[name] = buf
+        view = buf._create_view(array.shape)
+        view.copyfrom(array)
+        return view
+
+    def launch(self, logits: tvm.runtime.Tensor, seqs: list) -> tuple:
+        """Queue the draw: (token ids [rows] int32, their logprobs [rows]), on the device.
 
         ``seqs`` carry ``params``, ``seed``, ``prompt`` and ``output``; the noise of a token is
         keyed by (seed, index of the token in the output).
@@ -80,9 +94,13 @@ class Sampler:
             for token, count, seen, b in adjustments(s.params, s.prompt, s.output):
                 entries.append((row, token, count, seen))
                 bias.append(b)
-        tokens, logprob = self.fn(logits, self._up(options), self._up(rng),
-                                  self._up(np.array(entries, dtype="int32")),
-                                  self._up(np.array(bias, dtype="float32")))
+        return self.fn(logits, self._up("options", options), self._up("rng", rng),
+                       self._up("entries", np.array(entries, dtype="int32")),
+                       self._up("bias", np.array(bias, dtype="float32")))
+
+    def sample(self, logits: tvm.runtime.Tensor, seqs: list) -> tuple[np.ndarray, list | None]:
+        """Token ids [rows] (numpy), and per row its logprob entry where one was asked for."""
+        tokens, logprob = self.launch(logits, seqs)
         tokens = tokens.numpy()
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         if not wanted:
@@ -91,7 +109,7 @@ class Sampler:
         top_ids = top_values = None
         k = max(wanted)
         if k > 0:
-            ids, values = self.top(logits, self._up(np.array([k], dtype="int32")))
+            ids, values = self.top(logits, self._up("k", np.array([k], dtype="int32")))
             top_ids, top_values = ids.numpy(), values.numpy()
         out = []
         for row, s in enumerate(seqs):
