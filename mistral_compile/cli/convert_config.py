@@ -22,7 +22,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 _OVERRIDES = ("context_window_size", "sliding_window_size", "attention_sink_size",
-              "prefill_chunk_size", "max_batch_size")
+              "prefill_chunk_size", "max_batch_size", "tensor_parallel_shards")
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +37,9 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokens always kept at the start when the window slides")
     group.add_argument("--prefill-chunk-size", type=int, metavar="N")
     group.add_argument("--max-batch-size", type=int, metavar="N")
+    group.add_argument("--tensor-parallel-shards", type=int, metavar="N",
+                       help="shards the compiled library's heads and MLP over N processes "
+                            "(CPU libraries, q0f32/q0f16, for now)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, int | None]:

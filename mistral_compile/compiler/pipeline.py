@@ -18,7 +18,7 @@ from tvm import relax
 from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
-from mistral_compile.errors import MistralCompileError
+from mistral_compile.errors import ConfigError, MistralCompileError
 from mistral_compile.io import ensure_dir, read_json_object
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
@@ -49,7 +49,20 @@ class CompileState:
 def _export(state: CompileState) -> None:
     from mistral_compile.model import MistralForCausalLM
 
-    model = MistralForCausalLM(state.config, quantization=state.quantization)
+    config = state.config
+    if config.tensor_parallel_shards > 1:  # one shard's model: its heads, all-reduces added
+        from mistral_compile.model.parallel import check_shardable, local_config
+
+        check_shardable(config, state.quantization)
+        if state.target.kind.name == "cuda":
+            raise ConfigError("tensor_parallel_shards", f"is {config.tensor_parallel_shards}: "
+                              "CUDA libraries are not sharded yet (CPU libraries are)")
+        config = local_config(config)
+    model = MistralForCausalLM(config, quantization=state.quantization)
+    if state.config.tensor_parallel_shards > 1:
+        from mistral_compile.model.parallel import TensorParallel
+
+        TensorParallel().visit("", model)
     model.to(state.dtype)
     if state.target.kind.name == "cuda":  # before export: an error inside it leaves TVM noise
         from mistral_compile.model.kv_owned import check_cuda_shape
@@ -76,6 +89,7 @@ def _attach_metadata(state: CompileState) -> None:
             "cpu_level": state.cpu_level,
             "cpu_flags": list(CPU_LEVELS[state.cpu_level]) if state.cpu_level else None,
             "param_layouts": state.param_layouts,
+            "tensor_parallel_shards": state.config.tensor_parallel_shards,
             "params": state.param_names, "param_shapes": state.param_shapes,
             "param_dtypes": state.param_dtypes, "page_size": PAGE_SIZE}
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

@@ -1,0 +1,55 @@
+"""A tensor-parallel shard's process: the all-reduce its library calls, and its weights.
+
+One process runs each shard (as vLLM's workers do), every one the same steps in lockstep; the
+library of a sharded config calls ``ALLREDUCE`` after o_proj and down_proj
+(model/parallel.py), which this module binds to a collective of the caller's choosing:
+``torch.distributed`` (gloo on CPUs) through ``torch_all_reduce``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from mistral_compile.config import MistralConfig
+from mistral_compile.io import read_json_object
+from mistral_compile.model.parallel import ALLREDUCE, shard_params
+from mistral_compile.weights.convert import MANIFEST_NAME
+
+
+def register_all_reduce(all_reduce: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Bind this process's ``ALLREDUCE`` to ``all_reduce`` (partial sums in, their total out)."""
+
+    def call(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
+        out.copyfrom(np.ascontiguousarray(all_reduce(x.numpy()), dtype=x.dtype))
+
+    tvm.register_global_func(ALLREDUCE, call, override=True)
+
+
+def torch_all_reduce(group: object | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The sum over the processes of ``torch.distributed``'s (initialised) group."""
+    import torch
+    import torch.distributed as dist
+
+    def all_reduce(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.array(x, copy=True))
+        dist.all_reduce(t, group=group)
+        return t.numpy()
+
+    return all_reduce
+
+
+def shard_weights(weights_dir: str | Path, config: MistralConfig,
+                  rank: int) -> dict[str, np.ndarray]:
+    """Shard ``rank``'s weights, cut from the whole model's converted weights (its folder)."""
+    from safetensors.numpy import load_file
+
+    weights_dir = Path(weights_dir)
+    manifest = read_json_object(weights_dir / MANIFEST_NAME)
+    full: dict[str, np.ndarray] = {}
+    for name in sorted({p["file"] for p in manifest["params"]}):
+        full.update(load_file(weights_dir / name))
+    return shard_params(full, config, rank)

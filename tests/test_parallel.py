@@ -1,0 +1,154 @@
+"""Tensor parallelism on CPUs: two shards in two processes (gloo) against one shard and HF."""
+
+import multiprocessing
+import socket
+
+import numpy as np
+import pytest
+
+from mistral_compile.config import read_config
+from mistral_compile.errors import MistralCompileError
+from mistral_compile.model.parallel import local_config, shard_params
+
+PROMPT = np.random.default_rng(4).integers(3, 256, 40).tolist()  # past the window of 16
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny windowed model (HF, converted, a 1-shard CPU library) and a 2-shard library."""
+    from conftest import tiny_library
+
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    root = tmp_path_factory.mktemp("parallel")
+    hf = tiny_library(root)
+    convert_config(root / "hf" / "config.json", root / "two", {"tensor_parallel_shards": 2})
+    compile_model(root / "two", root / "two" / "lib.so", quantization="q0f32")
+    return root, hf
+
+
+def engine_logits(engine):
+    """Logits of the prompt's last token, then of STEPS greedy steps after it."""
+    got = [engine.prefill(PROMPT)]
+    for _ in range(STEPS):
+        got.append(engine.decode(int(np.argmax(got[-1]))))
+    return np.stack(got)
+
+
+def shard_worker(rank, root, port, out):
+    """One shard's process: gloo, the all-reduce bound, its weights cut, the same steps."""
+    import torch.distributed as dist
+
+    from mistral_compile.runtime import Engine
+    from mistral_compile.runtime.parallel import (
+        register_all_reduce,
+        shard_weights,
+        torch_all_reduce,
+    )
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        register_all_reduce(torch_all_reduce())
+        config = read_config(root / "two")
+        params = shard_weights(root / "model", config, rank)
+        engine = Engine(root / "two", root / "two" / "lib.so", attention_sink_size=0,
+                        params=params)
+        out.put((rank, engine_logits(engine)))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_shards_in_two_processes_equal_one_shard_and_transformers(models):
+    import torch
+
+    from mistral_compile.runtime import Engine
+
+    root, hf = models
+    assert read_config(root / "two").tensor_parallel_shards == 2
+    one = engine_logits(Engine(root / "model", root / "lib.so", attention_sink_size=0))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=shard_worker, args=(r, root, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    seq = list(PROMPT) + [int(np.argmax(x)) for x in one[:-1]]
+    with torch.no_grad():
+        want = hf(torch.tensor([seq])).logits[0, len(PROMPT) - 1:].float().numpy()
+    for rank in range(2):  # both shards end with the same (replicated) logits
+        assert np.abs(results[rank] - one).max() <= 1e-4
+        assert np.abs(results[rank] - want).max() <= 1e-4
+    assert np.abs(one - want).max() <= 1e-4
+
+
+def test_the_cut_keeps_whole_heads_and_puts_the_model_back_together():
+    # shard r's q, k and v rows are its heads' (of each segment alike), gate and up alike;
+    # o and down are cut along their inputs: concatenating the shards gives the weights back
+    from mistral_compile.config import MistralConfig
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                        num_key_value_heads=4, num_hidden_layers=1, vocab_size=32,
+                        rms_norm_eps=1e-5, head_dim=16, context_window_size=512,
+                        tensor_parallel_shards=2)
+    rng = np.random.default_rng(0)
+    q, kv, i = 8 * 16, 4 * 16, 96
+    full = {"model.layers.0.self_attn.qkv_proj.weight": rng.normal(size=(q + 2 * kv, 64)),
+            "model.layers.0.self_attn.o_proj.weight": rng.normal(size=(64, q)),
+            "model.layers.0.mlp.gate_up_proj.weight": rng.normal(size=(2 * i, 64)),
+            "model.layers.0.mlp.down_proj.weight": rng.normal(size=(64, i)),
+            "model.norm.weight": rng.normal(size=(64,))}
+    shards = [shard_params(full, cfg, r) for r in range(2)]
+    qkv = full["model.layers.0.self_attn.qkv_proj.weight"]
+    mine = shards[1]["model.layers.0.self_attn.qkv_proj.weight"]
+    # shard 1: q heads 4-7, k and v heads 2-3
+    assert np.array_equal(mine[:q // 2], qkv[q // 2:q])
+    assert np.array_equal(mine[q // 2:q // 2 + kv // 2], qkv[q + kv // 2:q + kv])
+    assert np.array_equal(mine[q // 2 + kv // 2:], qkv[q + kv + kv // 2:])
+    gate_up = full["model.layers.0.mlp.gate_up_proj.weight"]
+    mine = shards[0]["model.layers.0.mlp.gate_up_proj.weight"]
+    assert np.array_equal(mine, np.concatenate([gate_up[:i // 2], gate_up[i:i + i // 2]]))
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert np.array_equal(np.concatenate([s[name] for s in shards], axis=1), full[name])
+    assert all(s["model.norm.weight"] is full["model.norm.weight"] for s in shards)
+    local = local_config(cfg)
+    assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size,
+            local.head_dim, local.hidden_size) == (4, 2, 48, 16, 64)
+
+
+def test_what_the_shards_cannot_hold_is_refused_in_one_line(models, tmp_path):
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    root, _ = models
+    convert_config(root / "hf" / "config.json", tmp_path / "m", {"tensor_parallel_shards": 2})
+    with pytest.raises(MistralCompileError, match="tensor_parallel_shards.*q4f16_1"):
+        compile_model(tmp_path / "m", tmp_path / "l.so", quantization="q4f16_1")
+    with pytest.raises(MistralCompileError, match="tensor_parallel_shards.*CUDA"):
+        compile_model(tmp_path / "m", tmp_path / "l.so", "cuda", "sm_90", "q0f16")
+    assert not (tmp_path / "l.so").exists()  # nothing half written
+
+
+def test_convert_config_takes_the_shard_count(run_cli, models, tmp_path):
+    root, _ = models
+    proc = run_cli("convert-config", root / "hf", "-o", tmp_path / "m",
+                   "--tensor-parallel-shards", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert read_config(tmp_path / "m").tensor_parallel_shards == 2
+    proc = run_cli("convert-config", root / "hf", "-o", tmp_path / "bad",
+                   "--tensor-parallel-shards", "3")
+    last = proc.stderr.strip().splitlines()[-1]  # after the log lines: one line, file and field
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "config.json: field 'tensor_parallel_shards': 3 does not divide" in last
