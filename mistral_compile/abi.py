@@ -46,3 +46,7 @@ def ring_width(window: int, chunk: int, context: int) -> int:
     if window <= 0:
         return -(-context // PAGE_SIZE)
     return (window - 1 + chunk - 1) // PAGE_SIZE + 2
+
+# the packed function a tensor-parallel shard's library calls after o_proj and down_proj:
+# (x, out), out = the sum of x over the shards (model/parallel.py; runtime/parallel.py binds it)
+ALLREDUCE = "mistral_compile.tp_allreduce"

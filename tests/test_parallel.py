@@ -8,7 +8,8 @@ import pytest
 
 from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
-from mistral_compile.model.parallel import local_config, shard_params
+from mistral_compile.model.parallel import local_config
+from mistral_compile.weights.shard import shard_params
 
 PROMPT = np.random.default_rng(4).integers(3, 256, 40).tolist()  # past the window of 16
 STEPS = 4
@@ -152,3 +153,11 @@ def test_convert_config_takes_the_shard_count(run_cli, models, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]  # after the log lines: one line, file and field
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "config.json: field 'tensor_parallel_shards': 3 does not divide" in last
+
+
+def test_a_sharded_library_without_its_processes_is_one_clear_line(models):
+    from mistral_compile.runtime import Engine
+
+    root, _ = models
+    with pytest.raises(MistralCompileError, match="2 tensor-parallel shards runs in 2 processes"):
+        Engine(root / "two", root / "two" / "lib.so", params={})

@@ -26,6 +26,7 @@ from mistral_compile.runtime.library import (
     tvm_device,
     zeros,
 )
+from mistral_compile.runtime.parallel import all_reduce_bound, declare_all_reduce
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.panels import pack_rows
 from mistral_compile.weights.safetensors_io import SafetensorsFile
@@ -61,6 +62,7 @@ class Artifact:
             raise MistralCompileError(f"{lib}: library not found")
         self.kind, self.index = parse_device(device)
         self.device = tvm_device(self.kind, self.index)
+        declare_all_reduce()  # a sharded library names it; the VM resolves names at load
         self.vm = load_vm(lib, self.device, self.kind)
         self.meta = meta = self._metadata()
         self.layouts = meta.get("param_layouts") or {}  # name -> panel width (CPU libraries)
@@ -106,6 +108,11 @@ class Artifact:
                                       f"not {self.kind}")
         if self.kind == "cpu":
             check_cpu(lib, meta)
+        shards = meta.get("tensor_parallel_shards") or 1
+        if shards > 1 and not all_reduce_bound():
+            raise MistralCompileError(f"{lib}: a library of {shards} tensor-parallel shards runs "
+                                      f"in {shards} processes, each with its all-reduce bound "
+                                      "(runtime/parallel.py)")
         return meta
 
     def _load_params(self, model_dir: Path, manifest: dict, names: list[str]) -> list:

@@ -14,19 +14,43 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from mistral_compile.abi import ALLREDUCE
 from mistral_compile.config import MistralConfig
+from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
-from mistral_compile.model.parallel import ALLREDUCE, shard_params
 from mistral_compile.weights.convert import MANIFEST_NAME
+from mistral_compile.weights.shard import shard_params
+
+_bound = False  # whether this process bound ALLREDUCE to a collective
 
 
 def register_all_reduce(all_reduce: Callable[[np.ndarray], np.ndarray]) -> None:
     """Bind this process's ``ALLREDUCE`` to ``all_reduce`` (partial sums in, their total out)."""
+    global _bound
 
     def call(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
         out.copyfrom(np.ascontiguousarray(all_reduce(x.numpy()), dtype=x.dtype))
 
     tvm.register_global_func(ALLREDUCE, call, override=True)
+    _bound = True
+
+
+def all_reduce_bound() -> bool:
+    """Whether this process's ``ALLREDUCE`` is bound (``register_all_reduce``)."""
+    return _bound
+
+
+def declare_all_reduce() -> None:
+    """Give ``ALLREDUCE`` a name before any library loads (the VM resolves it at load).
+
+    Unbound, it refuses to run; a sharded library is refused before that (Artifact).
+    """
+    if tvm.get_global_func(ALLREDUCE, allow_missing=True) is None:
+        def unbound(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
+            raise MistralCompileError("tensor-parallel all-reduce called with no collective "
+                                      "bound (runtime/parallel.py register_all_reduce)")
+
+        tvm.register_global_func(ALLREDUCE, unbound)
 
 
 def torch_all_reduce(group: object | None = None) -> Callable[[np.ndarray], np.ndarray]:
