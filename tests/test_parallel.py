@@ -156,8 +156,38 @@ def test_convert_config_takes_the_shard_count(run_cli, models, tmp_path):
 
 
 def test_a_sharded_library_without_its_processes_is_one_clear_line(models):
+    # the batched runtime loads libraries itself (Artifact): it has no shard processes yet
     from mistral_compile.runtime import Engine
+    from mistral_compile.runtime.artifact import Artifact
 
     root, _ = models
     with pytest.raises(MistralCompileError, match="2 tensor-parallel shards runs in 2 processes"):
+        Artifact(root / "two", root / "two" / "lib.so", params={})
+    with pytest.raises(MistralCompileError, match="params cannot be given"):
         Engine(root / "two", root / "two" / "lib.so", params={})
+
+
+def test_a_sharded_library_generates_as_one_shard_from_one_engine(models, tmp_path):
+    # Engine on a 2-shard library starts the second shard's process itself (gloo) and runs
+    # each chunk and step on both: generate, greedy and sampled, gives one shard's tokens
+    from mistral_compile.runtime import Engine
+    from mistral_compile.weights import convert_weight
+
+    root, _ = models
+    convert_weight(root / "hf", tmp_path / "m", "q0f32", progress=False,
+                   overrides={"tensor_parallel_shards": 2})
+    sharded = Engine(tmp_path / "m", root / "two" / "lib.so", attention_sink_size=0)
+    one = Engine(root / "model", root / "lib.so", attention_sink_size=0)
+    try:
+        for options in ({"temperature": 0.0},
+                        {"temperature": 0.9, "top_p": 0.9, "repetition_penalty": 1.2,
+                         "seed": 3}):
+            got = [sharded.generate(PROMPT, 12, **options) for _ in range(2)]  # reset between
+            want = one.generate(PROMPT, 12, **options)
+            assert got[0] == got[1] == want
+        assert sharded.tokens == one.tokens
+    finally:
+        sharded._shards.close()
+    from mistral_compile.runtime.parallel import all_reduce_bound
+
+    assert not all_reduce_bound()  # closed: the group gone, the all-reduce unbound

@@ -6,14 +6,17 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tvm
 
+from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_single import open_cache
+from mistral_compile.runtime.parallel import all_reduce_bound, shard_weights
 from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
@@ -45,6 +48,19 @@ class Engine:
         or "hf") overrides the family recorded at conversion (mistral_compile/tokenizer).
         The weight files are checked against the manifest (sizes; with ``verify``, sha256).
         """
+        self._shards = None  # a tensor-parallel library's other processes (runtime/shards.py)
+        config = read_config(model_dir)
+        if config.tensor_parallel_shards > 1 and not all_reduce_bound():
+            from mistral_compile.runtime.shards import ShardGroup
+
+            if params is not None:
+                raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its "
+                                          "shards' weights from its folder; params cannot be "
+                                          "given")
+            self._shards = ShardGroup(Path(model_dir), Path(lib), config, dict(
+                device=device, attention_sink_size=attention_sink_size,
+                prefill_chunk_size=prefill_chunk_size, kv_cache=kv_cache))
+            params = shard_weights(model_dir, config, 0)
         self.artifact = art = Artifact(model_dir, lib, device, params, progress, verify)
         self.model_dir, self.progress = art.model_dir, progress
         self.config, self.device, self.vm, self.meta = art.config, art.device, art.vm, art.meta
@@ -71,6 +87,8 @@ class Engine:
         self._last_turn = None
 
     def _new_cache(self) -> None:
+        if self._shards is not None:
+            self._shards.send("_new_cache")
         self.length = 0
         self.tokens = []
         self.kv.reset()
@@ -92,6 +110,8 @@ class Engine:
         return ids
 
     def _forward(self, token_ids: list[int]) -> np.ndarray:
+        if self._shards is not None:  # every shard runs the chunk (they meet in all-reduces)
+            self._shards.send("_forward", [int(t) for t in token_ids])
         n = len(token_ids)  # at most chunk_size
         embed = self._embed(self._upload(token_ids), self.params)  # [n, hidden], on the device
         out = self.kv.prefill(embed._create_view((1, n, int(embed.shape[-1]))), self.length)
@@ -104,6 +124,8 @@ class Engine:
 
     def _decode_step(self, ids: tvm.runtime.Tensor, token_id: int) -> tuple:
         """Run ``decode`` on the id already in ``ids`` (device): (logits, argmax), on the device."""
+        if self._shards is not None:
+            self._shards.send("decode_token", int(token_id))
         out = self.kv.decode(ids, self.length)
         self._appended([token_id])
         return out
@@ -263,6 +285,8 @@ class Engine:
         """Drop the last ``n`` tokens from the cache if it still holds them all (no eviction)."""
         if n == 0:
             return True
+        if self._shards is not None:
+            self._shards.send("rollback", n)
         if not self.kv.rollback(n, self.length):
             return False
         self.length -= n

@@ -35,6 +35,18 @@ def register_all_reduce(all_reduce: Callable[[np.ndarray], np.ndarray]) -> None:
     _bound = True
 
 
+def unbind_all_reduce() -> None:
+    """Undo ``register_all_reduce`` (its collective is gone)."""
+    global _bound
+    _bound = False
+    tvm.register_global_func(ALLREDUCE, _unbound, override=True)
+
+
+def _unbound(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
+    raise MistralCompileError("tensor-parallel all-reduce called with no collective bound "
+                              "(runtime/parallel.py register_all_reduce)")
+
+
 def all_reduce_bound() -> bool:
     """Whether this process's ``ALLREDUCE`` is bound (``register_all_reduce``)."""
     return _bound
@@ -46,11 +58,7 @@ def declare_all_reduce() -> None:
     Unbound, it refuses to run; a sharded library is refused before that (Artifact).
     """
     if tvm.get_global_func(ALLREDUCE, allow_missing=True) is None:
-        def unbound(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
-            raise MistralCompileError("tensor-parallel all-reduce called with no collective "
-                                      "bound (runtime/parallel.py register_all_reduce)")
-
-        tvm.register_global_func(ALLREDUCE, unbound)
+        tvm.register_global_func(ALLREDUCE, _unbound)
 
 
 def torch_all_reduce(group: object | None = None) -> Callable[[np.ndarray], np.ndarray]:
