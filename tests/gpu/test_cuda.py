@@ -116,13 +116,22 @@ def test_head_dim_128_fp16_prefill_matches_hf_float32(name, n, chunk):
     with torch.no_grad():
         want = hf_model(name, "q0f32")(torch.tensor([seq], device="cuda")).logits[0]
     want = want.float().cpu().numpy()[n - 1:]
+    check_within(got, want, f"{name} q0f16 prompt {n:3d} chunk {eng.chunk_size:3d} vs HF fp32")
+
+
+def check_within(got, want, label):
+    """max|dlogit| <= the fp16 tolerance; greedy tokens may part only at a near-tie.
+
+    A near-tie: HF's top two logits closer than 2 max|dlogit|.
+    """
     delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
               if int(np.argmax(g)) != int(np.argmax(w))]
-    report(f"{name} q0f16 prompt {n:3d} chunk {eng.chunk_size:3d} vs HF fp32", delta, not parted)
+    report(label, delta, not parted)
     assert delta <= TOL["q0f16"]
-    for i in parted:  # greedy tokens may part only at a near-tie of HF's top two
+    for i in parted:
         top2 = np.sort(want[i])[-2:]
+        print(f"  greedy parts at step {i}: HF top-2 gap {top2[1] - top2[0]:.1e}")
         assert top2[1] - top2[0] <= 2 * delta, (i, top2)
 
 
@@ -150,25 +159,14 @@ def test_sampled_steps_queued_ahead_draw_the_serial_loops_tokens():
 
 
 def compare_q4(name, quant, n):
-    """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W.
-
-    Greedy tokens may part only at a near-tie: HF's top two logits closer than 2 max|dlogit|.
-    """
+    """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W."""
     eng = engine(name, quant, attention_sink_size=0, prefill_chunk_size=W)
     ids = np.random.default_rng(n).integers(3, 256, n).tolist()
     got, seq = run_engine(eng, ids)
     with torch.no_grad():
         want = hf_model(name, quant)(torch.tensor([seq], device="cuda")).logits[0]
     want = want.float().cpu().numpy()[n - 1:]
-    delta = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
-    parted = [i for i, (g, w) in enumerate(zip(got, want, strict=True))
-              if int(np.argmax(g)) != int(np.argmax(w))]
-    report(f"{name} {quant} prompt {n:3d} vs dequantized HF fp16", delta, not parted)
-    assert delta <= TOL["q0f16"]
-    if parted:
-        top2 = np.sort(want[parted[0]])[-2:]
-        print(f"  greedy parts at step {parted[0]}: HF top-2 gap {top2[1] - top2[0]:.1e}")
-        assert top2[1] - top2[0] <= 2 * delta
+    check_within(got, want, f"{name} {quant} prompt {n:3d} vs dequantized HF fp16")
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
