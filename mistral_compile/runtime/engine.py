@@ -59,7 +59,7 @@ class Engine:
                                           "given")
             self._shards = ShardGroup(Path(model_dir), Path(lib), config, dict(
                 device=device, attention_sink_size=attention_sink_size,
-                prefill_chunk_size=prefill_chunk_size, kv_cache=kv_cache))
+                prefill_chunk_size=prefill_chunk_size, kv_cache=kv_cache), serve_shard)
             params = shard_weights(model_dir, config, 0)
         self.artifact = art = Artifact(model_dir, lib, device, params, progress, verify)
         self.model_dir, self.progress = art.model_dir, progress
@@ -353,3 +353,26 @@ class Engine:
         rng = np.random.default_rng(params.seed)
         steps = self.continue_from(self.prefill(list(prompt)), params, rng, list(prompt))
         return [next(steps) for _ in range(max_new_tokens)]
+
+
+def serve_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
+                engine_args: dict[str, Any], pipe: Any) -> None:
+    """A tensor-parallel worker process (runtime/shards.py): its shard's Engine.
+
+    It runs what the driver's Engine sends, in the same order, until told to stop.
+    """
+    from mistral_compile.runtime.shards import join_shards
+
+    join_shards(rank, shards, address)
+    engine = Engine(model_dir, lib,
+                    params=shard_weights(model_dir, read_config(model_dir), rank),
+                    **engine_args)
+    pipe.send("ready")
+    while True:
+        op, args = pipe.recv()
+        if op == "stop":
+            return
+        if op == "decode_token":
+            engine._decode_step(engine._upload(list(args)), int(args[0]))
+        else:
+            getattr(engine, op)(*args)

@@ -1,5 +1,7 @@
 """A sharded library's other processes: shards 1..N-1, each an Engine that mirrors the driver.
 
+(The worker's loop is ``engine.serve_shard``; this module starts and stops the processes.)
+
 The driver is the Engine the user made (shard 0). It starts one process per further shard,
 joins them in a ``torch.distributed`` group (gloo on CPUs) and binds its all-reduce
 (runtime/parallel.py). Then, before each forward it runs itself, it sends the same call to
@@ -14,6 +16,7 @@ import atexit
 import multiprocessing
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,6 @@ from mistral_compile.config import MistralConfig
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.parallel import (
     register_all_reduce,
-    shard_weights,
     torch_all_reduce,
     unbind_all_reduce,
 )
@@ -30,7 +32,8 @@ from mistral_compile.runtime.parallel import (
 TIMEOUT = timedelta(seconds=300)  # a collective waiting longer than this fails (a shard died)
 
 
-def _join(rank: int, shards: int, address: str) -> None:
+def join_shards(rank: int, shards: int, address: str) -> None:
+    """Join this process to the shards' gloo group and bind its all-reduce to it."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=shards,
@@ -38,32 +41,16 @@ def _join(rank: int, shards: int, address: str) -> None:
     register_all_reduce(torch_all_reduce())
 
 
-def _serve(rank: int, shards: int, address: str, model_dir: str, lib: str,
-           engine_args: dict[str, Any], pipe: Any) -> None:
-    """A worker's life: join the group, load its shard, run what the driver sends."""
-    from mistral_compile.config import read_config
-    from mistral_compile.runtime.engine import Engine
-
-    _join(rank, shards, address)
-    engine = Engine(model_dir, lib,
-                    params=shard_weights(model_dir, read_config(model_dir), rank),
-                    **engine_args)
-    pipe.send("ready")
-    while True:
-        op, args = pipe.recv()
-        if op == "stop":
-            return
-        if op == "decode_token":
-            engine._decode_step(engine._upload(list(args)), int(args[0]))
-        else:
-            getattr(engine, op)(*args)
-
-
 class ShardGroup:
     """The driver's side: the workers' pipes; ``send`` one call to all of them."""
 
     def __init__(self, model_dir: Path, lib: Path, config: MistralConfig,
-                 engine_args: dict[str, Any]) -> None:
+                 engine_args: dict[str, Any], target: Callable[..., None]) -> None:
+        """Start shards 1..N-1 and join them as shard 0.
+
+        Each runs ``target(rank, shards, address, model_dir, lib, engine_args, pipe)``
+        (``engine.serve_shard``).
+        """
         shards = config.tensor_parallel_shards
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -72,13 +59,13 @@ class ShardGroup:
         self.pipes, self.procs = [], []
         for rank in range(1, shards):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve, daemon=True,
+            proc = ctx.Process(target=target, daemon=True,
                                args=(rank, shards, address, os.fspath(model_dir),
                                      os.fspath(lib), engine_args, theirs))
             proc.start()
             self.pipes.append(mine)
             self.procs.append(proc)
-        _join(0, shards, address)
+        join_shards(0, shards, address)
         for rank, pipe in enumerate(self.pipes, 1):
             if not pipe.poll(TIMEOUT.total_seconds()) or pipe.recv() != "ready":
                 raise MistralCompileError(f"{lib}: tensor-parallel shard {rank} did not start")
