@@ -156,15 +156,42 @@ def test_convert_config_takes_the_shard_count(run_cli, models, tmp_path):
 
 
 def test_a_sharded_library_without_its_processes_is_one_clear_line(models):
-    # the batched runtime loads libraries itself (Artifact): it has no shard processes yet
+    # loaded directly (Artifact) without its shards' processes, or with weights given
     from mistral_compile.runtime import Engine
     from mistral_compile.runtime.artifact import Artifact
+    from mistral_compile.runtime.llm import LLM
 
     root, _ = models
     with pytest.raises(MistralCompileError, match="2 tensor-parallel shards runs in 2 processes"):
         Artifact(root / "two", root / "two" / "lib.so", params={})
-    with pytest.raises(MistralCompileError, match="params cannot be given"):
-        Engine(root / "two", root / "two" / "lib.so", params={})
+    for make in (Engine, LLM):
+        with pytest.raises(MistralCompileError, match="params cannot be given"):
+            make(root / "two", root / "two" / "lib.so", params={})
+
+
+def test_the_batched_runtime_on_two_shards_equals_one_shard(models, tmp_path):
+    # LLM on a 2-shard library starts the second shard's process; each step the scheduler
+    # makes (chunks and decode rows of several requests at once) runs on both shards' pages
+    from mistral_compile.runtime.llm import LLM, EngineConfig
+    from mistral_compile.runtime.sampling import SamplingParams
+    from mistral_compile.weights import convert_weight
+
+    root, _ = models
+    convert_weight(root / "hf", tmp_path / "m", "q0f32", progress=False,
+                   overrides={"tensor_parallel_shards": 2})
+    settings = EngineConfig(max_batch_size=3, prefill_chunk_size=16)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (5, 40, 23, 61)]
+    params = [SamplingParams(max_tokens=10),
+              SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5)]
+    sharded = LLM(tmp_path / "m", root / "two" / "lib.so", engine_config=settings)
+    try:
+        one = LLM(root / "model", root / "lib.so", engine_config=settings)
+        for p in params:
+            got = [o.token_ids for o in sharded.generate(prompts, p)]
+            assert got == [o.token_ids for o in one.generate(prompts, p)]
+    finally:
+        sharded._shards.close()
 
 
 def test_a_sharded_library_generates_as_one_shard_from_one_engine(models, tmp_path):

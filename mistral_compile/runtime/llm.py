@@ -12,13 +12,17 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mistral_compile.abi import PAGE_SIZE, kv_groups, ring_width
+from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
+from mistral_compile.runtime.library import parse_device
 from mistral_compile.runtime.output import StopRule, TextOutput
+from mistral_compile.runtime.parallel import all_reduce_bound, shard_weights
 from mistral_compile.runtime.runner import ModelRunner, page_bytes
 from mistral_compile.runtime.sampler import Sampler
 from mistral_compile.runtime.sampling import SamplingParams
@@ -119,6 +123,22 @@ class LLM:
                  params: Mapping[str, Any] | None = None, tokenizer: str | None = None,
                  verify: bool = False, progress: bool = False,
                  artifact: Artifact | None = None) -> None:
+        self._shards = None  # a tensor-parallel library's other processes (runtime/shards.py)
+        if artifact is None:
+            config = read_config(model_dir)
+            if config.tensor_parallel_shards > 1 and not all_reduce_bound():
+                from mistral_compile.runtime.shards import ShardGroup
+
+                if params is not None:
+                    raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its "
+                                              "shards' weights from its folder; params cannot "
+                                              "be given")
+                if parse_device(device)[0] != "cpu":
+                    raise MistralCompileError(f"{lib}: tensor-parallel shards run on CPUs only "
+                                              "so far")
+                self._shards = ShardGroup(Path(model_dir), Path(lib), config, dict(
+                    device=device, engine_config=engine_config), serve_batch_shard)
+                params = shard_weights(model_dir, config, 0)
         self.artifact = artifact or Artifact(model_dir, lib, device, params, progress, verify)
         self.config = cfg = self.artifact.config
         self.settings = settings = engine_config or EngineConfig()
@@ -145,6 +165,9 @@ class LLM:
                                    settings.max_step_tokens)
         self.runner = ModelRunner(self.artifact, self.kv, settings.max_batch_size,
                                   settings.cuda_graphs)
+        if self._shards is not None:
+            shards = self._shards
+            self.runner.mirror = lambda arrays, tables: shards.send("step", arrays, tables)
         self.sampler = Sampler(self.artifact)
         self._tokenizer_family = tokenizer
         self._tokenizer = None
@@ -339,3 +362,23 @@ class LLM:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.preemptions, "steps": self.steps,
                 **self.kv.stats()}
+
+
+def serve_batch_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
+                      llm_args: dict[str, Any], pipe: Any) -> None:
+    """A tensor-parallel worker of the batched runtime (runtime/shards.py): its shard's runner.
+
+    It runs each step the driver's scheduler made (the host arrays the driver sends) on its
+    own pages, in the same order, until told to stop; sampling stays in the driver.
+    """
+    from mistral_compile.runtime.shards import join_shards
+
+    join_shards(rank, shards, address)
+    llm = LLM(model_dir, lib, params=shard_weights(model_dir, read_config(model_dir), rank),
+              **llm_args)
+    pipe.send("ready")
+    while True:
+        op, args = pipe.recv()
+        if op == "stop":
+            return
+        llm.runner.execute(*args)

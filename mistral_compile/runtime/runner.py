@@ -29,7 +29,13 @@ def page_bytes(artifact: Artifact, layers: int) -> int:
     """Bytes of one page of a group of ``layers`` layers."""
     cfg = artifact.config
     itemsize = tvm.runtime.DataType(artifact.dtype).bits // 8
-    return layers * 2 * cfg.num_key_value_heads * PAGE_SIZE * cfg.head_dim * itemsize
+    return layers * 2 * shard_kv_heads(artifact) * PAGE_SIZE * cfg.head_dim * itemsize
+
+
+def shard_kv_heads(artifact: Artifact) -> int:
+    """The KV heads this process's pages hold: its shard's (model/parallel.py), or all."""
+    cfg = artifact.config
+    return cfg.num_key_value_heads // cfg.tensor_parallel_shards
 
 
 def padded_rows(rows: int, buckets: list[int] = ROW_BUCKETS) -> int:
@@ -53,7 +59,7 @@ class ModelRunner:
         # more than the manager's: the scratch page of padding rows.
         self.scratch = [pool.num_pages for pool in kv.pools]
         self.pools = [tvm.runtime.empty((pool.num_pages + 1, len(group.layers), 2,
-                                         cfg.num_key_value_heads, PAGE_SIZE, cfg.head_dim),
+                                         shard_kv_heads(artifact), PAGE_SIZE, cfg.head_dim),
                                         artifact.dtype, artifact.device)
                       for pool, group in zip(kv.pools, kv.groups, strict=True)]
         self._pools = tvm.runtime.convert(self.pools)
@@ -66,6 +72,8 @@ class ModelRunner:
             self.graphs = GraphedStep(self.fn, artifact.device, padded_rows(max_rows),
                                       list(kv.widths))
         self.pad_decode = self.graphs is not None
+        # a tensor-parallel driver's: sends each step's arrays to the other shards first
+        self.mirror = None
 
     def _up(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.artifact.device)
@@ -118,6 +126,12 @@ class ModelRunner:
         return ([np.asarray(a, dtype="int32") for a in (ids, positions, rows, last)]
                 + [sinks if self.kv.sink else sinks[:, :1]], tables)
 
+    def execute(self, arrays: list[np.ndarray], tables: list[np.ndarray]) -> tvm.runtime.Tensor:
+        """``batch_step`` on a step's host arrays (``arrays``), eagerly: the logits."""
+        return self.fn(*(self._up(a) for a in arrays),
+                       tvm.runtime.convert([self._up(t) for t in tables]), self._pools,
+                       self.artifact.params)
+
     def run(self, work: list[Work]) -> tvm.runtime.Tensor:
         """Logits [len(work), vocab] float32 on the device: of each work's last token."""
         decode = all(w.count == 1 for w in work)
@@ -132,8 +146,8 @@ class ModelRunner:
                 logger.warning("CUDA graph capture failed (%s): decode steps run eagerly",
                                str(err).splitlines()[-1] if str(err) else type(err).__name__)
                 self.graphs, self.pad_decode = None, False
-        logits = self.fn(*(self._up(a) for a in arrays),
-                         tvm.runtime.convert([self._up(t) for t in tables]), self._pools,
-                         self.artifact.params)
+        if self.mirror is not None:  # every shard runs the step (they meet in all-reduces)
+            self.mirror(arrays, tables)
+        logits = self.execute(arrays, tables)
         padded = len(arrays[3]) != len(work)  # logits of padding rows follow the real ones
         return logits._create_view((len(work), vocab)) if padded else logits

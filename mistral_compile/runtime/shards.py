@@ -52,6 +52,10 @@ class ShardGroup:
         (``engine.serve_shard``).
         """
         shards = config.tensor_parallel_shards
+        if multiprocessing.current_process().daemon:  # e.g. serve's engine process
+            raise MistralCompileError(f"{lib}: tensor-parallel shards start their processes "
+                                      "from the caller's, which is a daemon process here "
+                                      "(serve's engine): not supported yet")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
