@@ -21,12 +21,13 @@ def models(tmp_path_factory):
     from conftest import tiny_library
 
     from mistral_compile.compiler.pipeline import compile_model
-    from mistral_compile.config import convert_config
+    from mistral_compile.weights import convert_weight
 
     root = tmp_path_factory.mktemp("parallel")
     hf = tiny_library(root)
-    convert_config(root / "hf" / "config.json", root / "two", {"tensor_parallel_shards": 2})
-    compile_model(root / "two", root / "two" / "lib.so", quantization="q0f32")
+    convert_weight(root / "hf", root / "two", "q0f32", progress=False,
+                   overrides={"tensor_parallel_shards": 2})  # the whole model's weights
+    compile_model(root / "two", root / "two" / "lib.so")
     return root, hf
 
 
@@ -54,7 +55,7 @@ def shard_worker(rank, root, port, out):
     try:
         register_all_reduce(torch_all_reduce())
         config = read_config(root / "two")
-        params = shard_weights(root / "model", config, rank)
+        params = shard_weights(root / "two", config, rank)
         engine = Engine(root / "two", root / "two" / "lib.so", attention_sink_size=0,
                         params=params)
         out.put((rank, engine_logits(engine)))
@@ -167,24 +168,26 @@ def test_a_sharded_library_without_its_processes_is_one_clear_line(models):
     for make in (Engine, LLM):
         with pytest.raises(MistralCompileError, match="params cannot be given"):
             make(root / "two", root / "two" / "lib.so", params={})
+    # a shard's weights are cut only from weights converted for the sharded config
+    from mistral_compile.runtime.parallel import shard_weights
+
+    with pytest.raises(MistralCompileError, match="converted for a different config"):
+        shard_weights(root / "model", read_config(root / "two"), 0)
 
 
-def test_the_batched_runtime_on_two_shards_equals_one_shard(models, tmp_path):
+def test_the_batched_runtime_on_two_shards_equals_one_shard(models):
     # LLM on a 2-shard library starts the second shard's process; each step the scheduler
     # makes (chunks and decode rows of several requests at once) runs on both shards' pages
     from mistral_compile.runtime.llm import LLM, EngineConfig
     from mistral_compile.runtime.sampling import SamplingParams
-    from mistral_compile.weights import convert_weight
 
     root, _ = models
-    convert_weight(root / "hf", tmp_path / "m", "q0f32", progress=False,
-                   overrides={"tensor_parallel_shards": 2})
     settings = EngineConfig(max_batch_size=3, prefill_chunk_size=16)
     rng = np.random.default_rng(9)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 40, 23, 61)]
     params = [SamplingParams(max_tokens=10),
               SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5)]
-    sharded = LLM(tmp_path / "m", root / "two" / "lib.so", engine_config=settings)
+    sharded = LLM(root / "two", root / "two" / "lib.so", engine_config=settings)
     try:
         one = LLM(root / "model", root / "lib.so", engine_config=settings)
         for p in params:
@@ -194,16 +197,13 @@ def test_the_batched_runtime_on_two_shards_equals_one_shard(models, tmp_path):
         sharded._shards.close()
 
 
-def test_a_sharded_library_generates_as_one_shard_from_one_engine(models, tmp_path):
+def test_a_sharded_library_generates_as_one_shard_from_one_engine(models):
     # Engine on a 2-shard library starts the second shard's process itself (gloo) and runs
     # each chunk and step on both: generate, greedy and sampled, gives one shard's tokens
     from mistral_compile.runtime import Engine
-    from mistral_compile.weights import convert_weight
 
     root, _ = models
-    convert_weight(root / "hf", tmp_path / "m", "q0f32", progress=False,
-                   overrides={"tensor_parallel_shards": 2})
-    sharded = Engine(tmp_path / "m", root / "two" / "lib.so", attention_sink_size=0)
+    sharded = Engine(root / "two", root / "two" / "lib.so", attention_sink_size=0)
     one = Engine(root / "model", root / "lib.so", attention_sink_size=0)
     try:
         for options in ({"temperature": 0.0},

@@ -326,6 +326,40 @@ def test_the_engine_thread_serves_the_same_answer(model, server):
         proc.communicate(timeout=30)
 
 
+def test_a_tensor_parallel_model_serves_the_same_answer(model, server, tmp_path):
+    # serve on a 2-shard library: the engine process starts the second shard's process
+    # (runtime/shards.py), and both end with the server
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.weights import convert_weight
+
+    root = tmp_path / "two"
+    convert_weight(model / "hf", root / "model", "q0f32", progress=False,
+                   overrides={"tensor_parallel_shards": 2})
+    compile_model(root / "model", root / "lib.so")
+    _, one = server
+    want = chat(one, "Hello there", max_tokens=12).choices[0].message.content
+    proc, base = start(root)
+    try:
+        engine = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                text=True).stdout.split()  # the engine (and a resource tracker)
+        shards = subprocess.run(["pgrep", "-P", ",".join(engine)], capture_output=True,
+                                text=True).stdout.split()
+        assert shards  # the engine's second shard
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        got = chat(client, "Hello there", max_tokens=12)
+        assert got.choices[0].message.content == want
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert "Traceback" not in out, out[-3000:]
+    for _ in range(100):
+        if not any(os.path.exists(f"/proc/{pid}") for pid in engine + shards):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"a shard's process outlived the server: {engine + shards}")
+
+
 def test_a_dead_engine_process_fails_requests_and_health(model):
     # the engine runs in a process of its own: if it dies, /health says so (503) and a request
     # gets an error at once instead of waiting forever

@@ -80,7 +80,11 @@ class Artifact:
             self.tokenizer_record = manifest.get("tokenizer") or {}
         else:
             loaded = self._given_params(params, weights)
-            self.tokenizer_record = {}
+            # weights given, files perhaps there too (a tensor-parallel shard's are cut from
+            # them): the tokenizer recorded at conversion still applies
+            converted = model_dir / MANIFEST_NAME
+            self.tokenizer_record = ((read_json_object(converted).get("tokenizer") or {})
+                                     if converted.is_file() else {})
         self.state = {name: zeros(shape, self.param_dtypes[name], self.device)
                       for name, shape in state.items()}
         by_name = dict(zip(weights, loaded, strict=True))

@@ -81,6 +81,9 @@ def shard_weights(weights_dir: str | Path, config: MistralConfig,
 
     weights_dir = Path(weights_dir)
     manifest = read_json_object(weights_dir / MANIFEST_NAME)
+    if manifest.get("config_fingerprint") != config.fingerprint():
+        raise MistralCompileError(f"{weights_dir / MANIFEST_NAME}: weights were converted for "
+                                  "a different config than mistral-config.json")
     full: dict[str, np.ndarray] = {}
     for name in sorted({p["file"] for p in manifest["params"]}):
         full.update(load_file(weights_dir / name))
