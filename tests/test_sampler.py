@@ -143,8 +143,8 @@ def test_option_columns_are_the_kernels():
 
 def test_the_sampler_keeps_its_device_buffers_and_draws_as_with_fresh_arrays(vm):
     # Sampler uploads each draw's inputs into one device buffer per input, grown when a draw
-    # has more adjustments: a fresh device array per draw cost an allocation and a
-    # synchronising free (0.9 ms of a batch-1 sampled step on the H200, the GPU idle)
+    # has more adjustments: a fresh device array per draw costs an allocation and a
+    # synchronising free
     from types import SimpleNamespace
 
     from mistral_compile.runtime.sampler import Sampler, SamplingState

@@ -6,19 +6,17 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tvm
 
-from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_single import open_cache
-from mistral_compile.runtime.parallel import all_reduce_bound, shard_weights
 from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
+from mistral_compile.runtime.shards import join_as_worker, start_shards
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.tokenizer import Tokenizer
 
@@ -48,19 +46,10 @@ class Engine:
         or "hf") overrides the family recorded at conversion (mistral_compile/tokenizer).
         The weight files are checked against the manifest (sizes; with ``verify``, sha256).
         """
-        self._shards = None  # a tensor-parallel library's other processes (runtime/shards.py)
-        config = read_config(model_dir)
-        if config.tensor_parallel_shards > 1 and not all_reduce_bound():
-            from mistral_compile.runtime.shards import ShardGroup
-
-            if params is not None:
-                raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its "
-                                          "shards' weights from its folder; params cannot be "
-                                          "given")
-            self._shards = ShardGroup(Path(model_dir), Path(lib), config, dict(
-                device=device, attention_sink_size=attention_sink_size,
-                prefill_chunk_size=prefill_chunk_size, kv_cache=kv_cache), serve_shard)
-            params = shard_weights(model_dir, config, 0)
+        # a tensor-parallel model: its other shards' processes (runtime/shards.py)
+        self._shards, params = start_shards(model_dir, lib, device, params, dict(
+            attention_sink_size=attention_sink_size, prefill_chunk_size=prefill_chunk_size,
+            kv_cache=kv_cache), serve_shard)
         self.artifact = art = Artifact(model_dir, lib, device, params, progress, verify)
         self.model_dir, self.progress = art.model_dir, progress
         self.config, self.device, self.vm, self.meta = art.config, art.device, art.vm, art.meta
@@ -361,11 +350,7 @@ def serve_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
 
     It runs what the driver's Engine sends, in the same order, until told to stop.
     """
-    from mistral_compile.runtime.shards import join_shards
-
-    join_shards(rank, shards, address)
-    engine = Engine(model_dir, lib,
-                    params=shard_weights(model_dir, read_config(model_dir), rank),
+    engine = Engine(model_dir, lib, params=join_as_worker(rank, shards, address, model_dir),
                     **engine_args)
     pipe.send("ready")
     while True:

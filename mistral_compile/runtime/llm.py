@@ -12,21 +12,18 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mistral_compile.abi import PAGE_SIZE, kv_groups, ring_width
-from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_cache import KVCacheManager
-from mistral_compile.runtime.library import parse_device
 from mistral_compile.runtime.output import StopRule, TextOutput
-from mistral_compile.runtime.parallel import all_reduce_bound, shard_weights
 from mistral_compile.runtime.runner import ModelRunner, page_bytes
 from mistral_compile.runtime.sampler import Sampler
 from mistral_compile.runtime.sampling import SamplingParams
 from mistral_compile.runtime.scheduler import Scheduler, Sequence
+from mistral_compile.runtime.shards import join_as_worker, start_shards
 
 logger = logging.getLogger("mistral_compile.runtime")
 
@@ -123,22 +120,11 @@ class LLM:
                  params: Mapping[str, Any] | None = None, tokenizer: str | None = None,
                  verify: bool = False, progress: bool = False,
                  artifact: Artifact | None = None) -> None:
-        self._shards = None  # a tensor-parallel library's other processes (runtime/shards.py)
+        self._shards = None  # a tensor-parallel model's other processes (runtime/shards.py)
         if artifact is None:
-            config = read_config(model_dir)
-            if config.tensor_parallel_shards > 1 and not all_reduce_bound():
-                from mistral_compile.runtime.shards import ShardGroup
-
-                if params is not None:
-                    raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its "
-                                              "shards' weights from its folder; params cannot "
-                                              "be given")
-                if parse_device(device)[0] != "cpu":
-                    raise MistralCompileError(f"{lib}: tensor-parallel shards run on CPUs only "
-                                              "so far")
-                self._shards = ShardGroup(Path(model_dir), Path(lib), config, dict(
-                    device=device, engine_config=engine_config), serve_batch_shard)
-                params = shard_weights(model_dir, config, 0)
+            self._shards, params = start_shards(model_dir, lib, device, params,
+                                                dict(engine_config=engine_config),
+                                                serve_batch_shard)
         self.artifact = artifact or Artifact(model_dir, lib, device, params, progress, verify)
         self.config = cfg = self.artifact.config
         self.settings = settings = engine_config or EngineConfig()
@@ -371,10 +357,7 @@ def serve_batch_shard(rank: int, shards: int, address: str, model_dir: str, lib:
     It runs each step the driver's scheduler made (the host arrays the driver sends) on its
     own pages, in the same order, until told to stop; sampling stays in the driver.
     """
-    from mistral_compile.runtime.shards import join_shards
-
-    join_shards(rank, shards, address)
-    llm = LLM(model_dir, lib, params=shard_weights(model_dir, read_config(model_dir), rank),
+    llm = LLM(model_dir, lib, params=join_as_worker(rank, shards, address, model_dir),
               **llm_args)
     pipe.send("ready")
     while True:

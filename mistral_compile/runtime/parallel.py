@@ -19,6 +19,7 @@ from mistral_compile.config import MistralConfig
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import read_json_object
 from mistral_compile.weights.convert import MANIFEST_NAME
+from mistral_compile.weights.safetensors_io import SafetensorsFile
 from mistral_compile.weights.shard import shard_params
 
 _bound = False  # whether this process bound ALLREDUCE to a collective
@@ -76,15 +77,21 @@ def torch_all_reduce(group: object | None = None) -> Callable[[np.ndarray], np.n
 
 def shard_weights(weights_dir: str | Path, config: MistralConfig,
                   rank: int) -> dict[str, np.ndarray]:
-    """Shard ``rank``'s weights, cut from the whole model's converted weights (its folder)."""
-    from safetensors.numpy import load_file
+    """Shard ``rank``'s weights, cut from the whole model's converted weights (its folder).
 
+    The files are memory-mapped (SafetensorsFile, as a whole model's load reads them): only
+    the shard's part of a cut weight is copied, not every file read whole into each process.
+    """
     weights_dir = Path(weights_dir)
     manifest = read_json_object(weights_dir / MANIFEST_NAME)
     if manifest.get("config_fingerprint") != config.fingerprint():
         raise MistralCompileError(f"{weights_dir / MANIFEST_NAME}: weights were converted for "
                                   "a different config than mistral-config.json")
+    files: dict[str, SafetensorsFile] = {}
     full: dict[str, np.ndarray] = {}
-    for name in sorted({p["file"] for p in manifest["params"]}):
-        full.update(load_file(weights_dir / name))
+    for entry in manifest["params"]:
+        name = entry["file"]
+        if name not in files:
+            files[name] = SafetensorsFile(weights_dir / name)
+        full[entry["name"]] = files[name].get(entry["name"])
     return shard_params(full, config, rank)

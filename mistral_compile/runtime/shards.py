@@ -16,15 +16,18 @@ import atexit
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mistral_compile.config import MistralConfig
+from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import MistralCompileError
+from mistral_compile.runtime.library import parse_device
 from mistral_compile.runtime.parallel import (
+    all_reduce_bound,
     register_all_reduce,
+    shard_weights,
     torch_all_reduce,
     unbind_all_reduce,
 )
@@ -39,6 +42,35 @@ def join_shards(rank: int, shards: int, address: str) -> None:
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=shards,
                             timeout=TIMEOUT)
     register_all_reduce(torch_all_reduce())
+
+
+def join_as_worker(rank: int, shards: int, address: str,
+                   model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A worker's start: join the group, then its shard's weights (cut from the model's)."""
+    join_shards(rank, shards, address)
+    return shard_weights(model_dir, read_config(model_dir), rank)
+
+
+def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: str,
+                 params: Mapping[str, Any] | None, worker_args: dict[str, Any],
+                 target: Callable[..., None]) -> tuple[ShardGroup | None, Mapping | None]:
+    """The driver's start (Engine, LLM): the other shards' processes and shard 0's weights.
+
+    Any other model, or a shard's own process (its all-reduce already bound), gets
+    ``(None, params)`` back unchanged. ``worker_args`` (with ``device``) make each worker's
+    Engine or LLM, run by ``target`` (``engine.serve_shard``, ``llm.serve_batch_shard``).
+    """
+    config = read_config(model_dir)
+    if config.tensor_parallel_shards == 1 or all_reduce_bound():
+        return None, params
+    if params is not None:
+        raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its shards' "
+                                  "weights from its folder; params cannot be given")
+    if parse_device(device)[0] != "cpu":
+        raise MistralCompileError(f"{lib}: tensor-parallel shards run on CPUs only so far")
+    group = ShardGroup(Path(model_dir), Path(lib), config, {"device": device, **worker_args},
+                       target)
+    return group, shard_weights(model_dir, config, 0)
 
 
 class ShardGroup:
