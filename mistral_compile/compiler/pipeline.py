@@ -16,7 +16,6 @@ import tvm
 from tvm import relax
 
 from mistral_compile.abi import PAGE_SIZE
-from mistral_compile.compiler import pdl
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
 from mistral_compile.errors import ConfigError, MistralCompileError
@@ -183,14 +182,10 @@ def _build(state: CompileState) -> None:
     # with CUDA graphs, RewriteCUDAGraph captures the static-shape kernel runs of each function
     # (decode) on first use and replays them, cutting launch overhead
     config = {"relax.backend.use_cuda_graph": state.cuda_graph}
-    tir_pipeline = "default"
-    if state.target.kind.name == "cuda" and pdl.supported(state.target.arch):
-        tir_pipeline = pdl.register_pipeline()  # decode kernels overlap their predecessors
     with tvm.transform.PassContext(opt_level=tvm.transform.PassContext.current().opt_level,
                                    config=config):
         state.executable = relax.build(state.mod, target=state.target,
-                                       relax_pipeline=_pipeline(state.target),
-                                       tir_pipeline=tir_pipeline)
+                                       relax_pipeline=_pipeline(state.target))
 
 
 def _export_library(state: CompileState) -> None:

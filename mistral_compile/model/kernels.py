@@ -294,12 +294,6 @@ GEMV_WARPS = 8  # warps per CTA (each walks output rows)
 GEMV_Q4_MAX_CTAS = 512
 GEMV_MODES = {"plain": 0, "norm": 1, "residual": 2, "norm_silu": 3,  # GEMV_* in the header
               "silu": 4}
-# The device functions that begin with mc::pdl_wait (then mc::pdl_launch): the kernels calling
-# them are launched with programmatic dependent launch on sm_90 (compiler/pdl.py), so each starts
-# while the one before it drains. The batch-1 decode step is all of them: the GEMVs, the owned
-# cache's attention and merge, the final norm and the greedy token.
-PDL_EXTERNS = ("mc::gemv<", "mc::gemv_q4<", "mc::owned_attn_partial<", "mc::owned_merge<",
-               "mc::rms_norm_rows<", "mc::argmax_advance")
 
 
 _BYTES = {"float16": 2, "float32": 4}

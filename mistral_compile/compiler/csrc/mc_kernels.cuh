@@ -12,30 +12,6 @@
 
 namespace mc {
 
-// ---- Programmatic dependent launch (sm_90; compiler/pdl.py tags the kernels) ----
-// A kernel launched with it may start while the kernel before it in the stream drains. Each
-// device function that model/kernels.py PDL_EXTERNS names calls pdl_wait() before it reads
-// anything an earlier kernel wrote and before its first global write (only constant weights
-// may be touched before it), then pdl_launch(), which lets the next tagged kernel start its
-// CTAs as this one's last ones run. Elsewhere (no tag, other arches) both are no-ops.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// Pulls 16 bytes at p into L2 (a tagged GEMV's weights, before pdl_wait: they do not depend on
-// the kernel before it).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-// How many 16-byte slices of its first row each GEMV lane prefetches before pdl_wait.
-constexpr int GEMV_PREFETCH = 8;
-
 template <typename T> struct Vec;               // one 16-byte load of T, widened to float
 template <> struct Vec<half> { static constexpr int N = 8; };
 template <> struct Vec<float> { static constexpr int N = 4; };
@@ -422,8 +398,6 @@ __device__ __forceinline__ void rms_norm_rows(const T* __restrict__ x, const T* 
   __shared__ float partial[8];
   const int tid = threadIdx.x;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * H;
-  pdl_wait();
-  pdl_launch();
   float v[PER][V], sum = 0.f;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {
@@ -535,22 +509,8 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const void* aux,
   static_assert(K % VEC == 0, "K must be a multiple of the 16-byte vector");
   __shared__ __align__(16) T xs_static[gemv_x_dynamic<T, K>() ? 8 : K];
   T* xs = gemv_x_dynamic<T, K>() ? static_cast<T*>(xs_dyn) : xs_static;
-  const int lane = threadIdx.x & 31;
-  if (GEMV_PREFETCH > 0) {  // this warp's first row (and its up row): weights only
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    constexpr int SLICES = K / STEP < GEMV_PREFETCH ? K / STEP : GEMV_PREFETCH;
-    if (row < n) {
-#pragma unroll
-      for (int it = 0; it < SLICES; ++it) {
-        prefetch_l2(w + static_cast<int64_t>(row) * K + lane * VEC + it * STEP);
-        if (gemv_silu(MODE))
-          prefetch_l2(w + static_cast<int64_t>(row + n) * K + lane * VEC + it * STEP);
-      }
-    }
-  }
-  pdl_wait();
-  pdl_launch();
   gemv_stage_x<T, K, MODE>(xs, x, aux, eps);
+  const int lane = threadIdx.x & 31;
   const T* xr = xs + lane * VEC;
   // this lane's share of R rows at once (R = 2: a gate row and its up row, both streams in
   // flight together)
@@ -717,21 +677,6 @@ __device__ __forceinline__ void gemv_q4(const half* __restrict__ x, const void* 
   __shared__ __align__(16) half xs_static[gemv_x_dynamic<half, K>() ? 8 : K];
   half* xs = gemv_x_dynamic<half, K>() ? static_cast<half*>(xs_dyn) : xs_static;
   __shared__ float xsum[MIN ? GROUPS : 1];  // q4f16_2: each group's sum of x
-  if (GEMV_PREFETCH > 0) {  // the codes and scales of this warp's first row (and its up row)
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    constexpr int SLICES = GROUPS / 32 < GEMV_PREFETCH ? GROUPS / 32 : GEMV_PREFETCH;
-    if (row < n) {
-#pragma unroll
-      for (int q = 0; q < (gemv_silu(MODE) ? 2 : 1); ++q) {
-        const int64_t r = RowOf{}(row + q * n);
-#pragma unroll
-        for (int it = 0; it < SLICES; ++it) prefetch_l2(qw + r * (K / 8) + (it * 32 + lane) * 4);
-        if (lane * 8 < GROUPS) prefetch_l2(qs + r * GROUPS + lane * 8);
-      }
-    }
-  }
-  pdl_wait();
-  pdl_launch();
   gemv_stage_x<half, K, MODE, true>(xs, x, aux, eps);
   if constexpr (MIN) {  // a group's 32 elements stay in its 64 bytes whatever the swizzle
     for (int g = threadIdx.x; g < GROUPS; g += blockDim.x) {
@@ -2152,8 +2097,6 @@ __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
                                                    float rope_scale, float rope_theta,
                                                    float sm_scale) {
   const int kvh = blockIdx.y, b = blockIdx.z;
-  pdl_wait();
-  pdl_launch();
   attn_partial<T, D, G, HKV, FUSED, false>(
       q, len[0] + b, owned_rows<T, HKV, D>(state, layer, 0, kvh, cap),
       owned_rows<T, HKV, D>(state, layer, 1, kvh, cap),
@@ -2624,8 +2567,6 @@ __device__ __forceinline__ void owned_merge(const float* __restrict__ ws, T* __r
   const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, rows = gridDim.y, d = threadIdx.x;
   const int64_t n_out = static_cast<int64_t>(rows) * h_qo * NSPLIT * D;
   const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * NSPLIT;
-  pdl_wait();
-  pdl_launch();
   float mx = -INFINITY, acc = 0.f, den = 0.f;
 #pragma unroll
   for (int c = 0; c < NSPLIT; c += CH) {
@@ -2657,8 +2598,6 @@ __device__ __forceinline__ void owned_merge(const float* __restrict__ ws, T* __r
 // The end of a decode step: greedy token (argmax_rows) and the owned cache's length + 1.
 __device__ __forceinline__ void argmax_advance(const float* __restrict__ x, int n,
                                                int32_t* __restrict__ out, int* __restrict__ len) {
-  pdl_wait();
-  pdl_launch();
   argmax_rows(x, n, out);
   if (blockIdx.x == 0 && threadIdx.x == 0) len[0] += 1;
 }
