@@ -197,6 +197,83 @@ class WeightArena:
         return tvm.runtime.from_dlpack(view)
 
 
+class HostUploads:
+    """Small host arrays into device tensors without blocking the host (CUDA, stream 0).
+
+    TVM's ``copyfrom`` synchronises the stream after its copy: a sampled step's inputs,
+    uploaded while the previous decode step still ran, made the host wait for that step, and
+    the GPU then waited for the host to queue the draw and the next step. Here each batch of
+    uploads (``begin`` .. ``end``) is staged in one of two pinned host slots and queued with
+    cudaMemcpyAsync on the stream TVM launches on; a slot is rewritten only once the event
+    recorded behind its last copies has passed.
+    """
+
+    def __init__(self, device_index: int, slots: int = 2) -> None:
+        self._rt = _cudart()
+        _check(self._rt, "cudaSetDevice", ctypes.c_int(device_index))
+        self._hosts: list[ctypes.c_void_p | None] = [None] * slots
+        self._sizes = [0] * slots
+        self._events = []
+        for _ in range(slots):
+            event = ctypes.c_void_p()
+            _check(self._rt, "cudaEventCreateWithFlags", ctypes.byref(event), ctypes.c_uint(2))
+            self._events.append(event)  # 2: cudaEventDisableTiming
+        self._slot, self._offset, self._recorded = 0, 0, [False] * slots
+
+    def begin(self) -> None:
+        """Start a batch in the next slot (waiting for its previous copies, if still queued)."""
+        self._slot = (self._slot + 1) % len(self._hosts)
+        if self._recorded[self._slot]:
+            _check(self._rt, "cudaEventSynchronize", self._events[self._slot])
+            self._recorded[self._slot] = False
+        self._offset = 0
+
+    def put(self, array: np.ndarray, target: tvm.runtime.Tensor) -> None:
+        """Queue the copy of ``array`` (C-contiguous, ``target``'s size) into ``target``."""
+        nbytes = array.nbytes
+        start = self._offset
+        self._offset += -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        host = self._reserve(self._offset)
+        if nbytes:
+            ctypes.memmove(host.value + start, array.ctypes.data, nbytes)
+            _check(self._rt, "cudaMemcpyAsync", ctypes.c_void_p(target.data_ptr()),
+                   ctypes.c_void_p(host.value + start), ctypes.c_size_t(nbytes),
+                   ctypes.c_int(1), ctypes.c_void_p(0))  # 1: host to device; stream 0
+
+    def end(self) -> None:
+        """Mark the batch's copies, so that the slot is not rewritten before they ran."""
+        _check(self._rt, "cudaEventRecord", self._events[self._slot], ctypes.c_void_p(0))
+        self._recorded[self._slot] = True
+
+    def _reserve(self, nbytes: int) -> ctypes.c_void_p:
+        """The current slot's pinned memory, grown (keeping what it holds) to ``nbytes``."""
+        slot, host = self._slot, self._hosts[self._slot]
+        if host is not None and self._sizes[slot] >= nbytes:
+            return host
+        size = max(1 << 16, 1 << (nbytes - 1).bit_length())
+        grown = ctypes.c_void_p()
+        _check(self._rt, "cudaHostAlloc", ctypes.byref(grown), ctypes.c_size_t(size),
+               ctypes.c_uint(0))
+        if host is not None:  # this batch's earlier arrays are queued from the old memory
+            _check(self._rt, "cudaStreamSynchronize", ctypes.c_void_p(0))
+            ctypes.memmove(grown.value, host.value, self._sizes[slot])
+            self._rt.cudaFreeHost(host)
+        self._hosts[slot], self._sizes[slot] = grown, size
+        return grown
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        if any(getattr(self, "_recorded", [])):
+            rt.cudaStreamSynchronize(ctypes.c_void_p(0))
+        for event in getattr(self, "_events", []):
+            rt.cudaEventDestroy(event)
+        for host in getattr(self, "_hosts", []):
+            if host is not None and host.value:
+                rt.cudaFreeHost(host)
+
+
 class TokenReader:
     """Reads int32 scalars from the GPU into pinned host memory without blocking the host.
 

@@ -158,6 +158,28 @@ def test_sampled_steps_queued_ahead_draw_the_serial_loops_tokens():
     assert len(set(runs[0])) > 5  # a real draw, not one token repeated
 
 
+def test_host_uploads_queue_behind_the_stream_and_keep_their_values():
+    # the sampler's inputs go up without waiting for the stream (HostUploads): queued behind a
+    # long memset, 12 batches through two pinned slots must each land with their own values
+    # (a slot rewritten before its copies ran would leave a later batch's values behind)
+    import tvm
+
+    from mistral_compile.runtime.library import HostUploads, zeros
+
+    dev = tvm.cuda(0)
+    uploads = HostUploads(0)
+    targets = [tvm.runtime.empty((4096,), "int32", dev) for _ in range(12)]
+    big = zeros((2**31,), "float32", dev)  # 8 GiB: about 2 ms of work ahead of the copies
+    for i, target in enumerate(targets):
+        uploads.begin()
+        uploads.put(np.full(4096, i, dtype="int32"), target)
+        uploads.end()
+    got = [int(np.unique(t.numpy())[0]) if len(np.unique(t.numpy())) == 1 else -1
+           for t in targets]
+    assert got == list(range(12))
+    del big
+
+
 def compare_q4(name, quant, n):
     """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W."""
     eng = engine(name, quant, attention_sink_size=0, prefill_chunk_size=W)
