@@ -99,11 +99,11 @@ def test_q4_with_minimums_library_decodes_with_our_q4_gemv(run_cli, tmp_path):
     assert "mc::gemv_q4<half, 256, 1>" not in code
 
 
-def _compile_tiny(run_cli, tmp_path, quantization, arch, **overrides):
+def _compile_tiny(run_cli, tmp_path, quantization, arch, *convert_args, **overrides):
     """A one-layer hidden-256 model compiled for CUDA here (driver stand-in in a fresh cache).
 
     Returns the compile's process and the generated CUDA C; asserts the library holds machine
-    code for exactly ``arch``.
+    code for exactly ``arch``. ``convert_args`` go to convert-config.
     """
     from conftest import CONFIGS
 
@@ -112,7 +112,8 @@ def _compile_tiny(run_cli, tmp_path, quantization, arch, **overrides):
     cfg.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
                 **overrides})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m").returncode == 0
+    assert run_cli("convert-config", tmp_path / "config.json", "-o", tmp_path / "m",
+                   *convert_args).returncode == 0
     proc = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", quantization,
                    "--arch", arch, "-o", tmp_path / "l.so",
                    env={"XDG_CACHE_HOME": str(tmp_path / "cache"),
@@ -191,6 +192,26 @@ def _vm_functions(lib, *names):
     load_cuda_runtime()
     text = relax.VMExecutable(tvm.runtime.load_module(str(lib))).as_text()
     return [text[text.index(f"@{name}:"):].split("\n\n")[0] for name in names]
+
+
+def test_a_tensor_parallel_library_for_cuda_sums_o_and_down_over_the_shards(run_cli, tmp_path):
+    # one of 2 shards: half the heads (2 of 4, head_dim 64) and half the MLP (256 of 512). The
+    # o and down GEMVs run without their fused residual, the all-reduce (a host call) sums them
+    # over the shards and the residual is added after it; so the decode step is no CUDA graph
+    from mistral_compile.abi import ALLREDUCE
+
+    proc, code = _compile_tiny(run_cli, tmp_path, "q0f16", "sm_90",
+                               "--tensor-parallel-shards", "2")
+    assert "mc::gemv<half, half, 128, 0>" in code  # o over this shard's 128 attention columns
+    assert "mc::gemv<half, half, 128, 2>" not in code and "mc::gemv<half, half, 256, 2>" not in code
+    assert "mc::owned_attn_partial<half, 64, 2, 1, true>" in code  # 2 query heads on 1 KV head
+    (decode,) = _vm_functions(tmp_path / "l.so", "decode")
+    assert decode.count(ALLREDUCE) == 2 and "run_or_capture" not in decode
+    # asking for the graph anyway is one line, and nothing is written
+    refused = run_cli("compile", tmp_path / "m", "--device", "cuda", "--quantization", "q0f16",
+                      "--cuda-graph", "-o", tmp_path / "g.so")
+    assert refused.returncode != 0 and not (tmp_path / "g.so").exists()
+    assert "a CUDA graph cannot capture" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_too_many_query_heads_per_kv_head_is_one_clear_line(run_cli, tmp_path):

@@ -18,7 +18,7 @@ from tvm import relax
 from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
-from mistral_compile.errors import ConfigError, MistralCompileError
+from mistral_compile.errors import MistralCompileError
 from mistral_compile.io import ensure_dir, read_json_object
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
@@ -54,9 +54,6 @@ def _export(state: CompileState) -> None:
         from mistral_compile.model.parallel import check_shardable, local_config
 
         check_shardable(config, state.quantization)
-        if state.target.kind.name == "cuda":
-            raise ConfigError("tensor_parallel_shards", f"is {config.tensor_parallel_shards}: "
-                              "CUDA libraries are not sharded yet (CPU libraries are)")
         config = local_config(config)
     model = MistralForCausalLM(config, quantization=state.quantization)
     if state.config.tensor_parallel_shards > 1:
@@ -67,7 +64,7 @@ def _export(state: CompileState) -> None:
     if state.target.kind.name == "cuda":  # before export: an error inside it leaves TVM noise
         from mistral_compile.model.kv_owned import check_cuda_shape
 
-        check_cuda_shape(state.config, state.dtype)
+        check_cuda_shape(config, state.dtype)
     else:  # our CPU kernels read projection weights in panels
         from mistral_compile.model.cpu_kernels import cpu_tile
         from mistral_compile.model.cpu_layout import store_in_panels
@@ -283,8 +280,12 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
     dtype = QUANTIZATIONS[quantization]
     if cuda_graph and device != "cuda":
         raise MistralCompileError("--cuda-graph applies to --device cuda only")
+    sharded = config.tensor_parallel_shards > 1
+    if cuda_graph and sharded:
+        raise MistralCompileError("--cuda-graph: a tensor-parallel library's all-reduce is a "
+                                  "host call, which a CUDA graph cannot capture")
     if cuda_graph is None:  # default: on for CUDA (decode -7..9% on the H100, same logits)
-        cuda_graph = device == "cuda"
+        cuda_graph = device == "cuda" and not sharded
     target = make_target(device, arch, cpu)
     ensure_dir(output.parent)  # before the build, not after it (every argument checked first)
     state = CompileState(config=config, dtype=dtype, target=target,

@@ -350,8 +350,8 @@ def serve_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
 
     It runs what the driver's Engine sends, in the same order, until told to stop.
     """
-    engine = Engine(model_dir, lib, params=join_as_worker(rank, shards, address, model_dir),
-                    **engine_args)
+    params = join_as_worker(rank, shards, address, model_dir, engine_args["device"])
+    engine = Engine(model_dir, lib, params=params, **engine_args)
     pipe.send("ready")
     while True:
         op, args = pipe.recv()

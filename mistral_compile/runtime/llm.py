@@ -357,8 +357,8 @@ def serve_batch_shard(rank: int, shards: int, address: str, model_dir: str, lib:
     It runs each step the driver's scheduler made (the host arrays the driver sends) on its
     own pages, in the same order, until told to stop; sampling stays in the driver.
     """
-    llm = LLM(model_dir, lib, params=join_as_worker(rank, shards, address, model_dir),
-              **llm_args)
+    params = join_as_worker(rank, shards, address, model_dir, llm_args["device"])
+    llm = LLM(model_dir, lib, params=params, **llm_args)
     pipe.send("ready")
     while True:
         op, args = pipe.recv()

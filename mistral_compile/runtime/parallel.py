@@ -3,7 +3,9 @@
 One process runs each shard (as vLLM's workers do), every one the same steps in lockstep; the
 library of a sharded config calls ``ALLREDUCE`` after o_proj and down_proj
 (model/parallel.py), which this module binds to a collective of the caller's choosing:
-``torch.distributed`` (gloo on CPUs) through ``torch_all_reduce``.
+``torch.distributed`` through ``torch_all_reduce`` (gloo on CPUs and where GPUs are shared,
+NCCL where each shard has a GPU of its own). On a GPU the partial sums stay on the device:
+the tensors pass to torch by DLPack, no copy.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from mistral_compile.weights.shard import shard_params
 _bound = False  # whether this process bound ALLREDUCE to a collective
 
 
-def register_all_reduce(all_reduce: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Bind this process's ``ALLREDUCE`` to ``all_reduce`` (partial sums in, their total out)."""
+AllReduce = Callable[[tvm.runtime.Tensor, tvm.runtime.Tensor], None]
+
+
+def register_all_reduce(all_reduce: AllReduce) -> None:
+    """Bind this process's ``ALLREDUCE`` to ``all_reduce(x, out)``.
+
+    ``out`` becomes the sum over the shards of ``x`` (each shard's partial sums); both tensors
+    are on the library's device.
+    """
     global _bound
-
-    def call(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
-        out.copyfrom(np.ascontiguousarray(all_reduce(x.numpy()), dtype=x.dtype))
-
-    tvm.register_global_func(ALLREDUCE, call, override=True)
+    tvm.register_global_func(ALLREDUCE, all_reduce, override=True)
     _bound = True
 
 
@@ -62,17 +67,44 @@ def declare_all_reduce() -> None:
         tvm.register_global_func(ALLREDUCE, _unbound)
 
 
-def torch_all_reduce(group: object | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The sum over the processes of ``torch.distributed``'s (initialised) group."""
+def torch_all_reduce(group: object | None = None) -> AllReduce:
+    """The sum over the processes of ``torch.distributed``'s (initialised) group.
+
+    CUDA tensors are reduced in place on the device (torch's current stream is the legacy
+    default stream TVM launches on, so the reduction follows the kernels that made x); CPU
+    tensors go through numpy.
+    """
     import torch
     import torch.distributed as dist
 
-    def all_reduce(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.array(x, copy=True))
-        dist.all_reduce(t, group=group)
-        return t.numpy()
+    def all_reduce(x: tvm.runtime.Tensor, out: tvm.runtime.Tensor) -> None:
+        if x.device.dlpack_device_type() == 2:  # kDLCUDA
+            total = torch.from_dlpack(out)
+            total.copy_(torch.from_dlpack(x))
+            dist.all_reduce(total, group=group)
+            return
+        total = torch.from_numpy(np.array(x.numpy(), copy=True))
+        dist.all_reduce(total, group=group)
+        out.copyfrom(np.ascontiguousarray(total.numpy(), dtype=x.dtype))
 
     return all_reduce
+
+
+def shard_device(device: str, rank: int, shards: int, gpus: int) -> str:
+    """Shard ``rank``'s device: ``cuda:I`` gives shard r ``cuda:(I + r) % gpus``; CPUs stay.
+
+    With fewer GPUs than shards, shards share GPUs (a check of the sharded path on one GPU;
+    the collective is then gloo, as NCCL refuses two ranks on one GPU).
+    """
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return device
+    return f"cuda:{(int(index or 0) + rank) % max(gpus, 1)}"
+
+
+def collective_backend(device: str, shards: int, gpus: int) -> str:
+    """NCCL when every shard has a GPU of its own, else gloo."""
+    return "nccl" if device.startswith("cuda") and gpus >= shards else "gloo"
 
 
 def shard_weights(weights_dir: str | Path, config: MistralConfig,

@@ -66,7 +66,8 @@ class ModelRunner:
         self.pool_bytes = sum(p.numel() * p.dtype.itemsize for p in self.pools)
         self.graphs = None
         self.row_buckets = ROW_BUCKETS
-        if cuda_graphs and artifact.kind == "cuda":
+        # a sharded step's all-reduce is a host call: a graph cannot capture it
+        if cuda_graphs and artifact.kind == "cuda" and artifact.config.tensor_parallel_shards == 1:
             from mistral_compile.runtime.cuda_graph import GraphedStep
 
             self.graphs = GraphedStep(self.fn, artifact.device, padded_rows(max_rows),

@@ -3,16 +3,18 @@
 (The worker's loop is ``engine.serve_shard``; this module starts and stops the processes.)
 
 The driver is the Engine the user made (shard 0). It starts one process per further shard,
-joins them in a ``torch.distributed`` group (gloo on CPUs) and binds its all-reduce
-(runtime/parallel.py). Then, before each forward it runs itself, it sends the same call to
-every worker, so all shards reach each all-reduce together: ``_forward`` (a chunk),
-``decode_token`` (a step), ``_new_cache`` and ``rollback``. Sampling, text and the token list
-live in the driver only; a worker keeps only its cache and its length.
+joins them in a ``torch.distributed`` group and binds its all-reduce (runtime/parallel.py):
+gloo on CPUs, NCCL on GPUs (shard r on ``cuda:(I + r)``), gloo again where shards share GPUs.
+Then, before each forward it runs itself, it sends the same call to every worker, so all
+shards reach each all-reduce together: ``_forward`` (a chunk), ``decode_token`` (a step),
+``_new_cache`` and ``rollback``. Sampling, text and the token list live in the driver only; a
+worker keeps only its cache and its length.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import socket
@@ -26,28 +28,55 @@ from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.library import parse_device
 from mistral_compile.runtime.parallel import (
     all_reduce_bound,
+    collective_backend,
     register_all_reduce,
+    shard_device,
     shard_weights,
     torch_all_reduce,
     unbind_all_reduce,
 )
 
+logger = logging.getLogger("mistral_compile.runtime")
+
 TIMEOUT = timedelta(seconds=300)  # a collective waiting longer than this fails (a shard died)
+# NVLink multicast stays off wherever shards run (the machines' rule); children inherit these
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def join_shards(rank: int, shards: int, address: str) -> None:
-    """Join this process to the shards' gloo group and bind its all-reduce to it."""
+def gpu_count(device: str) -> int:
+    """How many GPUs the shards may spread over (0 on CPUs)."""
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def join_shards(rank: int, shards: int, address: str, device: str = "cpu") -> None:
+    """Join this process to the shards' group and bind its all-reduce to it.
+
+    ``device`` is this shard's own (``shard_device``): NCCL needs it current before the group
+    forms.
+    """
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=shards,
+    for key, value in NO_MULTICAST.items():
+        os.environ.setdefault(key, value)
+    backend = collective_backend(device, shards, gpu_count(device))
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(device.partition(":")[2] or 0))
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=shards,
                             timeout=TIMEOUT)
     register_all_reduce(torch_all_reduce())
 
 
-def join_as_worker(rank: int, shards: int, address: str,
-                   model_dir: str | os.PathLike) -> dict[str, Any]:
+def join_as_worker(rank: int, shards: int, address: str, model_dir: str | os.PathLike,
+                   device: str = "cpu") -> dict[str, Any]:
     """A worker's start: join the group, then its shard's weights (cut from the model's)."""
-    join_shards(rank, shards, address)
+    join_shards(rank, shards, address, device)
     return shard_weights(model_dir, read_config(model_dir), rank)
 
 
@@ -66,8 +95,8 @@ def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: s
     if params is not None:
         raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its shards' "
                                   "weights from its folder; params cannot be given")
-    if parse_device(device)[0] != "cpu":
-        raise MistralCompileError(f"{lib}: tensor-parallel shards run on CPUs only so far")
+    kind, index = parse_device(device)
+    device = kind if kind == "cpu" else f"cuda:{index}"
     group = ShardGroup(Path(model_dir), Path(lib), config, {"device": device, **worker_args},
                        target)
     return group, shard_weights(model_dir, config, 0)
@@ -81,9 +110,15 @@ class ShardGroup:
         """Start shards 1..N-1 and join them as shard 0.
 
         Each runs ``target(rank, shards, address, model_dir, lib, engine_args, pipe)``
-        (``engine.serve_shard``).
+        (``engine.serve_shard``), its ``device`` its own (``shard_device``).
         """
         shards = config.tensor_parallel_shards
+        device = engine_args["device"]
+        gpus = gpu_count(device)
+        if device.startswith("cuda") and gpus < shards:
+            logger.warning("%d tensor-parallel shards on %d GPU(s): shards share GPUs and "
+                           "reduce through gloo (a check of the path, not a speed-up)", shards,
+                           gpus)
         if multiprocessing.current_process().daemon:  # e.g. serve's engine process
             raise MistralCompileError(f"{lib}: tensor-parallel shards start their processes "
                                       "from the caller's, which is a daemon process here "
@@ -91,17 +126,20 @@ class ShardGroup:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        for key, value in NO_MULTICAST.items():  # before the children exist: they inherit
+            os.environ.setdefault(key, value)
         ctx = multiprocessing.get_context("spawn")
         self.pipes, self.procs = [], []
         for rank in range(1, shards):
             mine, theirs = ctx.Pipe()
+            args = {**engine_args, "device": shard_device(device, rank, shards, gpus)}
             proc = ctx.Process(target=target, daemon=True,
                                args=(rank, shards, address, os.fspath(model_dir),
-                                     os.fspath(lib), engine_args, theirs))
+                                     os.fspath(lib), args, theirs))
             proc.start()
             self.pipes.append(mine)
             self.procs.append(proc)
-        join_shards(0, shards, address)
+        join_shards(0, shards, address, shard_device(device, 0, shards, gpus))
         for rank, pipe in enumerate(self.pipes, 1):
             if not pipe.poll(TIMEOUT.total_seconds()) or pipe.recv() != "ready":
                 raise MistralCompileError(f"{lib}: tensor-parallel shard {rank} did not start")

@@ -180,6 +180,48 @@ def test_host_uploads_queue_behind_the_stream_and_keep_their_values():
     del big
 
 
+def test_two_shards_sharing_the_gpu_equal_one_shard_and_hf():
+    # a 2-shard float16 library (tensor parallelism) in two processes on the one GPU: the
+    # all-reduce sums CUDA tensors through gloo (NCCL takes one GPU per rank). The logits of a
+    # prompt past the window and of greedy steps are one shard's and HF's, to float16's
+    # tolerance (each shard's partial sums are rounded before they are added); the batched
+    # runtime (pages sized by hand: both processes share the memory) gives one shard's tokens
+    from mistral_compile.runtime.llm import LLM, EngineConfig
+    from mistral_compile.runtime.sampling import SamplingParams
+
+    root = GPU_DIR / "tiny" / "windowed" / "tp2"
+    if not root.is_dir():
+        pytest.skip("dist-gpu/tiny/windowed/tp2 not prepared")
+    ids = np.random.default_rng(11).integers(3, 256, 3 * W + 5).tolist()
+    one, seq = run_engine(engine("windowed", "q0f16", attention_sink_size=0,
+                                 prefill_chunk_size=W), ids)
+    two = Engine(root, root / "lib.so", device="cuda", attention_sink_size=0,
+                 prefill_chunk_size=W)
+    try:  # the same tokens fed (one shard's greedy choices), so the logits line up
+        got = [two.prefill(ids)] + [two.decode(t) for t in seq[len(ids):]]
+    finally:
+        two._shards.close()
+    with torch.no_grad():
+        hf = hf_model("windowed", "q0f16")(torch.tensor([seq], device="cuda")).logits[0]
+    hf = hf.float().cpu().numpy()[len(ids) - 1:]
+    d_one = max(float(np.abs(g - w).max()) for g, w in zip(got, one, strict=True))
+    d_hf = max(float(np.abs(g - w).max()) for g, w in zip(got, hf, strict=True))
+    print(f"RESULT 2 shards on one GPU, fp16: max|dlogit| {d_one:.2e} vs 1 shard, "
+          f"{d_hf:.2e} vs HF")
+    assert d_one <= TOL["q0f16"] and d_hf <= TOL["q0f16"]
+    settings = EngineConfig(max_batch_size=3, prefill_chunk_size=16, num_pages=[64])
+    prompts = [np.random.default_rng(n).integers(3, 256, n).tolist() for n in (5, 40, 23)]
+    params = SamplingParams(max_tokens=8)
+    sharded = LLM(root, root / "lib.so", device="cuda", engine_config=settings)
+    try:
+        got = [o.token_ids for o in sharded.generate(prompts, params)]
+    finally:
+        sharded._shards.close()
+    single = GPU_DIR / "tiny" / "windowed" / "q0f16"
+    want = LLM(single, single / "lib.so", device="cuda", engine_config=settings)
+    assert got == [o.token_ids for o in want.generate(prompts, params)]
+
+
 def compare_q4(name, quant, n):
     """The engine against HF fp16 on the dequantized 4-bit weights, prefill chunk W."""
     eng = engine(name, quant, attention_sink_size=0, prefill_chunk_size=W)
