@@ -16,6 +16,7 @@ EXPECTED = {
     "ministral-8b-instruct-2410.json": (32768, -1, 8192, 128, 36, 8, 1e8, 4, [32768] * 36),
     "codestral-22b-v0.1.json": (-1, 32768, 8192, 128, 56, 8, 1e6, 0, [FULL] * 56),
     "mistral-small-24b-base-2501.json": (-1, 32768, 8192, 128, 40, 8, 1e8, 0, [FULL] * 40),
+    "mistral-large-instruct-2407.json": (-1, 131072, 8192, 128, 88, 8, 1e6, 0, [FULL] * 88),
     "params-mistral-7b-v0.1.json": (4096, -1, 4096, 128, 32, 8, 1e4, 4, [4096] * 32),
     "params-ministral-8b-instruct-2410.json":
         (32768, 32768, 8192, 128, 36, 8, 1e8, 0, [FULL, 32768, 32768, 32768] * 9),

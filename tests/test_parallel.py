@@ -136,8 +136,12 @@ def test_what_the_shards_cannot_hold_is_refused_in_one_line(models, tmp_path):
 
     root, _ = models
     convert_config(root / "hf" / "config.json", tmp_path / "m", {"tensor_parallel_shards": 2})
-    with pytest.raises(MistralCompileError, match="tensor_parallel_shards.*q4f16_1"):
-        compile_model(tmp_path / "m", tmp_path / "l.so", quantization="q4f16_1")
+    # q4: a shard's o / down inputs must be whole groups of 32 (MLP 96: 48 columns a shard)
+    convert_config(root / "hf" / "config.json", tmp_path / "m96",
+                   {"tensor_parallel_shards": 2, "intermediate_size": 96})
+    with pytest.raises(MistralCompileError, match="tensor_parallel_shards.*down_proj would take "
+                                                  "48 input columns, not whole q4f16_1 groups"):
+        compile_model(tmp_path / "m96", tmp_path / "l.so", quantization="q4f16_1")
     assert not (tmp_path / "l.so").exists()  # nothing half written
 
 
@@ -216,3 +220,44 @@ def test_a_sharded_library_generates_as_one_shard_from_one_engine(models):
     from mistral_compile.runtime.parallel import all_reduce_bound
 
     assert not all_reduce_bound()  # closed: the group gone, the all-reduce unbound
+
+
+def test_q4_shards_equal_one_q4_model(models):
+    # q4f16_1 codes and scales cut as their weights are (o and down by whole groups of 32):
+    # 2 shards give one q4 model's logits, to float16's rounding of each shard's partial sums
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.runtime import Engine
+    from mistral_compile.weights import convert_weight
+
+    root, _ = models
+    for name, shards in (("q4-one", 1), ("q4-two", 2)):
+        convert_weight(root / "hf", root / name, "q4f16_1", progress=False,
+                       overrides={"tensor_parallel_shards": shards})
+        compile_model(root / name, root / name / "lib.so")
+    one = engine_logits(Engine(root / "q4-one", root / "q4-one" / "lib.so",
+                               attention_sink_size=0))
+    sharded = Engine(root / "q4-two", root / "q4-two" / "lib.so", attention_sink_size=0)
+    try:
+        two = engine_logits(sharded)
+    finally:
+        sharded._shards.close()
+    print(f"q4 2 shards against 1: {np.abs(two - one).max():.2e} (logits up to "
+          f"{np.abs(one).max():.2f})")
+    assert np.abs(two - one).max() <= 2e-3
+
+
+def test_bench_runs_a_sharded_model_on_random_weights(models):
+    # --random-weights on a tensor-parallel model: each shard's process makes its own part
+    # (RandomParams), as the driver cannot hand weights to other processes
+    from mistral_compile.runtime.bench import RandomParams, make_random_weights, run_bench
+    from mistral_compile.runtime.parallel import all_reduce_bound
+
+    root, _ = models
+    assert isinstance(make_random_weights(root / "two", root / "two" / "lib.so", "cpu"),
+                      RandomParams)
+    result = run_bench(root / "two", root / "two" / "lib.so", "cpu", random_weights=True,
+                       prefill_chunks=(16,), contexts=(32,), decode_steps=2, warmup=1,
+                       repeats=1, copy_bytes=1 << 20, log=lambda _: None)
+    assert result["tensor_parallel_shards"] == 2 and result["weights"] == "random"
+    assert result["decode"][0]["ms_per_token"] > 0
+    assert not all_reduce_bound()  # the shards were stopped with the bench

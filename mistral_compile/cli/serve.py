@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
         params = None
         if args.random_weights:
-            from mistral_compile.runtime.bench import random_params
+            from mistral_compile.runtime.bench import make_random_weights
 
-            params = random_params(Path(args.lib), args.device)
+            params = make_random_weights(args.model_dir, args.lib, args.device)
         engine = AsyncEngine(LLM(args.model_dir, args.lib, args.device, engine_config(args),
                                  params=params, progress=True, tokenizer=family))
     else:

@@ -24,6 +24,7 @@ from mistral_compile.abi import ALLREDUCE
 from mistral_compile.config import MistralConfig
 from mistral_compile.errors import ConfigError
 from mistral_compile.model.mistral import MistralLinear
+from mistral_compile.weights.quantize import GROUP
 
 
 def check_shardable(config: MistralConfig, quantization: str | None) -> None:
@@ -32,12 +33,16 @@ def check_shardable(config: MistralConfig, quantization: str | None) -> None:
     if config.is_moe:
         raise ConfigError("tensor_parallel_shards", f"is {shards}: mixtures of experts are not "
                           "sharded yet")
-    if quantization not in (None, "q0f32", "q0f16"):
-        raise ConfigError("tensor_parallel_shards", f"is {shards}: {quantization} weights are "
-                          "not sharded yet (q0f32 and q0f16 are)")
     if config.intermediate_size % shards:
         raise ConfigError("tensor_parallel_shards", f"{shards} does not divide "
                           f"intermediate_size={config.intermediate_size}")
+    if quantization and quantization.startswith("q4"):  # o and down cut whole groups of 32
+        for proj, width in (("o_proj", config.num_attention_heads * config.head_dim),
+                            ("down_proj", config.intermediate_size)):
+            if (width // shards) % GROUP:
+                raise ConfigError("tensor_parallel_shards", f"is {shards}: a shard's {proj} "
+                                  f"would take {width // shards} input columns, not whole "
+                                  f"{quantization} groups of {GROUP}")
 
 
 def local_config(config: MistralConfig) -> MistralConfig:

@@ -6,6 +6,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,32 @@ def random_params(lib: Path, device: str, seed: int = 0) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class RandomParams:
+    """Random weights that each tensor-parallel shard makes in its own process.
+
+    A shard's weights are its part of the model, on its own device: the driver passes this
+    (picklable) maker instead of weights, and shard ``rank`` calls it (runtime/shards.py), with
+    seed ``seed + rank``.
+    """
+
+    lib: str
+    seed: int = 0
+
+    def __call__(self, device: str, rank: int = 0) -> dict[str, Any]:
+        return random_params(Path(self.lib), device, self.seed + rank)
+
+
+def make_random_weights(model_dir: str | Path, lib: str | Path, device: str,
+                        seed: int = 0) -> dict[str, Any] | RandomParams:
+    """``--random-weights``: made here, or for a tensor-parallel model by each shard."""
+    from mistral_compile.config import read_config
+
+    if read_config(model_dir).tensor_parallel_shards > 1:
+        return RandomParams(str(lib), seed)
+    return random_params(Path(lib), device, seed)
+
+
 def _random_codes(shape: Sequence[int], torch: Any, gen: Any, tdev: Any,
                   rng: np.random.Generator) -> np.ndarray:
     """uint32 words of 8 random 4-bit codes on 0..14: weights -7..7 scales, mean zero.
@@ -156,99 +183,104 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
 
     model_dir, lib = Path(model_dir), Path(lib)
     kind, index = parse_device(device)
-    params = random_params(lib, device) if random_weights else None
+    params = make_random_weights(model_dir, lib, device) if random_weights else None
     engine = Engine(model_dir, lib, device=device, attention_sink_size=0,
                     prefill_chunk_size=max(prefill_chunks), params=params, progress=True,
                     kv_cache=kv_cache)
-    cfg, dev = engine.config, engine.device
-    sizes = {n: int(np.prod(s)) * _BYTES[d] for n, s, d in zip(
-        engine.meta["params"], engine.meta["param_shapes"], engine.meta["param_dtypes"],
-        strict=True) if not n.startswith(STATE_PREFIX)}
-    weight_bytes = sum(sizes.values())
-    # what a decode step reads: of a mixture of experts, the k chosen experts' share
-    share = cfg.num_experts_per_tok / cfg.num_local_experts if cfg.is_moe else 1.0
-    read_bytes = int(sum(b * share if ".experts." in n else b for n, b in sizes.items()))
-    kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
-                * _BYTES[engine.dtype])
-    result: dict[str, Any] = {
-        "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
-        "cuda_graph": bool(engine.meta.get("cuda_graph")), "kv_cache": engine.kv_cache,
-        "weights": "random" if random_weights else str(model_dir),
-        "weight_bytes": weight_bytes, "weight_bytes_read_per_token": read_bytes,
-        "window": engine.window,
-        "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
-        "kv_cache_bytes_per_token": kv_bytes,
-        "kv_cache_bytes_per_sequence": kv_bytes * engine.capacity
-        if engine.capacity > 0 else None,
-        "batch_decode": "not used by the engine (batch 1 only)"}
-    log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}"
-        + (f"; {read_bytes / 1e9:.2f} GB read per token" if read_bytes != weight_bytes else "")
-        + f"), window {engine.window}, chunk {engine.chunk_size}, {engine.kv_cache} KV cache")
-    result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
-    result["matmul_TFLOPs"] = matmul_tflops(kind, index)
-    log(f"device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); "
-        f"fp16 matmul {result['matmul_TFLOPs'] or float('nan'):.0f} TFLOP/s (torch)")
-    rng = np.random.default_rng(0)
+    try:
+        cfg, dev = engine.config, engine.device
+        sizes = {n: int(np.prod(s)) * _BYTES[d] for n, s, d in zip(
+            engine.meta["params"], engine.meta["param_shapes"], engine.meta["param_dtypes"],
+            strict=True) if not n.startswith(STATE_PREFIX)}
+        weight_bytes = sum(sizes.values())
+        # what a decode step reads: of a mixture of experts, the k chosen experts' share
+        share = cfg.num_experts_per_tok / cfg.num_local_experts if cfg.is_moe else 1.0
+        read_bytes = int(sum(b * share if ".experts." in n else b for n, b in sizes.items()))
+        kv_bytes = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+                    * _BYTES[engine.dtype])
+        result: dict[str, Any] = {
+            "device": str(dev), "dtype": engine.dtype, "quantization": engine.quantization,
+            "cuda_graph": bool(engine.meta.get("cuda_graph")), "kv_cache": engine.kv_cache,
+            "weights": "random" if random_weights else str(model_dir),
+            "tensor_parallel_shards": cfg.tensor_parallel_shards,  # weight figures: one shard's
+            "weight_bytes": weight_bytes, "weight_bytes_read_per_token": read_bytes,
+            "window": engine.window,
+            "context_window": cfg.context_window_size, "chunk_size": engine.chunk_size,
+            "kv_cache_bytes_per_token": kv_bytes,
+            "kv_cache_bytes_per_sequence": kv_bytes * engine.capacity
+            if engine.capacity > 0 else None,
+            "batch_decode": "not used by the engine (batch 1 only)"}
+        log(f"weights {weight_bytes / 1e9:.2f} GB ({engine.quantization}"
+            + (f"; {read_bytes / 1e9:.2f} GB read per token" if read_bytes != weight_bytes else "")
+            + f"), window {engine.window}, chunk {engine.chunk_size}, {engine.kv_cache} KV cache")
+        result["copy_bandwidth_GBps"] = copy_bandwidth(dev, copy_bytes)
+        result["matmul_TFLOPs"] = matmul_tflops(kind, index)
+        log(f"device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); "
+            f"fp16 matmul {result['matmul_TFLOPs'] or float('nan'):.0f} TFLOP/s (torch)")
+        rng = np.random.default_rng(0)
 
-    def tokens(n: int) -> list[int]:
-        return rng.integers(3, cfg.vocab_size, n).tolist()
+        def tokens(n: int) -> list[int]:
+            return rng.integers(3, cfg.vocab_size, n).tolist()
 
-    prefill = []
-    for chunk in prefill_chunks:
-        n = min(chunk, engine.chunk_size)
-        ids = tokens(n)
+        prefill = []
+        for chunk in prefill_chunks:
+            n = min(chunk, engine.chunk_size)
+            ids = tokens(n)
 
-        # a fresh cache for each run (allocating its pages is not part of prefill)
-        t = median_seconds(lambda ids=ids: engine.prefill(ids), 1, max(2, repeats // 2),
-                           dev.sync, setup=engine.reset)
-        flops = prefill_flops(cfg, n)
-        row = {"tokens": n, "seconds": t, "tokens_per_s": n / t, "TFLOPs": flops / t / 1e12}
-        if result["matmul_TFLOPs"]:
-            row["MFU"] = row["TFLOPs"] / result["matmul_TFLOPs"]
-        prefill.append(row)
-        log(f"prefill {n:5d} tokens: {t * 1e3:8.1f} ms, {n / t:8.0f} tok/s, "
-            f"{row['TFLOPs']:.1f} TFLOP/s" + (f", MFU {row['MFU']:.1%}" if "MFU" in row else ""))
-    result["prefill"] = prefill
+            # a fresh cache for each run (allocating its pages is not part of prefill)
+            t = median_seconds(lambda ids=ids: engine.prefill(ids), 1, max(2, repeats // 2),
+                               dev.sync, setup=engine.reset)
+            flops = prefill_flops(cfg, n)
+            row = {"tokens": n, "seconds": t, "tokens_per_s": n / t, "TFLOPs": flops / t / 1e12}
+            if result["matmul_TFLOPs"]:
+                row["MFU"] = row["TFLOPs"] / result["matmul_TFLOPs"]
+            prefill.append(row)
+            log(f"prefill {n:5d} tokens: {t * 1e3:8.1f} ms, {n / t:8.0f} tok/s, "
+                f"{row['TFLOPs']:.1f} TFLOP/s"
+                + (f", MFU {row['MFU']:.1%}" if "MFU" in row else ""))
+        result["prefill"] = prefill
 
-    decode = []
-    for context in contexts:
-        limit = cfg.context_window_size
-        if 0 < limit < context + decode_steps + warmup:
-            if context > limit:
-                log(f"decode at {context}: skipped (context window {limit})")
-                continue
-            context = limit - decode_steps - warmup  # the last steps end at the limit
-        engine.reset()
-        engine.prefill(tokens(context))
-        # greedy decoding as `chat` and `generate` run it: each step's argmax stays on the
-        # device as the next input, and reading it back (4 bytes) synchronises the step
-        steps = engine.greedy(tokens(1)[0])
-        for _ in range(warmup):
-            next(steps)
-        dev.sync()
-        times = []
-        for _ in range(decode_steps):
-            start = time.perf_counter()
-            next(steps)
-            times.append(time.perf_counter() - start)
-        t = statistics.median(times)
-        row = {"context": context, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t,
-               "weight_GBps": read_bytes / t / 1e9,
-               "MBU": read_bytes / t / 1e9 / result["copy_bandwidth_GBps"],
-               "cache_tokens_held": min(engine.length, engine.capacity)
-               if engine.capacity > 0 else engine.length}
-        decode.append(row)
-        log(f"decode at {context:6d}: {t * 1e3:7.2f} ms/token, {1 / t:7.1f} tok/s, weights "
-            f"{row['weight_GBps']:.0f} GB/s = {row['MBU']:.1%} of copy bandwidth")
-        room = limit <= 0 or engine.length + warmup + decode_steps <= limit
-        if context == decode[0]["context"] and room:
-            steps.close()
-            result["decode_sampled"] = sampled_decode(engine, context, decode_steps, warmup)
-            log(f"decode at {context:6d}, sampled ({SAMPLED}): "
-                f"{result['decode_sampled']['ms_per_token']:7.2f} ms/token (sampled on the "
-                "device)")
-    result["decode"] = decode
-    return result
+        decode = []
+        for context in contexts:
+            limit = cfg.context_window_size
+            if 0 < limit < context + decode_steps + warmup:
+                if context > limit:
+                    log(f"decode at {context}: skipped (context window {limit})")
+                    continue
+                context = limit - decode_steps - warmup  # the last steps end at the limit
+            engine.reset()
+            engine.prefill(tokens(context))
+            # greedy decoding as `chat` and `generate` run it: each step's argmax stays on the
+            # device as the next input, and reading it back (4 bytes) synchronises the step
+            steps = engine.greedy(tokens(1)[0])
+            for _ in range(warmup):
+                next(steps)
+            dev.sync()
+            times = []
+            for _ in range(decode_steps):
+                start = time.perf_counter()
+                next(steps)
+                times.append(time.perf_counter() - start)
+            t = statistics.median(times)
+            row = {"context": context, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t,
+                   "weight_GBps": read_bytes / t / 1e9,
+                   "MBU": read_bytes / t / 1e9 / result["copy_bandwidth_GBps"],
+                   "cache_tokens_held": min(engine.length, engine.capacity)
+                   if engine.capacity > 0 else engine.length}
+            decode.append(row)
+            log(f"decode at {context:6d}: {t * 1e3:7.2f} ms/token, {1 / t:7.1f} tok/s, weights "
+                f"{row['weight_GBps']:.0f} GB/s = {row['MBU']:.1%} of copy bandwidth")
+            room = limit <= 0 or engine.length + warmup + decode_steps <= limit
+            if context == decode[0]["context"] and room:
+                steps.close()
+                result["decode_sampled"] = sampled_decode(engine, context, decode_steps, warmup)
+                log(f"decode at {context:6d}, sampled ({SAMPLED}): "
+                    f"{result['decode_sampled']['ms_per_token']:7.2f} ms/token (sampled on the "
+                    "device)")
+        result["decode"] = decode
+        return result
+    finally:
+        engine.close()  # a tensor-parallel model's other shards stop with the bench
 
 
 SAMPLED = "temperature 0.7, top-p 0.95, repetition penalty 1.1"

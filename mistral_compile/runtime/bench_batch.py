@@ -112,31 +112,34 @@ def run_batch_bench(model_dir: str | Path, lib: str | Path, device: str, random_
                     settings: EngineConfig | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Batched decode and throughput figures, with the copy bandwidth of the same run."""
-    from mistral_compile.runtime.bench import copy_bandwidth, random_params
+    from mistral_compile.runtime.bench import copy_bandwidth, make_random_weights
 
     lib = Path(lib)
-    params = random_params(lib, device) if random_weights else None
+    params = make_random_weights(model_dir, lib, device) if random_weights else None
     batch_max = max([*batches, 1])
     settings = settings or EngineConfig(max_batch_size=batch_max)
     llm = _engine(Path(model_dir), lib, device, params, settings)
-    dev = llm.artifact.device
-    result: dict[str, Any] = {"device": str(dev), "dtype": llm.artifact.dtype,
-                              "quantization": llm.artifact.quantization,
-                              "weight_bytes": llm.artifact.weight_bytes,
-                              "max_batch_size": settings.max_batch_size,
-                              "chunk_size": llm.chunk_size,
-                              "pages": [p.num_pages for p in llm.kv.pools],
-                              "kv_pool_bytes": llm.runner.pool_bytes}
-    result["copy_bandwidth_GBps"] = copy_bandwidth(dev, 1 << 30)
-    log(f"weights {result['weight_bytes'] / 1e9:.2f} GB, KV pools "
-        f"{result['kv_pool_bytes'] / 2**30:.1f} GiB ({result['pages']} pages), copy bandwidth "
-        f"{result['copy_bandwidth_GBps']:.0f} GB/s")
-    if batches:
-        result["batch_decode"] = batch_decode(llm, batches, contexts, steps, dev.sync, log)
-        sampled = batch_decode(llm, batches[:1], contexts[:1], steps, dev.sync, log, SAMPLED)
-        result["batch_decode_sampled"] = sampled
-        greedy = result["batch_decode"][0]["ms_per_step"]
-        result["sampled_over_greedy"] = sampled[0]["ms_per_step"] / greedy
-        log(f"sampled / greedy step at batch {batches[0]}: {result['sampled_over_greedy']:.3f}")
-    result["throughput"] = [throughput(llm, *spec, log) for spec in throughputs]
-    return result
+    try:
+        dev = llm.artifact.device
+        result: dict[str, Any] = {"device": str(dev), "dtype": llm.artifact.dtype,
+                                  "quantization": llm.artifact.quantization,
+                                  "weight_bytes": llm.artifact.weight_bytes,
+                                  "max_batch_size": settings.max_batch_size,
+                                  "chunk_size": llm.chunk_size,
+                                  "pages": [p.num_pages for p in llm.kv.pools],
+                                  "kv_pool_bytes": llm.runner.pool_bytes}
+        result["copy_bandwidth_GBps"] = copy_bandwidth(dev, 1 << 30)
+        log(f"weights {result['weight_bytes'] / 1e9:.2f} GB, KV pools "
+            f"{result['kv_pool_bytes'] / 2**30:.1f} GiB ({result['pages']} pages), copy bandwidth "
+            f"{result['copy_bandwidth_GBps']:.0f} GB/s")
+        if batches:
+            result["batch_decode"] = batch_decode(llm, batches, contexts, steps, dev.sync, log)
+            sampled = batch_decode(llm, batches[:1], contexts[:1], steps, dev.sync, log, SAMPLED)
+            result["batch_decode_sampled"] = sampled
+            greedy = result["batch_decode"][0]["ms_per_step"]
+            result["sampled_over_greedy"] = sampled[0]["ms_per_step"] / greedy
+            log(f"sampled / greedy step at batch {batches[0]}: {result['sampled_over_greedy']:.3f}")
+        result["throughput"] = [throughput(llm, *spec, log) for spec in throughputs]
+        return result
+    finally:
+        llm.close()  # a tensor-parallel model's other shards stop with the bench

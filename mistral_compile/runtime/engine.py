@@ -14,6 +14,7 @@ import tvm
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.artifact import Artifact
 from mistral_compile.runtime.kv_single import open_cache
+from mistral_compile.runtime.parallel import all_reduce_bound
 from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
 from mistral_compile.runtime.shards import join_as_worker, start_shards
@@ -63,6 +64,10 @@ class Engine:
         self.interrupted = threading.Event()  # set (e.g. by SIGINT) to stop after a token
         self.tokens: list[int] = []  # what the KV cache holds, in order (evicted ones included)
         self.kv = open_cache(art, kv_cache, attention_sink_size, prefill_chunk_size)
+        if self._shards is not None or all_reduce_bound():
+            # a sharded step goes to every shard with its token id (the host's): none is queued
+            # ahead from an id still on the device
+            self.kv.reader = None
         self._embed = self.vm["embed"]
         # a device buffer for token ids, made once (a fresh device array each step cost an
         # allocation and a free on the decode path)
@@ -270,6 +275,12 @@ class Engine:
         limit = self.config.context_window_size
         return not self.per_sequence_window and limit > 0 and self.length >= limit
 
+    def close(self) -> None:
+        """Stop a tensor-parallel model's other shards (their processes); else nothing."""
+        if self._shards is not None:
+            self._shards.close()
+            self._shards = None
+
     def rollback(self, n: int) -> bool:
         """Drop the last ``n`` tokens from the cache if it still holds them all (no eviction)."""
         if n == 0:
@@ -350,7 +361,8 @@ def serve_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
 
     It runs what the driver's Engine sends, in the same order, until told to stop.
     """
-    params = join_as_worker(rank, shards, address, model_dir, engine_args["device"])
+    make = engine_args.pop("make_params", None)
+    params = join_as_worker(rank, shards, address, model_dir, engine_args["device"], make)
     engine = Engine(model_dir, lib, params=params, **engine_args)
     pipe.send("ready")
     while True:

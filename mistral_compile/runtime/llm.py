@@ -343,6 +343,12 @@ class LLM:
         bar.close()
         return [self.outputs.pop(i) for i in ids]
 
+    def close(self) -> None:
+        """Stop a tensor-parallel model's other shards (their processes); else nothing."""
+        if self._shards is not None:
+            self._shards.close()
+            self._shards = None
+
     def stats(self) -> dict[str, int]:
         """Running and waiting sequences, pages, prefix-cache hits, preemptions, steps."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
@@ -357,7 +363,8 @@ def serve_batch_shard(rank: int, shards: int, address: str, model_dir: str, lib:
     It runs each step the driver's scheduler made (the host arrays the driver sends) on its
     own pages, in the same order, until told to stop; sampling stays in the driver.
     """
-    params = join_as_worker(rank, shards, address, model_dir, llm_args["device"])
+    make = llm_args.pop("make_params", None)
+    params = join_as_worker(rank, shards, address, model_dir, llm_args["device"], make)
     llm = LLM(model_dir, lib, params=params, **llm_args)
     pipe.send("ready")
     while True:

@@ -74,9 +74,16 @@ def join_shards(rank: int, shards: int, address: str, device: str = "cpu") -> No
 
 
 def join_as_worker(rank: int, shards: int, address: str, model_dir: str | os.PathLike,
-                   device: str = "cpu") -> dict[str, Any]:
-    """A worker's start: join the group, then its shard's weights (cut from the model's)."""
+                   device: str = "cpu", make_params: Callable[..., Any] | None = None
+                   ) -> dict[str, Any]:
+    """A worker's start: join the group, then its shard's weights.
+
+    They are cut from the model's, or made by ``make_params(device, rank)`` (the driver's,
+    e.g. bench's random weights: runtime/bench.py RandomParams).
+    """
     join_shards(rank, shards, address, device)
+    if make_params is not None:
+        return make_params(device, rank)
     return shard_weights(model_dir, read_config(model_dir), rank)
 
 
@@ -91,14 +98,18 @@ def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: s
     """
     config = read_config(model_dir)
     if config.tensor_parallel_shards == 1 or all_reduce_bound():
-        return None, params
-    if params is not None:
+        return None, params(device, 0) if callable(params) else params
+    if params is not None and not callable(params):
         raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its shards' "
-                                  "weights from its folder; params cannot be given")
+                                  "weights from its folder; params cannot be given (a maker "
+                                  "of each shard's, called in its process, can)")
     kind, index = parse_device(device)
     device = kind if kind == "cpu" else f"cuda:{index}"
-    group = ShardGroup(Path(model_dir), Path(lib), config, {"device": device, **worker_args},
-                       target)
+    group = ShardGroup(Path(model_dir), Path(lib), config,
+                       {"device": device, "make_params": params, **worker_args}, target)
+    if params is not None:
+        return group, params(shard_device(device, 0, config.tensor_parallel_shards,
+                                          gpu_count(device)), 0)
     return group, shard_weights(model_dir, config, 0)
 
 

@@ -46,11 +46,9 @@ def _load(spec: dict[str, Any]) -> Any:
 
     params = None
     if spec["random_weights"]:
-        from pathlib import Path
+        from mistral_compile.runtime.bench import make_random_weights
 
-        from mistral_compile.runtime.bench import random_params
-
-        params = random_params(Path(spec["lib"]), spec["device"])
+        params = make_random_weights(spec["model_dir"], spec["lib"], spec["device"])
     return LLM(spec["model_dir"], spec["lib"], spec["device"], spec["engine_config"],
                params=params, progress=spec["progress"], tokenizer=spec["tokenizer"])
 

@@ -3,7 +3,10 @@
 Megatron's split, as vLLM and MLC LLM shard Mistral (model/parallel.py builds the matching
 model): ``qkv_proj`` and ``gate_up_proj`` are cut along their output rows, each fused segment
 (q, k, v; gate, up) alike, so a shard holds whole heads; ``o_proj`` and ``down_proj`` along their
-input columns; everything else is replicated. numpy only: the runtime cuts weights at load.
+input columns; everything else is replicated. A projection's 4-bit codes, scales and minimums
+(weights/quantize.py: [out, in / 8], [out, in / 32]) are cut as its weight is: rows alike, and
+columns in the same share, whole groups of 32 (model/parallel.py checks the widths divide).
+numpy only: the runtime cuts weights at load.
 """
 
 from __future__ import annotations
@@ -25,28 +28,35 @@ class Split:
 
 
 def shard_plan(config: MistralConfig) -> dict[str, Split]:
-    """The cut of every sharded weight, by the name's last two parts; the rest is replicated."""
+    """The cut of every sharded projection, by its name (the weight's second-last part).
+
+    It applies to each of the projection's tensors: ``weight``, or ``q_weight``, ``q_scale``
+    and ``q_min``. The rest is replicated.
+    """
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     i = config.intermediate_size
-    return {"qkv_proj.weight": Split(0, (q, kv, kv)), "o_proj.weight": Split(1),
-            "gate_up_proj.weight": Split(0, (i, i)), "down_proj.weight": Split(1)}
+    return {"qkv_proj": Split(0, (q, kv, kv)), "o_proj": Split(1),
+            "gate_up_proj": Split(0, (i, i)), "down_proj": Split(1)}
 
 
 def shard_weight(name: str, weight: np.ndarray, plan: Mapping[str, Split], shards: int,
                  rank: int) -> np.ndarray:
-    """Shard ``rank``'s part of the weight ``name`` (Hugging Face's [out, in] layout)."""
-    split = plan.get(".".join(name.split(".")[-2:]))
+    """Shard ``rank``'s part of the tensor ``name`` (Hugging Face's [out, in] layout)."""
+    parts = name.split(".")
+    split = plan.get(parts[-2]) if len(parts) >= 2 else None
     if split is None or shards == 1:
         return weight
-    segments = split.segments or (weight.shape[split.dim],)
-    parts, start = [], 0
+    # a fused segment's rows; along the input, the tensor's own width (codes and scales are
+    # narrower than the weight by their packing)
+    segments = split.segments if split.dim == 0 and split.segments else (weight.shape[split.dim],)
+    pieces, start = [], 0
     for size in segments:
         part = size // shards
         lo = start + rank * part
-        parts.append(weight[lo:lo + part] if split.dim == 0 else weight[:, lo:lo + part])
+        pieces.append(weight[lo:lo + part] if split.dim == 0 else weight[:, lo:lo + part])
         start += size
-    return np.ascontiguousarray(np.concatenate(parts, axis=split.dim))
+    return np.ascontiguousarray(np.concatenate(pieces, axis=split.dim))
 
 
 def shard_params(params: Mapping[str, np.ndarray], config: MistralConfig,

@@ -18,11 +18,14 @@ Run here (nvcc, no GPU); the folder then travels with a device-tool call (under 
   --shapes: only wheels-core/ (TVM and its two needs) and one fp16 library of every configs/
            shape (7B, Nemo-12B, Ministral-8B, Codestral-22B, Small-24B), plus 7B and 24B q4f16_1,
            for scripts/gpu/shapes.sh (issue 20)
+  --tp: wheels-core/ and fp16 libraries of tensor-parallel shards (7B at 1, 2 and 4; Codestral
+           and Small-24B at 2; Mistral-Large-2 (123B) at 4 and 8) for scripts/gpu/tp.sh
+           (issue 22: needs a machine of several GPUs)
   --mixtral: wheels-core/, tiny/ and Mixtral-8x7B CUDA libraries (mixtral-8x7b/ fp16,
            mixtral-8x7b-q4/ q4f16_1, mixtral-8x7b-2l/ fp16 with 2 of the 32 layers) for
            scripts/gpu/mixtral.sh (issue 21)
 Usage: python scripts/gpu/prepare.py [--out dist-gpu] [--arch sm_90] [--skip-7b] [--libs-only]
-           [--q4-pair] [--batch] [--smollm]
+           [--q4-pair] [--batch] [--shapes] [--tp] [--mixtral] [--smollm]
 (--libs-only recompiles the libraries of an existing dist-gpu/ in place, after a compiler change.)
 """
 
@@ -143,12 +146,13 @@ def tiny_models(out: Path, arch: str) -> None:
             convert_weight(root / "hf", root / quant, quant, progress=False)
             t = compile_model(root / quant, root / quant / "lib.so", "cuda", arch)
             print(f"  {name} {quant}: compiled in {sum(t.values()):.1f} s")
-        if name == "windowed":  # tensor parallelism: 2 shards, float16 (tests/gpu/test_cuda.py;
-            # float32 with one KV head a shard hits a TVM 0.27 CSE error in its paged prefill)
-            convert_weight(root / "hf", root / "tp2", "q0f16", progress=False,
-                           overrides={"tensor_parallel_shards": 2})
-            t = compile_model(root / "tp2", root / "tp2" / "lib.so", "cuda", arch)
-            print(f"  {name} 2 shards: compiled in {sum(t.values()):.1f} s")
+        if name == "windowed":  # tensor parallelism: 2 shards (tests/gpu/test_cuda.py; float32
+            # with one KV head a shard hits a TVM 0.27 CSE error in its paged prefill kernels)
+            for folder, quant in (("tp2", "q0f16"), ("tp2-q4", "q4f16_1")):
+                convert_weight(root / "hf", root / folder, quant, progress=False,
+                               overrides={"tensor_parallel_shards": 2})
+                t = compile_model(root / folder, root / folder / "lib.so", "cuda", arch)
+                print(f"  {name} {quant} in 2 shards: compiled in {sum(t.values()):.1f} s")
 
 
 def chat_model(out: Path, arch: str) -> None:
@@ -230,6 +234,33 @@ def shape_models(out: Path, arch: str) -> None:
     for name, (src, quant, overrides) in SHAPES.items():
         convert_config(REPO / "configs" / src, out / name, overrides)
         t = compile_model(out / name, out / name / "lib.so", "cuda", arch, quant)
+        print(f"  {name}: compiled in {sum(t.values()):.1f} s")
+
+
+TP = {  # dist-gpu/NAME: (configs/ file, shards, overrides); scripts/gpu/tp.sh (issue 22)
+    "7b-full": ("mistral-7b-v0.1.json", 1,
+                {"sliding_window_size": -1, "context_window_size": 32768}),
+    "7b-full-tp2": ("mistral-7b-v0.1.json", 2,
+                    {"sliding_window_size": -1, "context_window_size": 32768}),
+    "7b-full-tp4": ("mistral-7b-v0.1.json", 4,
+                    {"sliding_window_size": -1, "context_window_size": 32768}),
+    "codestral-22b-tp2": ("codestral-22b-v0.1.json", 2, {}),
+    "small-24b-tp2": ("mistral-small-24b-base-2501.json", 2, {}),
+    "large-123b-tp4": ("mistral-large-instruct-2407.json", 4, {"context_window_size": 32768}),
+    "large-123b-tp8": ("mistral-large-instruct-2407.json", 8, {"context_window_size": 32768}),
+}
+
+
+def tp_models(out: Path, arch: str) -> None:
+    """fp16 libraries of 1, 2, 4 and 8 tensor-parallel shards (TP) and wheels-core/."""
+    from mistral_compile.compiler.pipeline import compile_model
+    from mistral_compile.config import convert_config
+
+    core_wheels(out)
+    for name, (src, shards, overrides) in TP.items():
+        convert_config(REPO / "configs" / src, out / name,
+                       {**overrides, "tensor_parallel_shards": shards})
+        t = compile_model(out / name, out / name / "lib.so", "cuda", arch, "q0f16")
         print(f"  {name}: compiled in {sum(t.values()):.1f} s")
 
 
@@ -330,6 +361,9 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true",
                         help="only wheels-core/ and a library of every configs/ shape "
                              "(scripts/gpu/shapes.sh)")
+    parser.add_argument("--tp", action="store_true",
+                        help="only wheels-core/ and the tensor-parallel libraries "
+                             "(scripts/gpu/tp.sh)")
     parser.add_argument("--mixtral", action="store_true",
                         help="only wheels-core/, tiny/ and the Mixtral-8x7B libraries "
                              "(scripts/gpu/mixtral.sh)")
@@ -348,12 +382,15 @@ def main() -> None:
     if args.shapes:
         print("every configs/ shape: CUDA libraries")
         shape_models(out, args.arch)
+    elif args.tp:
+        print("tensor-parallel CUDA libraries")
+        tp_models(out, args.arch)
     else:
         print("tiny checkpoints and CUDA libraries")
         tiny_models(out / "tiny", args.arch)
-    if not args.batch and not args.shapes and not args.mixtral:
+    if not args.batch and not args.shapes and not args.mixtral and not args.tp:
         chat_model(out / "chat", args.arch)
-    if args.shapes:
+    if args.shapes or args.tp:
         pass
     elif args.mixtral:
         print("Mixtral-8x7B-shaped fp16 and q4f16_1 CUDA libraries")

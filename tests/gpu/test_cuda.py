@@ -180,35 +180,43 @@ def test_host_uploads_queue_behind_the_stream_and_keep_their_values():
     del big
 
 
-def test_two_shards_sharing_the_gpu_equal_one_shard_and_hf():
-    # a 2-shard float16 library (tensor parallelism) in two processes on the one GPU: the
-    # all-reduce sums CUDA tensors through gloo (NCCL takes one GPU per rank). The logits of a
-    # prompt past the window and of greedy steps are one shard's and HF's, to float16's
+@pytest.mark.parametrize("quant, folder", [("q0f16", "tp2"), ("q4f16_1", "tp2-q4")])
+def test_two_shards_sharing_the_gpu_equal_one_shard(quant, folder):
+    # a 2-shard library (tensor parallelism) in two processes on the one GPU: the all-reduce
+    # sums CUDA tensors through gloo (NCCL takes one GPU per rank). The logits of a prompt past
+    # the window and of greedy steps are one shard's (and, in float16, HF's) to float16's
     # tolerance (each shard's partial sums are rounded before they are added); the batched
     # runtime (pages sized by hand: both processes share the memory) gives one shard's tokens
     from mistral_compile.runtime.llm import LLM, EngineConfig
     from mistral_compile.runtime.sampling import SamplingParams
 
-    root = GPU_DIR / "tiny" / "windowed" / "tp2"
+    root = GPU_DIR / "tiny" / "windowed" / folder
     if not root.is_dir():
-        pytest.skip("dist-gpu/tiny/windowed/tp2 not prepared")
+        pytest.skip(f"dist-gpu/tiny/windowed/{folder} not prepared")
     ids = np.random.default_rng(11).integers(3, 256, 3 * W + 5).tolist()
-    one, seq = run_engine(engine("windowed", "q0f16", attention_sink_size=0,
+    one, seq = run_engine(engine("windowed", quant, attention_sink_size=0,
                                  prefill_chunk_size=W), ids)
     two = Engine(root, root / "lib.so", device="cuda", attention_sink_size=0,
                  prefill_chunk_size=W)
+    single = engine("windowed", quant, attention_sink_size=0, prefill_chunk_size=W)
     try:  # the same tokens fed (one shard's greedy choices), so the logits line up
         got = [two.prefill(ids)] + [two.decode(t) for t in seq[len(ids):]]
+        # generate's loops (greedy, sampled) send each step with its token to both shards
+        for options in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
+            assert two.generate(ids, 12, **options) == single.generate(ids, 12, **options)
     finally:
-        two._shards.close()
-    with torch.no_grad():
-        hf = hf_model("windowed", "q0f16")(torch.tensor([seq], device="cuda")).logits[0]
-    hf = hf.float().cpu().numpy()[len(ids) - 1:]
+        two.close()
     d_one = max(float(np.abs(g - w).max()) for g, w in zip(got, one, strict=True))
-    d_hf = max(float(np.abs(g - w).max()) for g, w in zip(got, hf, strict=True))
-    print(f"RESULT 2 shards on one GPU, fp16: max|dlogit| {d_one:.2e} vs 1 shard, "
-          f"{d_hf:.2e} vs HF")
-    assert d_one <= TOL["q0f16"] and d_hf <= TOL["q0f16"]
+    line = f"RESULT 2 shards on one GPU, {quant}: max|dlogit| {d_one:.2e} vs 1 shard"
+    assert d_one <= TOL["q0f16"]
+    if quant == "q0f16":
+        with torch.no_grad():
+            hf = hf_model("windowed", quant)(torch.tensor([seq], device="cuda")).logits[0]
+        hf = hf.float().cpu().numpy()[len(ids) - 1:]
+        d_hf = max(float(np.abs(g - w).max()) for g, w in zip(got, hf, strict=True))
+        line += f", {d_hf:.2e} vs HF"
+        assert d_hf <= TOL["q0f16"]
+    print(line)
     settings = EngineConfig(max_batch_size=3, prefill_chunk_size=16, num_pages=[64])
     prompts = [np.random.default_rng(n).integers(3, 256, n).tolist() for n in (5, 40, 23)]
     params = SamplingParams(max_tokens=8)
@@ -216,8 +224,8 @@ def test_two_shards_sharing_the_gpu_equal_one_shard_and_hf():
     try:
         got = [o.token_ids for o in sharded.generate(prompts, params)]
     finally:
-        sharded._shards.close()
-    single = GPU_DIR / "tiny" / "windowed" / "q0f16"
+        sharded.close()
+    single = GPU_DIR / "tiny" / "windowed" / quant
     want = LLM(single, single / "lib.so", device="cuda", engine_config=settings)
     assert got == [o.token_ids for o in want.generate(prompts, params)]
 
