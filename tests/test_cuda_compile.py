@@ -46,9 +46,7 @@ def test_fp16_library_holds_machine_code(run_cli, tmp_path, arch):
     assert "mc::argmax_rows" in code  # greedy decoding on the device
     # the model-owned KV cache: decode attention with the append fused in, prefill append and
     # tensor-core attention, and the step's argmax that also advances the cache's length
-    # (the decode attention merges its 64 splits in its last CTA of each KV head: no merge launch)
-    assert "mc::owned_attn_partial<half, 64, 2, 2, true, 64>" in code
-    assert "mc::owned_merge<half, 64, 64>" not in code
+    assert "mc::owned_attn_partial<half, 64, 2, 2, true>" in code
     assert "mc::owned_append<half, 64, 4, 2>" in code and "mc::prefill_attn_owned<64, 2, 2>" in code
     assert "mc::argmax_advance" in code
     # the batched step's paged attention, built with and without the StreamingLLM sink branch
@@ -206,7 +204,7 @@ def test_a_tensor_parallel_library_for_cuda_sums_o_and_down_over_the_shards(run_
                                "--tensor-parallel-shards", "2")
     assert "mc::gemv<half, half, 128, 0>" in code  # o over this shard's 128 attention columns
     assert "mc::gemv<half, half, 128, 2>" not in code and "mc::gemv<half, half, 256, 2>" not in code
-    assert "mc::owned_attn_partial<half, 64, 2, 1, true, 64>" in code  # 2 q heads on 1 KV head
+    assert "mc::owned_attn_partial<half, 64, 2, 1, true>" in code  # 2 query heads on 1 KV head
     (decode,) = _vm_functions(tmp_path / "l.so", "decode")
     assert decode.count(ALLREDUCE) == 2 and "run_or_capture" not in decode
     # asking for the graph anyway is one line, and nothing is written

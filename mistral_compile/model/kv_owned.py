@@ -152,13 +152,12 @@ def _storage_shape(layers: int, h_kv: int, cap: int, d: int) -> tuple[int, ...]:
 @functools.cache
 def split_kv_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str, window: int,
                   theta: float, sm_scale: float, fused: bool) -> tirx.PrimFunc:
-    """Split-KV attention over the cache (mc::owned_attn_partial), and the merge of the splits.
+    """Split-KV attention over the cache (mc::owned_attn_partial), then the merge.
 
     ``fused`` (decode, one row): the input is the fused projection, rotated and appended here,
-    each KV head's keys are split over up to 64 CTAs, and the last CTA of a KV head merges its
-    heads' splits (one launch). Otherwise the rows were appended already (``owned_append``: q
-    rotated), each row takes one split, and mc::owned_merge normalises in a second launch, for
-    prefill in the dtypes the tensor-core kernel does not take.
+    and each KV head's keys are split over up to 64 CTAs. Otherwise the rows were appended
+    already (``owned_append``: q rotated) and each row takes one split, for prefill in the dtypes
+    the tensor-core kernel does not take.
     """
     if fused:
         in_heads, nsplit = h_q + 2 * h_kv, min(MAX_SPLITS, max(1, -(-TARGET_CTAS // h_kv)))
@@ -168,7 +167,7 @@ def split_kv_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str
         in_heads, nsplit = h_q, 1
     ctype = CTYPES[dtype]
     partial = (f"mc::owned_attn_partial<{ctype}, {d}, {h_q // h_kv}, {h_kv}, "
-               f"{'true' if fused else 'false'}, {nsplit if fused else 0}>")
+               f"{'true' if fused else 'false'}>")
     merge = f"mc::owned_merge<{ctype}, {d}, {nsplit}>"
 
     @T.prim_func(private=True, s_tir=True)
@@ -185,22 +184,20 @@ def split_kv_cuda(layers: int, cap: int, h_q: int, h_kv: int, d: int, dtype: str
                     for _tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                         with T.sblock("partial"):
                             T.reads(q[0, 0:n, 0:in_heads, 0:d])
-                            T.writes(ws[0:n * h_q * nsplit * (d + 2)],
-                                     out[0, 0:n, 0:h_q, 0:d])
+                            T.writes(ws[0:n * h_q * nsplit * (d + 2)])
                             T.evaluate(T.call_extern(
                                 "void", partial, q.access_ptr("r"), length.access_ptr("r"),
                                 storage.access_ptr("rw"), layer, cap, window,
                                 ws.access_ptr("rw"), nsplit, T.float32(1.0),
-                                T.float32(theta), T.float32(sm_scale), out.access_ptr("w")))
-        if not fused:
-            for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
-                for _by in T.thread_binding(n, thread="blockIdx.y"):
-                    for _tx in T.thread_binding(d, thread="threadIdx.x"):
-                        with T.sblock("merge"):
-                            T.reads(ws[0:n * h_q * nsplit * (d + 2)])
-                            T.writes(out[0, 0:n, 0:h_q, 0:d])
-                            T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
-                                                     out.access_ptr("w")))
+                                T.float32(theta), T.float32(sm_scale)))
+        for _hx in T.thread_binding(h_q, thread="blockIdx.x"):
+            for _by in T.thread_binding(n, thread="blockIdx.y"):
+                for _tx in T.thread_binding(d, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads(ws[0:n * h_q * nsplit * (d + 2)])
+                        T.writes(out[0, 0:n, 0:h_q, 0:d])
+                        T.evaluate(T.call_extern("void", merge, ws.access_ptr("r"),
+                                                 out.access_ptr("w")))
 
     return func
 

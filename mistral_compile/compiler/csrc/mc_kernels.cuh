@@ -2087,91 +2087,21 @@ __device__ __forceinline__ void attn_partial(const T* __restrict__ q, int pos, T
                               (static_cast<int64_t>(b) * HQ + kvh * G) * nsplit + split, nsplit);
 }
 
-// One output of the merge of owned_attn_partial's NSPLIT partials: element d of the head whose
-// partials start at slot slot0 (n_out: where the (max, sum) pairs start in ws). The split
-// count is a constant, so a thread's loads of up to 32 splits are all in flight at once
-// (decode_attn_merge walks a runtime count in two passes). Loads go through L2 (__ldcg): the
-// fused merge reads partials other CTAs of the same launch wrote.
-template <int D, int NSPLIT>
-__device__ __forceinline__ float owned_merged(const float* __restrict__ ws, int64_t n_out,
-                                              int64_t slot0, int d) {
-  constexpr int CH = NSPLIT < 32 ? NSPLIT : 32;
-  static_assert(NSPLIT % CH == 0, "split count: at most 32 or a multiple of 32");
-  float mx = -INFINITY, acc = 0.f, den = 0.f;
-#pragma unroll
-  for (int c = 0; c < NSPLIT; c += CH) {
-    float m[CH], dn[CH], o[CH];
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      m[i] = __ldcg(ws + n_out + (slot0 + c + i) * 2);
-      dn[i] = __ldcg(ws + n_out + (slot0 + c + i) * 2 + 1);
-      o[i] = __ldcg(ws + (slot0 + c + i) * D + d);
-    }
-    float cm = mx;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) cm = fmaxf(cm, m[i]);
-    if (cm == -INFINITY) continue;  // no key in these splits yet
-    const float scale = exp2f(mx - cm);
-    acc *= scale;
-    den *= scale;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const float w = exp2f(m[i] - cm);
-      acc += w * o[i];
-      den += w * dn[i];
-    }
-    mx = cm;
-  }
-  return den > 0.f ? acc / den : 0.f;
-}
-
-// Tickets of the fused merge, one per (row, KV head): each CTA of a KV head takes one when its
-// partials are written, and the one that takes the last merges and sets the count back to 0
-// for the next launch. A module global: zero when the library loads, one set per load.
-constexpr int OWNED_TICKETS = 4096;
-__device__ unsigned int owned_merge_tickets[OWNED_TICKETS];
-
-// The last of the NSPLIT CTAs of KV head kvh (row b) to finish merges its G heads into out
-// [rows, HQ, D] (owned_merged), so the merge needs no launch of its own.
-template <typename T, int D, int G, int HKV, int NSPLIT>
-__device__ __forceinline__ void owned_merge_if_last(const float* __restrict__ ws,
-                                                    T* __restrict__ out, int kvh, int b) {
-  __shared__ bool last;
-  unsigned int* ticket = &owned_merge_tickets[(b * HKV + kvh) % OWNED_TICKETS];
-  __threadfence();  // this CTA's partials, visible to the device before its ticket
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == NSPLIT - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  constexpr int HQ = HKV * G;
-  const int64_t n_out = static_cast<int64_t>(gridDim.z) * HQ * NSPLIT * D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int h = kvh * G + i / D, d = i % D;
-    store(out + (static_cast<int64_t>(b) * HQ + h) * D + d,
-          owned_merged<D, NSPLIT>(ws, n_out, (static_cast<int64_t>(b) * HQ + h) * NSPLIT, d));
-  }
-  if (threadIdx.x == 0) *ticket = 0u;
-}
-
 // The owned cache's split-KV attention (attn_partial): row b at position len[0] + b, the key at
-// position p in slot p % C of layer `layer`. MERGE > 0 (decode: the split count, a constant):
-// the last CTA of each KV head also merges the partials into out (owned_merge_if_last);
-// MERGE 0: owned_merge does, in a launch of its own.
-template <typename T, int D, int G, int HKV, bool FUSED, int MERGE = 0>
+// position p in slot p % C of layer `layer`.
+template <typename T, int D, int G, int HKV, bool FUSED>
 __device__ __forceinline__ void owned_attn_partial(const T* __restrict__ q,
                                                    const int* __restrict__ len,
                                                    T* __restrict__ state, int layer, int cap,
                                                    int window, float* __restrict__ ws, int nsplit,
                                                    float rope_scale, float rope_theta,
-                                                   float sm_scale, T* __restrict__ out = nullptr) {
+                                                   float sm_scale) {
   const int kvh = blockIdx.y, b = blockIdx.z;
   attn_partial<T, D, G, HKV, FUSED, false>(
       q, len[0] + b, owned_rows<T, HKV, D>(state, layer, 0, kvh, cap),
       owned_rows<T, HKV, D>(state, layer, 1, kvh, cap),
       [cap](int r) { return static_cast<int64_t>(r % cap) * D; }, window, SinkKeys{0, 0, 0}, ws,
       nsplit, rope_scale, rope_theta, sm_scale);
-  if constexpr (MERGE > 0) owned_merge_if_last<T, D, G, HKV, MERGE>(ws, out, kvh, b);
 }
 
 // ---- The paged cache of a batch (mistral_compile/model/kv_paged.py) ----
@@ -2627,15 +2557,42 @@ __device__ __forceinline__ void prefill_attn_owned_wgmma(const void* __restrict_
 #endif
 }
 
-// Pass 2 of owned_attn_partial (its unfused form): merges the NSPLIT partials of each (row,
-// head). Grid (H_qo, rows), D threads.
+// Pass 2 of owned_attn_partial: merges the NSPLIT partials of each (row, head). Grid (H_qo,
+// rows), D threads. The split count is a constant, so a thread's loads of up to 32 splits are
+// all in flight at once (decode_attn_merge walks a runtime count in two passes).
 template <typename T, int D, int NSPLIT>
 __device__ __forceinline__ void owned_merge(const float* __restrict__ ws, T* __restrict__ out) {
+  constexpr int CH = NSPLIT < 32 ? NSPLIT : 32;
+  static_assert(NSPLIT % CH == 0, "split count: at most 32 or a multiple of 32");
   const int h = blockIdx.x, b = blockIdx.y, h_qo = gridDim.x, rows = gridDim.y, d = threadIdx.x;
   const int64_t n_out = static_cast<int64_t>(rows) * h_qo * NSPLIT * D;
   const int64_t slot0 = (static_cast<int64_t>(b) * h_qo + h) * NSPLIT;
-  store(out + (static_cast<int64_t>(b) * h_qo + h) * D + d,
-        owned_merged<D, NSPLIT>(ws, n_out, slot0, d));
+  float mx = -INFINITY, acc = 0.f, den = 0.f;
+#pragma unroll
+  for (int c = 0; c < NSPLIT; c += CH) {
+    float m[CH], dn[CH], o[CH];
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      m[i] = ws[n_out + (slot0 + c + i) * 2];
+      dn[i] = ws[n_out + (slot0 + c + i) * 2 + 1];
+      o[i] = ws[(slot0 + c + i) * D + d];
+    }
+    float cm = mx;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) cm = fmaxf(cm, m[i]);
+    if (cm == -INFINITY) continue;  // no key in these splits yet
+    const float scale = exp2f(mx - cm);
+    acc *= scale;
+    den *= scale;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const float w = exp2f(m[i] - cm);
+      acc += w * o[i];
+      den += w * dn[i];
+    }
+    mx = cm;
+  }
+  store(out + (static_cast<int64_t>(b) * h_qo + h) * D + d, den > 0.f ? acc / den : 0.f);
 }
 
 // The end of a decode step: greedy token (argmax_rows) and the owned cache's length + 1.
