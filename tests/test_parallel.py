@@ -170,11 +170,14 @@ def test_a_sharded_library_without_its_processes_is_one_clear_line(models):
     for make in (Engine, LLM):
         with pytest.raises(MistralCompileError, match="params cannot be given"):
             make(root / "two", root / "two" / "lib.so", params={})
-    # a shard's weights are cut only from weights converted for the sharded config
+    # a shard's weights are cut only from weights converted for the same model (any shard count)
+    import dataclasses
+
     from mistral_compile.runtime.parallel import shard_weights
 
+    other = dataclasses.replace(read_config(root / "two"), rms_norm_eps=1e-3, kwargs={})
     with pytest.raises(MistralCompileError, match="converted for a different config"):
-        shard_weights(root / "model", read_config(root / "two"), 0)
+        shard_weights(root / "model", other, 0)
 
 
 def test_the_batched_runtime_on_two_shards_equals_one_shard(models):
@@ -261,3 +264,28 @@ def test_bench_runs_a_sharded_model_on_random_weights(models):
     assert result["tensor_parallel_shards"] == 2 and result["weights"] == "random"
     assert result["decode"][0]["ms_per_token"] > 0
     assert not all_reduce_bound()  # the shards were stopped with the bench
+
+
+def test_weights_converted_once_serve_a_library_compiled_for_two_shards(run_cli, models):
+    # MLC's flow: convert once, choose the shard count at compile. The count is the library's:
+    # the Engine on the unsharded folder starts the second shard because the library says 2
+    from mistral_compile.runtime import Engine
+
+    root, _ = models
+    lib = root / "model" / "tp2.so"
+    proc = run_cli("compile", root / "model", "-o", lib, "--tensor-parallel-shards", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_config(root / "model").tensor_parallel_shards == 1
+    one = engine_logits(Engine(root / "model", root / "lib.so", attention_sink_size=0))
+    sharded = Engine(root / "model", lib, attention_sink_size=0)
+    try:
+        assert sharded.config.tensor_parallel_shards == 2 and sharded._shards is not None
+        assert np.abs(engine_logits(sharded) - one).max() <= 1e-4
+    finally:
+        sharded.close()
+    # a count the heads do not divide: one line, naming the flag, nothing written
+    bad = run_cli("compile", root / "model", "-o", root / "model" / "tp3.so",
+                  "--tensor-parallel-shards", "3")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--tensor-parallel-shards 3" in last and not (root / "model" / "tp3.so").exists()

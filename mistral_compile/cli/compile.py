@@ -28,6 +28,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="weight format (q0f32, q0f16, q4f16_1, q4f16_2); needed when "
                              "MODEL_DIR holds only mistral-config.json, else taken from its "
                              "weights")
+    parser.add_argument("--tensor-parallel-shards", type=int, default=None, metavar="N",
+                        help="the library of one of N tensor-parallel shards (default: the "
+                             "config's, 1 unless convert-config set it); the same converted "
+                             "weights serve every N")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="capture decode's static kernel runs in CUDA graphs and replay "
                              "them (default: on for --device cuda; docs/benchmarks.md)")
@@ -39,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from mistral_compile.compiler.pipeline import compile_model  # imports TVM: only when compiling
 
     timings = compile_model(args.model_dir, args.output, args.device, args.arch,
-                            args.quantization, args.cuda_graph, args.cpu)
+                            args.quantization, args.cuda_graph, args.cpu,
+                            tensor_parallel_shards=args.tensor_parallel_shards)
     for phase, seconds in timings.items():
         print(f"{phase:<44} {seconds:6.2f} s")
     print(f"wrote {args.output}")

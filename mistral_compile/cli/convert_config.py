@@ -39,7 +39,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch-size", type=int, metavar="N")
     group.add_argument("--tensor-parallel-shards", type=int, metavar="N",
                        help="shards the compiled library's heads and MLP over N processes "
-                            "(CPU libraries, q0f32/q0f16, for now)")
+                            "(compile --tensor-parallel-shards N does the same for one library)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, int | None]:

@@ -18,7 +18,7 @@ from tvm import relax
 from mistral_compile.abi import PAGE_SIZE
 from mistral_compile.compiler.devices import CPU_LEVELS, DEVICES, resolve_cpu
 from mistral_compile.config import MistralConfig, read_config
-from mistral_compile.errors import MistralCompileError
+from mistral_compile.errors import ConfigError, MistralCompileError
 from mistral_compile.io import ensure_dir, read_json_object
 from mistral_compile.runtime.library import LIBRARY_FORMAT_VERSION, METADATA_FUNC
 
@@ -251,7 +251,8 @@ def make_target(device: str, arch: str | None = None,
 def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
                   device: str = "cpu", arch: str | None = None,
                   quantization: str | None = None,
-                  cuda_graph: bool | None = None, cpu: str | None = None) -> dict[str, float]:
+                  cuda_graph: bool | None = None, cpu: str | None = None,
+                  tensor_parallel_shards: int | None = None) -> dict[str, float]:
     """Compile MODEL_DIR into the library OUTPUT; returns per-phase timings.
 
     MODEL_DIR is a convert-weight output (its manifest gives the dtype), or a directory with only
@@ -263,6 +264,18 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
 
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
+    if tensor_parallel_shards is not None:  # the library's count; the weights serve any
+        if isinstance(tensor_parallel_shards, bool) or not isinstance(
+                tensor_parallel_shards, int) or tensor_parallel_shards < 1:
+            raise MistralCompileError(f"--tensor-parallel-shards {tensor_parallel_shards}: "
+                                      "must be a positive integer")
+        from mistral_compile.runtime.parallel import with_shards
+
+        try:
+            config = with_shards(config, tensor_parallel_shards)
+        except ConfigError as err:
+            raise MistralCompileError(f"--tensor-parallel-shards {tensor_parallel_shards}: "
+                                      f"{err.detail}") from None
     stored = None
     if (model_dir / MANIFEST_NAME).is_file():
         stored = read_json_object(model_dir / MANIFEST_NAME)["quantization"]

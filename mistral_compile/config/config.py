@@ -387,6 +387,9 @@ class MistralConfig:
         """sha256 of every shape-relevant field (not ``kwargs``): ties libraries to configs."""
         data = self.to_dict()
         data.pop("kwargs")
+        # the shard count is the library's (compile --tensor-parallel-shards): weights converted
+        # once serve every count, and unsharded configs keep the fingerprints they had
+        data["tensor_parallel_shards"] = 1
         if not self.is_moe:  # dense configs keep the fingerprints they had before experts
             data.pop("num_local_experts")
             data.pop("num_experts_per_tok")

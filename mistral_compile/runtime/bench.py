@@ -103,10 +103,10 @@ class RandomParams:
 
 def make_random_weights(model_dir: str | Path, lib: str | Path, device: str,
                         seed: int = 0) -> dict[str, Any] | RandomParams:
-    """``--random-weights``: made here, or for a tensor-parallel model by each shard."""
-    from mistral_compile.config import read_config
+    """``--random-weights``: made here, or for a tensor-parallel library by each shard."""
+    from mistral_compile.runtime.parallel import library_shards
 
-    if read_config(model_dir).tensor_parallel_shards > 1:
+    if library_shards(lib, device) > 1:
         return RandomParams(str(lib), seed)
     return random_params(Path(lib), device, seed)
 

@@ -90,6 +90,31 @@ def torch_all_reduce(group: object | None = None) -> AllReduce:
     return all_reduce
 
 
+def library_shards(lib: str | Path, device: str) -> int:
+    """How many tensor-parallel shards ``lib`` was compiled for (its metadata)."""
+    from mistral_compile.runtime.library import (
+        load_vm,
+        parse_device,
+        read_metadata,
+        tvm_device,
+    )
+
+    kind, index = parse_device(device)
+    declare_all_reduce()  # a sharded library names it; the VM resolves names at load
+    return int(read_metadata(load_vm(Path(lib), tvm_device(kind, index), kind))
+               .get("tensor_parallel_shards") or 1)
+
+
+def with_shards(config: MistralConfig, shards: int) -> MistralConfig:
+    """``config`` as a library of ``shards`` shards runs it (validated: heads divide, ...)."""
+    if config.tensor_parallel_shards == shards:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, tensor_parallel_shards=shards,
+                               kwargs=dict(config.kwargs))
+
+
 def shard_device(device: str, rank: int, shards: int, gpus: int) -> str:
     """Shard ``rank``'s device: ``cuda:I`` gives shard r ``cuda:(I + r) % gpus``; CPUs stay.
 

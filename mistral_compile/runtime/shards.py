@@ -29,11 +29,13 @@ from mistral_compile.runtime.library import parse_device
 from mistral_compile.runtime.parallel import (
     all_reduce_bound,
     collective_backend,
+    library_shards,
     register_all_reduce,
     shard_device,
     shard_weights,
     torch_all_reduce,
     unbind_all_reduce,
+    with_shards,
 )
 
 logger = logging.getLogger("mistral_compile.runtime")
@@ -84,7 +86,7 @@ def join_as_worker(rank: int, shards: int, address: str, model_dir: str | os.Pat
     join_shards(rank, shards, address, device)
     if make_params is not None:
         return make_params(device, rank)
-    return shard_weights(model_dir, read_config(model_dir), rank)
+    return shard_weights(model_dir, with_shards(read_config(model_dir), shards), rank)
 
 
 def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: str,
@@ -92,12 +94,16 @@ def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: s
                  target: Callable[..., None]) -> tuple[ShardGroup | None, Mapping | None]:
     """The driver's start (Engine, LLM): the other shards' processes and shard 0's weights.
 
-    Any other model, or a shard's own process (its all-reduce already bound), gets
-    ``(None, params)`` back unchanged. ``worker_args`` (with ``device``) make each worker's
-    Engine or LLM, run by ``target`` (``engine.serve_shard``, ``llm.serve_batch_shard``).
+    The shard count is the library's (``compile --tensor-parallel-shards``), whatever the
+    model folder's config says: weights converted once serve every count. Any other library,
+    or a shard's own process (its all-reduce already bound), gets ``(None, params)`` back
+    unchanged. ``worker_args`` (with ``device``) make each worker's Engine or LLM, run by
+    ``target`` (``engine.serve_shard``, ``llm.serve_batch_shard``).
     """
-    config = read_config(model_dir)
-    if config.tensor_parallel_shards == 1 or all_reduce_bound():
+    if all_reduce_bound() or not Path(lib).is_file():  # a worker; or Artifact says "not found"
+        return None, params(device, 0) if callable(params) else params
+    config = with_shards(read_config(model_dir), library_shards(lib, device))
+    if config.tensor_parallel_shards == 1:
         return None, params(device, 0) if callable(params) else params
     if params is not None and not callable(params):
         raise MistralCompileError(f"{model_dir}: a tensor-parallel model loads its shards' "

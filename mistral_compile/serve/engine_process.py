@@ -17,7 +17,6 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mistral_compile.config import read_config
 from mistral_compile.errors import MistralCompileError
 from mistral_compile.runtime.llm import EngineConfig, RequestOutput
 from mistral_compile.runtime.sampling import SamplingParams
@@ -40,11 +39,11 @@ class EngineProcess:
                 "engine_config": engine_config, "random_weights": random_weights,
                 "tokenizer": tokenizer, "progress": progress,
                 "log_level": logging.getLogger().getEffectiveLevel()}
-        # a daemon process may not start processes of its own: a tensor-parallel model's
-        # engine starts its other shards', so it is not one (close() and a closed pipe end it)
-        sharded = read_config(model_dir).tensor_parallel_shards > 1
+        # a daemon process may not start processes of its own, and a tensor-parallel
+        # library's engine starts its other shards' (the count is the library's, known once
+        # it loads): so it is not one; close() and its pipe closing end it
         self._process = ctx.Process(target=run_core, args=(child, spec), name="engine-core",
-                                    daemon=not sharded)
+                                    daemon=False)
         self._process.start()
         child.close()
         try:
