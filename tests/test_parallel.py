@@ -256,7 +256,7 @@ def test_bench_runs_a_sharded_model_on_random_weights(models):
     from mistral_compile.runtime.parallel import all_reduce_bound
 
     root, _ = models
-    assert isinstance(make_random_weights(root / "two", root / "two" / "lib.so", "cpu"),
+    assert isinstance(make_random_weights(root / "two" / "lib.so", "cpu"),
                       RandomParams)
     result = run_bench(root / "two", root / "two" / "lib.so", "cpu", random_weights=True,
                        prefill_chunks=(16,), contexts=(32,), decode_steps=2, warmup=1,

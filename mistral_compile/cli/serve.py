@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if args.random_weights:
             from mistral_compile.runtime.bench import make_random_weights
 
-            params = make_random_weights(args.model_dir, args.lib, args.device)
+            params = make_random_weights(args.lib, args.device)
         engine = AsyncEngine(LLM(args.model_dir, args.lib, args.device, engine_config(args),
                                  params=params, progress=True, tokenizer=family))
     else:

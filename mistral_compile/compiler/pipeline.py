@@ -265,14 +265,8 @@ def compile_model(model_dir: str | os.PathLike, output: str | os.PathLike,
     model_dir, output = Path(model_dir), Path(output)
     config = read_config(model_dir)
     if tensor_parallel_shards is not None:  # the library's count; the weights serve any
-        if isinstance(tensor_parallel_shards, bool) or not isinstance(
-                tensor_parallel_shards, int) or tensor_parallel_shards < 1:
-            raise MistralCompileError(f"--tensor-parallel-shards {tensor_parallel_shards}: "
-                                      "must be a positive integer")
-        from mistral_compile.runtime.parallel import with_shards
-
         try:
-            config = with_shards(config, tensor_parallel_shards)
+            config = config.with_shards(tensor_parallel_shards)
         except ConfigError as err:
             raise MistralCompileError(f"--tensor-parallel-shards {tensor_parallel_shards}: "
                                       f"{err.detail}") from None

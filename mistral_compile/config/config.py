@@ -383,6 +383,12 @@ class MistralConfig:
         """All fields as plain JSON-able data."""
         return dataclasses.asdict(self)
 
+    def with_shards(self, shards: int) -> MistralConfig:
+        """The config as a library of ``shards`` tensor-parallel shards runs it (validated)."""
+        if shards == self.tensor_parallel_shards:
+            return self
+        return dataclasses.replace(self, tensor_parallel_shards=shards, kwargs=dict(self.kwargs))
+
     def fingerprint(self) -> str:
         """sha256 of every shape-relevant field (not ``kwargs``): ties libraries to configs."""
         data = self.to_dict()

@@ -26,7 +26,7 @@ from mistral_compile.runtime.library import (
     tvm_device,
     zeros,
 )
-from mistral_compile.runtime.parallel import all_reduce_bound, declare_all_reduce, with_shards
+from mistral_compile.runtime.parallel import all_reduce_bound, declare_all_reduce
 from mistral_compile.weights.convert import MANIFEST_NAME
 from mistral_compile.weights.panels import pack_rows
 from mistral_compile.weights.safetensors_io import SafetensorsFile
@@ -117,7 +117,7 @@ class Artifact:
             raise MistralCompileError(f"{lib}: a library of {shards} tensor-parallel shards runs "
                                       f"in {shards} processes, each with its all-reduce bound "
                                       "(runtime/parallel.py)")
-        self.config = with_shards(self.config, shards)  # the count is the library's
+        self.config = self.config.with_shards(shards)  # the count is the library's
         return meta
 
     def _load_params(self, model_dir: Path, manifest: dict, names: list[str]) -> list:

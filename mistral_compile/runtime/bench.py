@@ -101,7 +101,7 @@ class RandomParams:
         return random_params(Path(self.lib), device, self.seed + rank)
 
 
-def make_random_weights(model_dir: str | Path, lib: str | Path, device: str,
+def make_random_weights(lib: str | Path, device: str,
                         seed: int = 0) -> dict[str, Any] | RandomParams:
     """``--random-weights``: made here, or for a tensor-parallel library by each shard."""
     from mistral_compile.runtime.parallel import library_shards
@@ -183,7 +183,7 @@ def run_bench(model_dir: str | Path, lib: str | Path, device: str = "cuda",
 
     model_dir, lib = Path(model_dir), Path(lib)
     kind, index = parse_device(device)
-    params = make_random_weights(model_dir, lib, device) if random_weights else None
+    params = make_random_weights(lib, device) if random_weights else None
     engine = Engine(model_dir, lib, device=device, attention_sink_size=0,
                     prefill_chunk_size=max(prefill_chunks), params=params, progress=True,
                     kv_cache=kv_cache)

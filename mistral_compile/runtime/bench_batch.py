@@ -115,7 +115,7 @@ def run_batch_bench(model_dir: str | Path, lib: str | Path, device: str, random_
     from mistral_compile.runtime.bench import copy_bandwidth, make_random_weights
 
     lib = Path(lib)
-    params = make_random_weights(model_dir, lib, device) if random_weights else None
+    params = make_random_weights(lib, device) if random_weights else None
     batch_max = max([*batches, 1])
     settings = settings or EngineConfig(max_batch_size=batch_max)
     llm = _engine(Path(model_dir), lib, device, params, settings)

@@ -17,7 +17,7 @@ from mistral_compile.runtime.kv_single import open_cache
 from mistral_compile.runtime.parallel import all_reduce_bound
 from mistral_compile.runtime.sampler import Sampler, SamplingState
 from mistral_compile.runtime.sampling import SamplingParams, sample
-from mistral_compile.runtime.shards import join_as_worker, start_shards
+from mistral_compile.runtime.shards import run_worker, start_shards
 from mistral_compile.runtime.textgen import TextStream, Turn, chat_prompt, message_pairs
 from mistral_compile.tokenizer import Tokenizer
 
@@ -361,15 +361,11 @@ def serve_shard(rank: int, shards: int, address: str, model_dir: str, lib: str,
 
     It runs what the driver's Engine sends, in the same order, until told to stop.
     """
-    make = engine_args.pop("make_params", None)
-    params = join_as_worker(rank, shards, address, model_dir, engine_args["device"], make)
-    engine = Engine(model_dir, lib, params=params, **engine_args)
-    pipe.send("ready")
-    while True:
-        op, args = pipe.recv()
-        if op == "stop":
-            return
+    def handle(engine: Engine, op: str, args: tuple) -> None:
         if op == "decode_token":
             engine._decode_step(engine._upload(list(args)), int(args[0]))
         else:
             getattr(engine, op)(*args)
+
+    run_worker(rank, shards, address, model_dir, engine_args, pipe,
+               lambda params, args: Engine(model_dir, lib, params=params, **args), handle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import json
 import os
@@ -110,11 +111,22 @@ def load_vm(lib: Path, device: tvm.runtime.Device, kind: str) -> Any:
 
     prepare_runtime(kind)
     try:
-        module = tvm.runtime.load_module(str(lib))
+        stat = Path(lib).stat()
+        module = _load_module(str(Path(lib).resolve()), stat.st_mtime_ns, stat.st_size)
     except Exception as err:  # noqa: BLE001 - TVM raises its own error types
         raise MistralCompileError(f"{lib}: cannot load ({str(err).strip().splitlines()[-1]})") \
             from None
     return VirtualMachine(module, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_module(path: str, _mtime_ns: int, _size: int) -> Any:
+    """A library file's module, loaded once per version of the file in a process.
+
+    A driver reads a library's shard count (runtime/parallel.py library_shards) before its
+    Artifact loads it, and bench reads its parameter shapes first too: one load serves all.
+    """
+    return tvm.runtime.load_module(path)
 
 
 def read_metadata(vm: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from mistral_compile.runtime.runner import ModelRunner, page_bytes
 from mistral_compile.runtime.sampler import Sampler
 from mistral_compile.runtime.sampling import SamplingParams
 from mistral_compile.runtime.scheduler import Scheduler, Sequence
-from mistral_compile.runtime.shards import join_as_worker, start_shards
+from mistral_compile.runtime.shards import run_worker, start_shards
 
 logger = logging.getLogger("mistral_compile.runtime")
 
@@ -363,12 +363,6 @@ def serve_batch_shard(rank: int, shards: int, address: str, model_dir: str, lib:
     It runs each step the driver's scheduler made (the host arrays the driver sends) on its
     own pages, in the same order, until told to stop; sampling stays in the driver.
     """
-    make = llm_args.pop("make_params", None)
-    params = join_as_worker(rank, shards, address, model_dir, llm_args["device"], make)
-    llm = LLM(model_dir, lib, params=params, **llm_args)
-    pipe.send("ready")
-    while True:
-        op, args = pipe.recv()
-        if op == "stop":
-            return
-        llm.runner.execute(*args)
+    run_worker(rank, shards, address, model_dir, llm_args, pipe,
+               lambda params, args: LLM(model_dir, lib, params=params, **args),
+               lambda llm, _op, args: llm.runner.execute(*args))

@@ -105,16 +105,6 @@ def library_shards(lib: str | Path, device: str) -> int:
                .get("tensor_parallel_shards") or 1)
 
 
-def with_shards(config: MistralConfig, shards: int) -> MistralConfig:
-    """``config`` as a library of ``shards`` shards runs it (validated: heads divide, ...)."""
-    if config.tensor_parallel_shards == shards:
-        return config
-    import dataclasses
-
-    return dataclasses.replace(config, tensor_parallel_shards=shards,
-                               kwargs=dict(config.kwargs))
-
-
 def shard_device(device: str, rank: int, shards: int, gpus: int) -> str:
     """Shard ``rank``'s device: ``cuda:I`` gives shard r ``cuda:(I + r) % gpus``; CPUs stay.
 

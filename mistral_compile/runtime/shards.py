@@ -35,7 +35,6 @@ from mistral_compile.runtime.parallel import (
     shard_weights,
     torch_all_reduce,
     unbind_all_reduce,
-    with_shards,
 )
 
 logger = logging.getLogger("mistral_compile.runtime")
@@ -75,18 +74,30 @@ def join_shards(rank: int, shards: int, address: str, device: str = "cpu") -> No
     register_all_reduce(torch_all_reduce())
 
 
-def join_as_worker(rank: int, shards: int, address: str, model_dir: str | os.PathLike,
-                   device: str = "cpu", make_params: Callable[..., Any] | None = None
-                   ) -> dict[str, Any]:
-    """A worker's start: join the group, then its shard's weights.
+def run_worker(rank: int, shards: int, address: str, model_dir: str | os.PathLike,
+               args: dict[str, Any], pipe: Any, build: Callable[[Any, dict], Any],
+               handle: Callable[[Any, str, tuple], None]) -> None:
+    """A worker process's life (``engine.serve_shard``, ``llm.serve_batch_shard``).
 
-    They are cut from the model's, or made by ``make_params(device, rank)`` (the driver's,
-    e.g. bench's random weights: runtime/bench.py RandomParams).
+    It joins the group, takes its shard's weights, builds its Engine or LLM with ``build(params,
+    args)``, says it is ready, then runs ``handle(it, op, op_args)`` for each call the driver
+    sends, in order, until "stop". The weights are cut from the model's, or made by the
+    driver's ``make_params(device, rank)`` (bench's random weights: runtime/bench.py
+    RandomParams).
     """
-    join_shards(rank, shards, address, device)
-    if make_params is not None:
-        return make_params(device, rank)
-    return shard_weights(model_dir, with_shards(read_config(model_dir), shards), rank)
+    make = args.pop("make_params", None)
+    join_shards(rank, shards, address, args["device"])
+    if make is not None:
+        params = make(args["device"], rank)
+    else:
+        params = shard_weights(model_dir, read_config(model_dir).with_shards(shards), rank)
+    target = build(params, args)
+    pipe.send("ready")
+    while True:
+        op, op_args = pipe.recv()
+        if op == "stop":
+            return
+        handle(target, op, op_args)
 
 
 def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: str,
@@ -102,7 +113,7 @@ def start_shards(model_dir: str | os.PathLike, lib: str | os.PathLike, device: s
     """
     if all_reduce_bound() or not Path(lib).is_file():  # a worker; or Artifact says "not found"
         return None, params(device, 0) if callable(params) else params
-    config = with_shards(read_config(model_dir), library_shards(lib, device))
+    config = read_config(model_dir).with_shards(library_shards(lib, device))
     if config.tensor_parallel_shards == 1:
         return None, params(device, 0) if callable(params) else params
     if params is not None and not callable(params):

@@ -48,7 +48,7 @@ def _load(spec: dict[str, Any]) -> Any:
     if spec["random_weights"]:
         from mistral_compile.runtime.bench import make_random_weights
 
-        params = make_random_weights(spec["model_dir"], spec["lib"], spec["device"])
+        params = make_random_weights(spec["lib"], spec["device"])
     return LLM(spec["model_dir"], spec["lib"], spec["device"], spec["engine_config"],
                params=params, progress=spec["progress"], tokenizer=spec["tokenizer"])
 
